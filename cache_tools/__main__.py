@@ -1,0 +1,3 @@
+from cache_tools.cli import main
+
+raise SystemExit(main())

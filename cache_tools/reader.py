@@ -1,0 +1,171 @@
+"""`TeacherCacheReader`: random access to a finished teacher cache by global sequence index.
+
+HDF5 file handles must not cross a fork (DataLoader workers) or be pickled (spawn workers), so handles are opened
+lazily, per process: the reader remembers the pid that opened them and reopens after a fork; pickling drops them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from cache_tools import schema
+
+
+@dataclass
+class CachedSequence:
+    """One window, trimmed to its valid length n (K = top_k, P = pooled layers, H = teacher hidden size)."""
+
+    index: int
+    input_ids: np.ndarray  # [n] int64
+    offsets: np.ndarray  # [n, 2] int32
+    topk_ids: np.ndarray  # [n, K] int64
+    topk_logprobs: np.ndarray  # [n, K] float16
+    tail_logprob: np.ndarray  # [n] float32
+    pooled_hidden: np.ndarray  # [P, H] float16
+    text: str
+    doc_index: int
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class TeacherCacheReader:
+    """Read-only view of a cache directory. `len(reader)` sequences, indexed 0..len-1 across all shards.
+
+    Args:
+        cache_dir: the directory holding `manifest.json` and the shards.
+        require_complete: refuse (CacheError) a cache whose build has not finished.
+        check_finite: raise CacheError when a read sequence holds NaN/Inf targets (caught at load, not as a NaN loss).
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, *, require_complete: bool = True, check_finite: bool = True):
+        self.cache_dir = Path(cache_dir)
+        self.manifest = schema.load_manifest(self.cache_dir)
+        if require_complete and not self.manifest.complete:
+            raise CacheError(
+                f"{self.cache_dir / schema.MANIFEST_NAME}: cache is incomplete; finish it with "
+                "`cache_tools build-cache ... --resume`"
+            )
+        self.check_finite = check_finite
+        self.shards = sorted(self.manifest.shards, key=lambda s: s.first_sequence)
+        for shard in self.shards:
+            if not (self.cache_dir / shard.file).is_file():
+                raise CacheError(f"{self.cache_dir / shard.file}: shard listed in the manifest is missing; rebuild "
+                                 "with `cache_tools build-cache --resume`")
+        self._starts = [s.first_sequence for s in self.shards]
+        self._handles: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+
+    # -- pickling / fork safety -------------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+    def _file(self, shard_pos: int) -> h5py.File:
+        if self._pid != os.getpid():
+            # Inherited through fork: never touch the parent's handles, just forget them.
+            self._handles = {}
+            self._pid = os.getpid()
+        handle = self._handles.get(shard_pos)
+        if handle is None:
+            path = self.cache_dir / self.shards[shard_pos].file
+            try:
+                handle = h5py.File(path, "r")
+            except OSError as err:
+                raise CacheError(f"{path}: cannot open shard ({err}); run `cache_tools verify`") from err
+            self._handles[shard_pos] = handle
+        return handle
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for handle in self._handles.values():
+                handle.close()
+        self._handles = {}
+
+    # -- access ----------------------------------------------------------------------------------------------
+    @property
+    def num_sequences(self) -> int:
+        return self.manifest.num_sequences
+
+    @property
+    def num_tokens(self) -> int:
+        return self.manifest.num_tokens
+
+    @property
+    def top_k(self) -> int:
+        return self.manifest.top_k
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest.vocab_size
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Global sequence index -> (position in `self.shards`, row within that shard)."""
+        if not 0 <= index < self.num_sequences:
+            raise IndexError(f"sequence {index} out of range [0, {self.num_sequences})")
+        pos = bisect.bisect_right(self._starts, index) - 1
+        return pos, index - self.shards[pos].first_sequence
+
+    def __getitem__(self, index: int) -> CachedSequence:
+        pos, row = self.locate(int(index))
+        f = self._file(pos)
+        n = int(f[schema.VALID_LENGTH][row])
+        seq = CachedSequence(
+            index=int(index),
+            input_ids=f[schema.INPUT_IDS][row, :n].astype(np.int64),
+            offsets=f[schema.OFFSETS][row, :n],
+            topk_ids=f[schema.TOPK_IDS][row, :n].astype(np.int64),
+            topk_logprobs=f[schema.TOPK_LOGPROBS][row, :n],
+            tail_logprob=f[schema.TAIL_LOGPROB][row, :n],
+            pooled_hidden=f[schema.POOLED_HIDDEN][row],
+            text=f[schema.TEXT].asstr()[row],
+            doc_index=int(f[schema.DOC_INDEX][row]),
+        )
+        if self.check_finite:
+            self._check_finite(seq, self.shards[pos].file, row)
+        return seq
+
+    def read_slice(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Contiguous run [start, stop) as padded arrays (leading dim stop-start), reading whole chunks per shard."""
+        if not 0 <= start <= stop <= self.num_sequences:
+            raise IndexError(f"slice [{start}, {stop}) out of range [0, {self.num_sequences}]")
+        parts: dict[str, list] = {name: [] for name in schema.ALL_DATASETS}
+        i = start
+        while i < stop:
+            pos, row = self.locate(i)
+            take = min(stop - i, self.shards[pos].num_sequences - row)
+            f = self._file(pos)
+            for name in schema.ALL_DATASETS:
+                ds = f[name].asstr() if name == schema.TEXT else f[name]
+                parts[name].append(np.asarray(ds[row : row + take]))
+            i += take
+        if start == stop:
+            return {name: np.empty((0,)) for name in schema.ALL_DATASETS}
+        return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+    @staticmethod
+    def _check_finite(seq: CachedSequence, shard_file: str, row: int) -> None:
+        if not np.isfinite(seq.topk_logprobs).all() or not np.isfinite(seq.tail_logprob).all():
+            raise CacheError(
+                f"{shard_file}: sequence {seq.index} (row {row}) holds NaN/Inf teacher log-probs; "
+                "run `cache_tools verify` and rebuild that shard"
+            )
+        if not np.isfinite(seq.pooled_hidden).all():
+            raise CacheError(
+                f"{shard_file}: sequence {seq.index} (row {row}) holds NaN/Inf pooled hidden states "
+                "(fp16 overflow in the teacher?); rebuild with --dtype fp32 or bf16"
+            )
+
+
+CacheError = schema.CacheError

@@ -1,0 +1,1 @@
+"""Student side: data from the teacher cache, losses, trainer, evaluation."""
