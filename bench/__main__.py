@@ -1,0 +1,124 @@
+"""`python -m bench [--quick] [--device cpu|cuda] [--only NAME ...] [--out FILE]`: run every benchmark, print one
+table of ratios (each against a baseline measured in the same run) and write them, with shapes, dtype, device and
+library versions, to `bench/results.json`.
+
+Each benchmark is a module `bench/bench_<name>.py` exposing `run(quick: bool, device: str) -> dict` and is also
+runnable alone (`python -m bench.bench_step`). A module that is not there is skipped with a note; one that raises is
+recorded as an error and makes the exit status 1, after the others have run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO_ROOT, apply_offline_env, device_info, resolve_device, versions
+
+BENCHMARKS = ("step", "loss", "build", "loader", "storage")
+DEFAULT_OUT = REPO_ROOT / "bench" / "results.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short CPU smoke run (CI); numbers are not recorded")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=None, metavar="NAME",
+                        help=f"run only these benchmarks (of: {', '.join(BENCHMARKS)})")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (default bench/results.json)")
+    return parser.parse_args(argv)
+
+
+def run_one(name: str, quick: bool, device: str) -> dict[str, Any]:
+    """Import `bench.bench_<name>` and call its `run`; never raises (errors become a recorded status)."""
+    try:
+        module = importlib.import_module(f"bench.bench_{name}")
+    except ModuleNotFoundError as err:
+        if err.name in (f"bench.bench_{name}",):
+            return {"status": "skipped", "notes": [f"bench/bench_{name}.py is not there yet"]}
+        return {"status": "error", "error": f"import failed: {err}"}
+    if not hasattr(module, "run"):
+        return {"status": "skipped", "notes": [f"bench/bench_{name}.py has no run(quick, device)"]}
+    t0 = time.perf_counter()
+    try:
+        result = dict(module.run(quick, device))
+        result.setdefault("status", "ok")
+    except Exception as err:  # noqa: BLE001 - one failing benchmark must not hide the others' numbers
+        result = {"status": "error", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+    result["wall_s"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+def ratio_rows(name: str, result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(benchmark, figure, value, goal/met) rows for the table."""
+    if result.get("status") != "ok":
+        reason = result.get("error") or "; ".join(result.get("notes", []))
+        return [(name, result.get("status", "?"), "-", reason.splitlines()[0][:70] if reason else "")]
+    rows = []
+    for figure, entry in (result.get("ratios") or {}).items():
+        if isinstance(entry, dict):
+            value, goal, met = entry.get("value"), entry.get("goal", ""), entry.get("met")
+        else:
+            value, goal, met = entry, "", None
+        shown = f"{value:.4g}" if isinstance(value, (int, float)) and math.isfinite(value) else str(value)
+        verdict = "" if met is None else ("met" if met else "MISSED")
+        rows.append((name, figure, shown, f"{goal} {verdict}".strip()))
+    return rows or [(name, "(no ratios reported)", "-", "")]
+
+
+def format_table(rows: list[tuple[str, str, str, str]]) -> str:
+    header = ("benchmark", "figure", "value", "goal")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
+    out = [line, "-" * len(line)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(out)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    apply_offline_env()
+    device = resolve_device(args.device)
+    names = args.only or list(BENCHMARKS)
+    results: dict[str, Any] = {}
+    for name in names:
+        print(f"[bench] {name} ...", flush=True)
+        results[name] = run_one(name, args.quick, device)
+        print(f"[bench] {name}: {results[name]['status']} ({results[name].get('wall_s', 0)} s)", flush=True)
+    rows = [row for name in names for row in ratio_rows(name, results[name])]
+    print(format_table(rows))
+    record = {
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
+        "quick": args.quick,
+        "device": device_info(device),
+        "versions": versions(),
+        "benchmarks": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(record), indent=2) + "\n", encoding="utf-8")
+    tmp.replace(args.out)
+    print(f"[bench] wrote {args.out}")
+    return 1 if any(r["status"] == "error" for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,259 @@
+"""`build_cache`: run the teacher over packed windows of a dataset and write the sparse cache (see `schema`).
+
+Global window i goes to shard i // shard_size and rank r builds the shards with index % world_size == r. Every rank
+tokenises the whole dataset (cheap next to the teacher) so window numbering needs no communication, and batches never
+cross a shard, so a shard's bytes do not depend on the world size or on what was resumed."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import cache_tools
+from cache_tools import dist, output_dir, schema, teacher, text_data
+from cache_tools.teacher import BuildError
+from cache_tools.writer_thread import BackgroundShardWriter, to_host
+
+
+@dataclass
+class BuildOptions:
+    teacher: str
+    dataset: str
+    output: str
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
+    split: str = "train"
+    text_column: str = "text"
+    max_samples: int | None = None
+    streaming: bool = False
+    max_length: int = 512
+    top_k: int = 256
+    pool_layers: list[int] = field(default_factory=lambda: [-1])
+    batch_size: int = 8
+    dtype: str = "auto"
+    shard_size: int = 1024
+    compression: str = "none"
+    resume: bool = False
+    overwrite: bool = False
+    device: str | None = None
+    progress: bool = True
+
+
+def _check_flags(opts: BuildOptions) -> None:
+    for flag, value in (("--batch-size", opts.batch_size), ("--shard-size", opts.shard_size)):
+        if value < 1:
+            raise BuildError(f"{flag} {value}: must be >= 1")
+    if opts.max_samples is not None and opts.max_samples < 1:
+        raise BuildError(f"--max-samples {opts.max_samples}: must be >= 1 (omit it to use every document)")
+    if opts.compression not in ("none", "lzf"):
+        raise BuildError(f"--compression {opts.compression}: use none or lzf")
+    if opts.resume and opts.overwrite:
+        raise BuildError("--resume and --overwrite contradict each other; pass one")
+    if not opts.pool_layers:
+        raise BuildError("--pool-layers: give at least one hidden_states index (default -1 = last layer)")
+
+
+def _windows(opts: BuildOptions, tokenizer: Any) -> Iterator[text_data.Window]:
+    """Packed windows; the first is produced here so dataset errors and empty datasets fail before any output."""
+    try:
+        docs = text_data.load_documents(opts.dataset, split=opts.split, text_column=opts.text_column,
+                                        max_samples=opts.max_samples, streaming=opts.streaming)
+        windows = text_data.pack_windows(tokenizer, docs, opts.max_length)
+        first = next(windows, None)
+    except ValueError as err:
+        raise BuildError(str(err)) from err
+    if first is None:
+        raise BuildError(f"--dataset {opts.dataset}: no text (every row of column {opts.text_column!r} in split "
+                         f"{opts.split!r} is empty); check --dataset/--split/--text-column")
+    return itertools.chain([first], windows)
+
+
+def _manifest(opts: BuildOptions, loaded: teacher.LoadedTeacher, pool_layers: list[int], dtype: str) -> Any:
+    tok = loaded.tokenizer
+    roles = ("bos", "eos", "pad", "unk")
+    return schema.CacheManifest(
+        builder_version=cache_tools.__version__,
+        teacher={"name_or_path": opts.teacher, "config_hash": loaded.config_hash, "model_type": loaded.model_type,
+                 "hidden_size": loaded.hidden_size, "num_hidden_layers": loaded.num_layers,
+                 "head_rows": loaded.head_rows},
+        tokenizer={"name_or_path": opts.tokenizer or opts.teacher, "content_hash": schema.tokenizer_hash(tok),
+                   "vocab_size": loaded.vocab_size,
+                   "special_ids": {r: getattr(tok, f"{r}_token_id", None) for r in roles},
+                   "special_tokens": {r: getattr(tok, f"{r}_token", None) for r in roles}},
+        top_k=opts.top_k,
+        max_length=opts.max_length,
+        id_dtype=str(schema.id_dtype_for(loaded.vocab_size)),
+        pooling={"method": "masked_mean", "layers": pool_layers, "hidden_size": loaded.hidden_size},
+        dataset={"spec": opts.dataset, "split": opts.split, "text_column": opts.text_column,
+                 "max_samples": opts.max_samples, "streaming": opts.streaming,
+                 "fingerprint": text_data.dataset_fingerprint(opts.dataset, split=opts.split)},
+        compute_dtype=dtype,
+        shard_size=opts.shard_size,
+        compression=opts.compression,
+    )
+
+
+def _pad(windows: list[text_data.Window], length: int) -> dict[str, np.ndarray]:
+    """Host-side arrays of a batch, padded to `length` (input_ids 0 and offsets 0 past valid_length)."""
+    n = len(windows)
+    ids = np.zeros((n, length), dtype=np.int64)
+    offsets = np.zeros((n, length, 2), dtype=schema.OFFSET_DTYPE)
+    for row, w in enumerate(windows):
+        ids[row, : len(w.input_ids)] = w.input_ids
+        offsets[row, : len(w.input_ids)] = w.offsets
+    return {
+        schema.INPUT_IDS: ids,
+        schema.VALID_LENGTH: np.array([len(w.input_ids) for w in windows], dtype=np.int32),
+        schema.DOC_INDEX: np.array([w.doc_index for w in windows], dtype=np.int64),
+        schema.TEXT: [w.text for w in windows],
+        schema.OFFSETS: offsets,
+    }
+
+
+def _build_shard(loaded, writer, shard_windows, opts, pool_layers, device, bar, stats) -> None:
+    """Forward every batch of one shard; results go to the writer thread while the next batch runs."""
+    L, K = opts.max_length, opts.top_k
+    for lo in range(0, len(shard_windows), opts.batch_size):
+        batch_windows = shard_windows[lo : lo + opts.batch_size]
+        host = _pad(batch_windows, L)
+        longest = int(host[schema.VALID_LENGTH].max())  # forward only up to the longest window, pad on the host side
+        ids = torch.from_numpy(host[schema.INPUT_IDS][:, :longest]).to(device)
+        mask = (torch.arange(longest)[None, :] < torch.from_numpy(host[schema.VALID_LENGTH])[:, None]).to(device)
+        start = time.perf_counter()
+        out = teacher.teacher_batch(loaded, ids, mask.long(), pool_layers, K)
+        B = len(batch_windows)
+        # Narrow on the device (fewer bytes over PCIe); pad to L on the host while writing.
+        device_batch = {
+            schema.TOPK_IDS: out[schema.TOPK_IDS].to(torch.int32),
+            schema.TOPK_LOGPROBS: out[schema.TOPK_LOGPROBS].to(torch.float16),
+            schema.TAIL_LOGPROB: out[schema.TAIL_LOGPROB],
+            schema.POOLED_HIDDEN: out[schema.POOLED_HIDDEN].to(torch.float16),
+        }
+        copied, event = to_host(device_batch)
+        stats["teacher_s"] += time.perf_counter() - start
+        if longest < L:
+            copied = {name: t if name == schema.POOLED_HIDDEN else _PadLater(t, L) for name, t in copied.items()}
+        writer.append({**host, **copied}, event)
+        tokens = int(host[schema.VALID_LENGTH].sum())
+        stats["tokens"] += tokens
+        stats["sequences"] += B
+        bar.update(tokens)
+
+
+class _PadLater:
+    """A [B, T, ...] host tensor that the writer thread pads to [B, L, ...] (zeros) after the copy completed."""
+
+    def __init__(self, tensor: torch.Tensor, length: int) -> None:
+        self.tensor, self.length = tensor, length
+
+    def numpy(self) -> np.ndarray:
+        array = self.tensor.numpy()
+        padded = np.zeros((array.shape[0], self.length, *array.shape[2:]), dtype=array.dtype)
+        padded[:, : array.shape[1]] = array
+        return padded
+
+
+def build_cache(opts: BuildOptions) -> dict[str, Any]:
+    """Build (or resume) the cache described by `opts`. Returns summary stats; raises BuildError on bad input."""
+    wall_start = time.perf_counter()
+    _check_flags(opts)
+    info = dist.init_distributed()
+    try:
+        return _build(opts, info, wall_start)
+    finally:
+        dist.shutdown(info)
+
+
+def _build(opts: BuildOptions, info: dist.DistInfo, wall_start: float) -> dict[str, Any]:
+    out_dir = Path(opts.output).expanduser()
+    device = dist.pick_device(opts.device, info)
+    dtype = teacher.resolve_dtype(opts.dtype, device)
+    config, tokenizer = teacher.load_config_and_tokenizer(opts.teacher, opts.tokenizer, opts.trust_remote_code)
+    pool_layers = teacher.check_settings(config, tokenizer, top_k=opts.top_k, max_length=opts.max_length,
+                                         pool_layers=opts.pool_layers)
+    windows = _windows(opts, tokenizer)
+    loaded = teacher.load_teacher(opts.teacher, opts.tokenizer, trust_remote_code=opts.trust_remote_code,
+                                  dtype=dtype, device=device)
+    manifest = _manifest(opts, loaded, pool_layers, dtype)
+    plan = output_dir.plan_output(out_dir, manifest, resume=opts.resume, overwrite=opts.overwrite)
+    dist.barrier(info)  # every rank has decided before rank 0 changes the folder
+    if plan == "done":
+        done = schema.load_manifest(out_dir)
+        if info.is_main:
+            print(f"cache_tools: {out_dir} is already complete ({done.num_sequences} sequences); nothing to do",
+                  file=sys.stderr)
+        return {"num_sequences": done.num_sequences, "num_tokens": done.num_tokens, "skipped": True}
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        output_dir.clear_cache_files(out_dir, temp_only=plan != "overwrite")
+        manifest.created_at = output_dir.created_at(out_dir) or datetime.now(timezone.utc).isoformat()
+        manifest.save(out_dir)  # complete=false: a partial folder records its settings
+    dist.barrier(info)
+    load_s = time.perf_counter() - wall_start
+
+    shard_kwargs = {"max_length": opts.max_length, "top_k": opts.top_k, "vocab_size": loaded.vocab_size,
+                    "pooled_shape": (len(pool_layers), loaded.hidden_size), "compression": opts.compression,
+                    "pool_layers": pool_layers}
+    writer = BackgroundShardWriter(out_dir, shard_kwargs)
+    stats = {"teacher_s": 0.0, "tokens": 0, "sequences": 0, "kept_shards": 0}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(unit="tok", unit_scale=True, desc=f"teacher cache (rank {info.rank})",
+               disable=not (opts.progress and info.is_main), dynamic_ncols=True)
+    build_start = time.perf_counter()
+    total_windows = 0
+    try:
+        groups = itertools.groupby(enumerate(windows), key=lambda pair: pair[0] // opts.shard_size)
+        for shard_index, group in groups:
+            shard_windows = [w for _, w in group]
+            total_windows += len(shard_windows)
+            if shard_index % info.world_size != info.rank:
+                continue
+            if output_dir.finished_shard(out_dir, shard_index) is not None:
+                stats["kept_shards"] += 1
+                continue
+            writer.open_shard(shard_index, shard_index * opts.shard_size, opts.shard_size)
+            _build_shard(loaded, writer, shard_windows, opts, pool_layers, device, bar, stats)
+            writer.finish_shard()
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    build_s = time.perf_counter() - build_start
+    dist.barrier(info)  # every rank's shards are on disk
+    result = {"load_s": load_s, "build_s": build_s, "writer_wait_s": writer.wait_s, **stats}
+    if info.is_main:
+        num_shards = math.ceil(total_windows / opts.shard_size)
+        shards = []
+        for index in range(num_shards):
+            shard = output_dir.finished_shard(out_dir, index)
+            if shard is None:
+                raise BuildError(f"{out_dir / schema.shard_name(index)}: missing after the build (did a rank fail?); "
+                                 "rerun with --resume")
+            shards.append(shard)
+        manifest.shards = shards
+        manifest.num_sequences = sum(s.num_sequences for s in shards)
+        manifest.num_tokens = sum(s.num_tokens for s in shards)
+        manifest.complete = True
+        manifest.save(out_dir)  # written last: its presence with complete=true means every shard is there
+        total_bytes = sum(s.bytes for s in shards)
+        wall = time.perf_counter() - wall_start
+        result.update(num_sequences=manifest.num_sequences, num_tokens=manifest.num_tokens,
+                      bytes_per_token=total_bytes / max(1, manifest.num_tokens), wall_s=wall, num_shards=num_shards)
+        print(f"cache_tools: {manifest.num_sequences} sequences, {manifest.num_tokens} tokens, "
+              f"{result['bytes_per_token']:.1f} bytes/token, {num_shards} shards, {wall:.1f}s wall -> {out_dir}",
+              file=sys.stderr)
+    dist.barrier(info)
+    return result

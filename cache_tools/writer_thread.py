@@ -1,0 +1,131 @@
+"""Background shard writing: the main thread queues device->host copies and moves on to the next teacher forward;
+this thread waits for each copy, converts to the on-disk dtypes and appends to the open `ShardWriter`, so HDF5 I/O
+overlaps with the teacher and the build stays teacher-bound. The queue is bounded so a slow disk applies
+back-pressure instead of letting host memory grow."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cache_tools import schema
+from cache_tools.shard_io import ShardWriter
+
+_STOP = object()
+
+
+def to_host(device_batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
+    """Start async copies of `device_batch` into pinned host tensors; returns (host tensors, event or None)."""
+    first = next(iter(device_batch.values()))
+    if first.device.type != "cuda":
+        return device_batch, None
+    host = {}
+    for name, tensor in device_batch.items():
+        pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        pinned.copy_(tensor, non_blocking=True)
+        host[name] = pinned
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+class BackgroundShardWriter:
+    """Owns at most one open `ShardWriter` at a time; all calls are queued and run in order on the writer thread."""
+
+    def __init__(self, cache_dir: str | Path, shard_kwargs: dict[str, Any], queue_size: int = 4) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.shard_kwargs = shard_kwargs
+        self.id_dtype = schema.id_dtype_for(shard_kwargs["vocab_size"])
+        self.finished: list[schema.ShardInfo] = []
+        self.wait_s = 0.0  # time the producer spent blocked on a full queue (writer-bound time)
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._error: BaseException | None = None
+        self._writer: ShardWriter | None = None
+        self._thread = threading.Thread(target=self._run, name="cache-shard-writer", daemon=True)
+        self._thread.start()
+
+    # -- producer side ------------------------------------------------------------------------------------------
+    def _put(self, item: Any) -> None:
+        self._raise_if_failed()
+        import time
+
+        start = time.perf_counter()
+        self._queue.put(item)
+        self.wait_s += time.perf_counter() - start
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"shard writer failed: {self._error}") from self._error
+
+    def open_shard(self, index: int, first_sequence: int, capacity: int) -> None:
+        self._put(("open", (index, first_sequence, capacity)))
+
+    def append(self, host_batch: dict[str, Any], event: Any = None) -> None:
+        """`host_batch`: every dataset of the layout; tensors may still be copying until `event` completes."""
+        self._put(("append", (host_batch, event)))
+
+    def finish_shard(self) -> None:
+        self._put(("finish", None))
+
+    def close(self) -> list[schema.ShardInfo]:
+        """Drain the queue, stop the thread, re-raise any writer error. Returns the shards finished."""
+        self._queue.put(_STOP)
+        self._thread.join()
+        self._raise_if_failed()
+        return self.finished
+
+    def abort(self) -> None:
+        """Stop without finishing: the open shard stays a *.tmp and is deleted."""
+        self._queue.put(("abort", None))
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    # -- writer thread -------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            if self._error is not None and item[0] != "abort":
+                continue  # keep draining so the producer never blocks on a dead consumer
+            try:
+                self._handle(*item)
+            except BaseException as err:  # noqa: B036 - reported to the producer, which re-raises it
+                self._error = err
+                if self._writer is not None:
+                    self._writer.abort()
+                    self._writer = None
+
+    def _handle(self, op: str, arg: Any) -> None:
+        if op == "open":
+            index, first_sequence, capacity = arg
+            self._writer = ShardWriter(self.cache_dir, index, first_sequence, capacity, **self.shard_kwargs)
+        elif op == "append":
+            host_batch, event = arg
+            if event is not None:
+                event.synchronize()
+            self._writer.append(self._numpy(host_batch))
+        elif op == "finish":
+            self.finished.append(self._writer.finish())
+            self._writer = None
+        elif op == "abort" and self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+
+    def _numpy(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for name, value in batch.items():
+            array = value.numpy() if hasattr(value, "numpy") else value  # torch tensors and deferred pads
+            if name in (schema.TOPK_IDS, schema.INPUT_IDS):
+                array = np.asarray(array).astype(self.id_dtype)
+            elif name == schema.TOPK_LOGPROBS:
+                array = np.asarray(array).astype(schema.LOGPROB_DTYPE)
+            elif name == schema.POOLED_HIDDEN:
+                array = np.asarray(array).astype(schema.POOLED_DTYPE)
+            out[name] = array
+        return out

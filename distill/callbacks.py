@@ -1,0 +1,91 @@
+"""Trainer callbacks: one-line console logs, skipping non-finite steps, early stopping with patience + warm-up."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+# Keys shown on the console line (everything else still goes to TensorBoard).
+CONSOLE_KEYS = ("loss", "loss/ce", "loss/kd", "loss/feature", "loss/contrastive", "top1_agreement",
+                "teacher_mass_covered", "grad_norm", "learning_rate", "tokens_per_second", "eval_loss", "eval_ce",
+                "eval_perplexity", "eval_kd", "eval_top1_agreement")
+
+
+def format_log_line(step: int, logs: dict[str, Any]) -> str:
+    """One compact line: `step 20 | loss 3.21 | loss/kd 1.02 | ...` (known keys, in a fixed order)."""
+    parts = [f"step {step}"]
+    for key in CONSOLE_KEYS:
+        value = logs.get(key)
+        if isinstance(value, (int, float)):
+            parts.append(f"{key} {value:.4g}")
+    if len(parts) == 1:  # e.g. the end-of-training summary: show its numbers
+        parts += [f"{k} {v:.4g}" for k, v in logs.items() if isinstance(v, (int, float))][:8]
+    return " | ".join(parts)
+
+
+class OneLineProgressCallback(ProgressCallback):
+    """Trainer's progress bar, but each log event becomes ONE formatted line instead of a printed dict."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            line = format_log_line(state.global_step, logs)
+            if self.training_bar is not None:
+                self.training_bar.write(line)
+            else:
+                print(line, flush=True)
+
+
+class OneLinePrinterCallback(TrainerCallback):
+    """Used instead of Trainer's PrinterCallback when the progress bar is disabled."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            print(format_log_line(state.global_step, logs), flush=True)
+
+
+class SkipNonFiniteCallback(TrainerCallback):
+    """Drops every gradient before the optimizer step when the trainer saw a non-finite loss in this step: torch
+    optimizers skip parameters whose `.grad` is None, so neither moments nor weight decay move (a true skip)."""
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer._skip_this_step:
+            for param in self.trainer.model.parameters():
+                param.grad = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._skip_this_step = False
+
+
+class DistillEarlyStoppingCallback(TrainerCallback):
+    """Stop when `metric` (lower is better) has not improved by more than `min_delta` for `patience` evaluations.
+    Evaluations before `warmup_steps` update the best value but never count towards patience."""
+
+    def __init__(self, patience: int, min_delta: float = 0.0, warmup_steps: int = 0, metric: str = "eval_loss"):
+        self.patience = patience
+        self.min_delta = min_delta
+        self.warmup_steps = warmup_steps
+        self.metric = metric
+        self.best = math.inf
+        self.bad_evals = 0
+        self.stopped_at: int | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get(self.metric)
+        if value is None or not math.isfinite(value):
+            return
+        if value < self.best - self.min_delta:
+            self.best = value
+            self.bad_evals = 0
+            return
+        if state.global_step < self.warmup_steps:
+            return
+        self.bad_evals += 1
+        if self.bad_evals >= self.patience:
+            control.should_training_stop = True
+            self.stopped_at = state.global_step

@@ -1,0 +1,201 @@
+"""Datasets and collator: teacher-cache sequences (distillation) or packed plain text (LM-only) -> padded batches.
+
+Per-example dict (see docs/CONTRIBUTING_NOTES.md): input_ids [n] int64, topk_ids [n, K] int64 (student ids, -1 =
+empty slot), topk_logprobs [n, K] float32, tail_logprob [n] float32, kd_mask [n] bool, pooled_hidden [P, H] float32.
+LM-only examples carry input_ids alone; the collator then emits no teacher keys and the model trains with CE only.
+
+The dataset turns each `CachedSequence` into that dict through a *target builder* (any callable with that contract):
+`DirectTargets` when the student shares the cache's tokenizer, `distill.xtok.pipeline.CrossTokenizerTargets` otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cache_tools import schema
+from cache_tools.reader import CachedSequence, TeacherCacheReader
+from distill.losses import IGNORE_INDEX
+
+TargetBuilder = Callable[[CachedSequence], dict[str, Any]]
+TEACHER_KEYS = ("topk_ids", "topk_logprobs", "tail_logprob", "kd_mask")
+
+
+class DirectTargets:
+    """Target builder for a student that uses the cache's own tokenizer: ids pass through unchanged."""
+
+    def __call__(self, seq: CachedSequence) -> dict[str, Any]:
+        n = seq.length
+        return {
+            "input_ids": seq.input_ids.astype(np.int64),
+            "topk_ids": seq.topk_ids.astype(np.int64),
+            "topk_logprobs": seq.topk_logprobs.astype(np.float32),
+            "tail_logprob": seq.tail_logprob.astype(np.float32),
+            "kd_mask": np.ones(n, dtype=np.bool_),
+            "pooled_hidden": seq.pooled_hidden.astype(np.float32),
+        }
+
+
+def check_student_compatible(reader: TeacherCacheReader, tokenizer: Any, student_vocab_rows: int) -> None:
+    """Refuse (CacheError, one line) a cache the student cannot learn from directly."""
+    manifest_path = reader.cache_dir / schema.MANIFEST_NAME
+    if schema.tokenizer_hash(tokenizer) != reader.manifest.tokenizer_hash:
+        raise schema.CacheError(
+            f"{manifest_path}: the student tokenizer differs from the cache's "
+            f"({reader.manifest.tokenizer.get('name_or_path', '?')}); cross-tokenizer distillation is not supported "
+            "yet: use a student with the teacher's tokenizer"
+        )
+    if reader.vocab_size > student_vocab_rows:
+        raise schema.CacheError(
+            f"{manifest_path}: cache vocabulary ({reader.vocab_size} tokens) is larger than the student's LM head "
+            f"({student_vocab_rows} rows); resize the student's embeddings or use a matching student"
+        )
+
+
+class CacheDataset(Dataset):
+    """Map-style dataset over a subset of a cache's sequences. Picklable and fork-safe (the reader reopens its HDF5
+    handles per process), so DataLoader workers are fine."""
+
+    def __init__(self, reader: TeacherCacheReader, indices: list[int] | np.ndarray, target_builder: TargetBuilder):
+        self.reader = reader
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.target_builder = target_builder
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.target_builder(self.reader[int(self.indices[i])])
+
+
+class TokenWindowDataset(Dataset):
+    """LM-only: a list of token windows [n_i] int64."""
+
+    def __init__(self, windows: list[np.ndarray]):
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": self.windows[i]}
+
+
+def split_eval_indices(reader: TeacherCacheReader, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train/eval split: the LAST ceil(fraction x shards) whole shards are held out (with one shard,
+    the last ceil(fraction x sequences) sequences). Returns (train_indices, eval_indices)."""
+    n = len(reader)
+    if eval_fraction <= 0:
+        return np.arange(n), np.arange(0)
+    shards = reader.shards
+    if len(shards) >= 2:
+        held = min(len(shards) - 1, max(1, math.ceil(eval_fraction * len(shards))))
+        cut = shards[len(shards) - held].first_sequence
+    else:
+        cut = n - min(n - 1, max(1, math.ceil(eval_fraction * n)))
+    if cut <= 0:
+        raise schema.CacheError(f"{reader.cache_dir}: too few sequences ({n}) to hold out --eval_fraction "
+                                f"{eval_fraction}; use --eval_cache")
+    return np.arange(cut), np.arange(cut, n)
+
+
+@dataclass
+class BuiltData:
+    train: Dataset
+    eval: Dataset | None
+    reader: TeacherCacheReader | None  # the training cache (None in LM-only mode)
+    top_k: int  # 0 in LM-only mode
+
+
+def build_cache_data(
+    cache_dir: str | Path,
+    tokenizer: Any,
+    student_vocab_rows: int,
+    *,
+    eval_cache: str | Path | None = None,
+    eval_fraction: float = 0.0,
+    max_eval_sequences: int | None = None,
+    target_builder: TargetBuilder | None = None,
+) -> BuiltData:
+    """Open the training cache (and the eval cache), check the student can use them, split, wrap as datasets.
+    `target_builder` defaults to `DirectTargets()`; pass the cross-tokenizer builder to bypass the tokenizer check."""
+    reader = TeacherCacheReader(cache_dir)
+    if target_builder is None:
+        check_student_compatible(reader, tokenizer, student_vocab_rows)
+        target_builder = DirectTargets()
+    train_idx, eval_idx = split_eval_indices(reader, eval_fraction)
+    eval_reader = reader
+    if eval_cache:
+        eval_reader = TeacherCacheReader(eval_cache)
+        if isinstance(target_builder, DirectTargets):
+            check_student_compatible(eval_reader, tokenizer, student_vocab_rows)
+        eval_idx = np.arange(len(eval_reader))
+    if max_eval_sequences is not None:
+        eval_idx = eval_idx[:max_eval_sequences]
+    eval_ds = CacheDataset(eval_reader, eval_idx, target_builder) if len(eval_idx) else None
+    return BuiltData(CacheDataset(reader, train_idx, target_builder), eval_ds, reader, reader.top_k)
+
+
+def build_text_data(spec: str, tokenizer: Any, *, max_length: int, text_column: str = "text",
+                    max_samples: int | None = None) -> BuiltData:
+    """LM-only mode: load documents, pack them into windows of `max_length` tokens (EOS between documents)."""
+    from cache_tools.text_data import load_documents, pack_windows
+    from distill.config import ConfigError
+
+    try:
+        docs = load_documents(spec, text_column=text_column, max_samples=max_samples)
+        windows = [w.input_ids.astype(np.int64) for w in pack_windows(tokenizer, docs, max_length)]
+    except ValueError as err:  # text_data's errors are already one line naming the spec and the fix
+        raise ConfigError(str(err)) from err
+    windows = [w for w in windows if len(w) >= 2]  # a 1-token window has no next-token label
+    if not windows:
+        raise ConfigError(f"--dataset {spec}: no text windows of >= 2 tokens; check --text_column {text_column}")
+    return BuiltData(TokenWindowDataset(windows), None, None, 0)
+
+
+class DistillCollator:
+    """Pads a list of per-example dicts to the batch's max length.
+
+    Output (B = batch, L = max n, K = top_k, P/H = pooled layers / teacher hidden):
+        input_ids [B, L] int64 (pad_token_id on padding), attention_mask [B, L] int64,
+        labels [B, L] int64: labels[t] = input_ids[t+1], IGNORE_INDEX at each sequence's last position and padding;
+    and, when the examples carry teacher targets:
+        topk_ids [B, L, K] int64 (-1 on padding), topk_logprobs [B, L, K] float32, tail_logprob [B, L] float32,
+        kd_mask [B, L] bool (False on padding), pooled_hidden [B, P, H] float32.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        lengths = [len(e["input_ids"]) for e in examples]
+        B, L = len(examples), max(lengths)
+        input_ids = np.full((B, L), self.pad_token_id, dtype=np.int64)
+        labels = np.full((B, L), IGNORE_INDEX, dtype=np.int64)
+        attention = np.zeros((B, L), dtype=np.int64)
+        for b, (e, n) in enumerate(zip(examples, lengths, strict=True)):
+            input_ids[b, :n] = e["input_ids"]
+            labels[b, : n - 1] = e["input_ids"][1:]
+            attention[b, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        if "topk_ids" in examples[0]:
+            K = examples[0]["topk_ids"].shape[1]
+            topk_ids = np.full((B, L, K), -1, dtype=np.int64)
+            topk_logprobs = np.zeros((B, L, K), dtype=np.float32)
+            tail = np.zeros((B, L), dtype=np.float32)
+            kd_mask = np.zeros((B, L), dtype=np.bool_)
+            for b, (e, n) in enumerate(zip(examples, lengths, strict=True)):
+                topk_ids[b, :n] = e["topk_ids"]
+                topk_logprobs[b, :n] = e["topk_logprobs"]
+                tail[b, :n] = e["tail_logprob"]
+                kd_mask[b, :n] = e["kd_mask"]
+            batch.update(topk_ids=topk_ids, topk_logprobs=topk_logprobs, tail_logprob=tail, kd_mask=kd_mask,
+                         pooled_hidden=np.stack([e["pooled_hidden"] for e in examples]).astype(np.float32))
+        return {k: torch.from_numpy(v) for k, v in batch.items()}

@@ -1,0 +1,92 @@
+"""Pieces shared by the demo's command line (`distill.demo`) and its stages (`distill.demo_pipeline`): settings,
+status lines, running a logged subprocess, and the real command lines the demo calls."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CPU_LAUNCH_CONFIG = REPO_ROOT / "launch" / "accelerate" / "cpu.yaml"
+
+
+@dataclass
+class DemoSettings:
+    """Sizes and hyper-parameters. Defaults are what docs/RESULTS.md reports; `QUICK` shrinks them for CI."""
+
+    max_docs: int | None = None  # documents read (None = all stdlib docstrings of >= min_chars)
+    min_chars: int = 100
+    vocab_size: int = 2048
+    max_length: int = 128
+    teacher_hidden: int = 192
+    teacher_layers: int = 4
+    teacher_steps: int = 500
+    teacher_lr: float = 3e-3
+    student_hidden: int = 64
+    student_layers: int = 2
+    student_steps: int = 300
+    student_lr: float = 3e-3
+    batch_size: int = 16
+    top_k: int = 32
+    compression: str = "lzf"
+    kd_weight: float = 1.0
+    ce_weight: float = 1.0
+    temperature: float = 1.0
+    eval_windows: int = 64
+    seed: int = 0
+
+
+QUICK = dict(max_docs=240, min_chars=200, vocab_size=512, max_length=64, teacher_hidden=64, teacher_layers=2,
+             teacher_steps=30, student_hidden=32, student_steps=20, batch_size=8, eval_windows=8)
+
+
+class DemoError(RuntimeError):
+    """A stage failed; the message names the stage, its log file and the last lines of its output."""
+
+
+def status(index: int, total: int, stage: str, detail: str) -> None:
+    print(f"[demo {index}/{total}] {stage}: {detail}", flush=True)
+
+
+def run_logged(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> float:
+    """Run `cmd` with stdout+stderr to `log_path`; returns wall seconds, raises DemoError on a non-zero exit."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, **(env or {})}, stdout=log,
+                              stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-12:]
+        raise DemoError(f"{log_path.stem} failed (exit {proc.returncode}); full log: {log_path}\n" + "\n".join(tail))
+    return time.perf_counter() - t0
+
+
+def accelerate_cmd() -> list[str]:
+    """`accelerate launch --config_file launch/accelerate/cpu.yaml` from the same environment as this Python."""
+    exe = Path(sys.executable).parent / "accelerate"
+    launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
+    return [*launcher, "launch", "--config_file", str(CPU_LAUNCH_CONFIG)]
+
+
+def train_args(s: DemoSettings, out: Path, *, steps: int, lr: float) -> list[str]:
+    """Flags shared by every training run (TrainingArguments names, see distill/config.py)."""
+    return ["--output_dir", str(out), "--max_steps", str(steps), "--per_device_train_batch_size", str(s.batch_size),
+            "--learning_rate", str(lr), "--lr_scheduler_type", "cosine", "--warmup_steps", "0.05",
+            "--weight_decay", "0.01", "--logging_steps", str(max(1, steps // 20)), "--save_strategy", "no",
+            "--seed", str(s.seed), "--report_to", "tensorboard", "--dataloader_num_workers", "0"]
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite and not (out / ".demo").exists():
+            raise ValueError(f"--out {out}: folder exists and is not a demo folder; pick another or pass --overwrite")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".demo").touch()

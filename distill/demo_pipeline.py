@@ -1,0 +1,130 @@
+"""The demo's stages, in order (see `distill.demo` for the overview). Each stage prints one status line; tools run as
+subprocesses through their real command lines, exactly as a user would type them."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+from distill.demo_common import (
+    CPU_LAUNCH_CONFIG,
+    DemoError,
+    DemoSettings,
+    accelerate_cmd,
+    prepare_out,
+    run_logged,
+    status,
+    train_args,
+)
+
+TOTAL = 7
+
+
+def run_pipeline(args: argparse.Namespace, s: DemoSettings) -> Path:
+    from distill import demo_data, demo_eval
+
+    t_start = time.perf_counter()
+    out: Path = args.out.resolve()
+    logs, runs = out / "logs", out / "runs"
+    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    os.environ.update(env)
+    seconds: dict[str, float] = {}
+
+    # 1. text
+    t0 = time.perf_counter()
+    docs = demo_data.load_texts(args.text_file, args.dataset, s.max_docs, s.min_chars)
+    prepare_out(out, args.overwrite)  # only once the input is known to be usable: a bad flag leaves nothing behind
+    train_docs, eval_docs = demo_data.split_docs(docs)
+    train_file = demo_data.write_jsonl(out / "data" / "train.jsonl", train_docs)
+    eval_file = demo_data.write_jsonl(out / "data" / "eval.jsonl", eval_docs)
+    source = args.text_file or args.dataset or "Python standard-library docstrings"
+    seconds["text"] = time.perf_counter() - t0
+    status(1, TOTAL, "text", f"{len(train_docs)} training / {len(eval_docs)} held-out documents from {source} "
+           f"({sum(map(len, train_docs)) / 1e6:.2f} MB train)")
+
+    # 2. tokenizer (one shared tokenizer: the student must read the cache's token ids on the direct path)
+    t0 = time.perf_counter()
+    tok_dir = demo_data.train_tokenizer(train_docs, s.vocab_size, out / "tokenizer")
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(tok_dir))
+    teacher_cfg, student_cfg = demo_data.write_model_configs(
+        out / "configs", vocab, vocab, teacher_hidden=s.teacher_hidden, teacher_layers=s.teacher_layers,
+        student_hidden=s.student_hidden, student_layers=s.student_layers, max_length=s.max_length)
+    seconds["tokenizer"] = time.perf_counter() - t0
+    status(2, TOTAL, "tokenizer", f"byte-level BPE, {vocab} tokens -> {tok_dir} ({seconds['tokenizer']:.1f} s)")
+
+    # 3. teacher, LM-only, with the project's trainer
+    teacher_out = out / "teacher"
+    cmd = [sys.executable, "-m", "distill.train", "--student_config", str(teacher_cfg), "--tokenizer", str(tok_dir),
+           "--dataset", str(train_file), "--max_length", str(s.max_length), "--kd_weight", "0",
+           *train_args(s, teacher_out, steps=s.teacher_steps, lr=s.teacher_lr)]
+    seconds["teacher"] = run_logged(cmd, logs / "teacher.log", {"TENSORBOARD_LOGGING_DIR": str(runs / "teacher")})
+    teacher_dir = teacher_out / "student"  # the trainer exports its final model there
+    if not (teacher_dir / "config.json").is_file():
+        raise DemoError(f"teacher: the trainer did not export a model to {teacher_dir}; see {logs / 'teacher.log'}")
+    n_teacher = demo_data.count_params(teacher_cfg)
+    status(3, TOTAL, "teacher", f"Qwen3-MoE, {n_teacher / 1e6:.2f} M params, {s.teacher_steps} steps "
+           f"({seconds['teacher']:.1f} s)")
+
+    # 4. teacher caches: training text, and held-out text for the trainer's eval curves
+    t0 = time.perf_counter()
+    cache_dir, eval_cache_dir = out / "cache", out / "eval_cache"
+    for name, data, folder in (("cache", train_file, cache_dir), ("eval_cache", eval_file, eval_cache_dir)):
+        run_logged([*cache_tools_cmd(), "build-cache", "--teacher", str(teacher_dir), "--dataset", str(data),
+                    "--output", str(folder), "--top-k", str(s.top_k), "--max-length", str(s.max_length),
+                    "--compression", s.compression, "--dtype", "fp32"], logs / f"{name}.log")
+    seconds["cache"] = time.perf_counter() - t0
+    bpt = demo_eval.cache_bytes_per_token(cache_dir)
+    status(4, TOTAL, "cache", f"top-{s.top_k}, {bpt:.1f} bytes/token -> {cache_dir} ({seconds['cache']:.1f} s)")
+
+    # 5./6. students: identical command lines except the KD weight
+    students = {"kd_student": s.kd_weight, "lm_student": 0.0}
+    for index, (name, kd_weight) in enumerate(students.items(), start=5):
+        cmd = [*accelerate_cmd(), "-m", "distill.train", "--student_config", str(student_cfg), "--tokenizer",
+               str(tok_dir), "--cache", str(cache_dir), "--eval_cache", str(eval_cache_dir),
+               "--max_eval_sequences", str(s.eval_windows), "--eval_strategy", "steps",
+               "--eval_steps", str(max(1, s.student_steps // 4)), "--ce_weight", str(s.ce_weight),
+               "--kd_weight", str(kd_weight), "--temperature", str(s.temperature),
+               *train_args(s, out / name, steps=s.student_steps, lr=s.student_lr)]
+        seconds[name] = run_logged(cmd, logs / f"{name}.log", {"TENSORBOARD_LOGGING_DIR": str(runs / name)})
+        label = "KD student (accelerate, CPU recipe)" if kd_weight else "LM-only student (same command, kd 0)"
+        status(index, TOTAL, name, f"{label}, {s.student_steps} steps ({seconds[name]:.1f} s)")
+
+    # 7. evaluation + report
+    t0 = time.perf_counter()
+    windows = demo_eval.held_out_windows(tok_dir, eval_file, s.max_length, s.eval_windows)
+    models = {"teacher": teacher_dir, "kd_student": out / "kd_student" / "student",
+              "lm_student": out / "lm_student" / "student"}
+    metrics = demo_eval.evaluate_models(models, windows)
+    seconds["evaluate"] = time.perf_counter() - t0
+    from cache_tools.schema import load_manifest
+
+    manifest = load_manifest(cache_dir)
+    info = {
+        "text_source": source, "train_docs": len(train_docs), "eval_docs": len(eval_docs),
+        "eval_tokens": metrics["teacher"]["eval_tokens"], "cpu_count": os.cpu_count(),
+        # The trainer's own throughput (median of its logged tokens/s), so process start-up is not counted.
+        "tokens_per_s": {name: demo_eval.logged_tokens_per_s(runs / name) for name in models},
+        "cache_bytes_per_token": bpt, "top_k": s.top_k, "compression": s.compression,
+        "cache_tokens": manifest.num_tokens, "runs_dir": str(runs), "stage_seconds": seconds,
+        "total_s": time.perf_counter() - t_start, "settings": dataclasses.asdict(s),
+        "command": " ".join(["python -m distill.demo", *args.argv]), "launch_config": str(CPU_LAUNCH_CONFIG),
+    }
+    report = demo_eval.write_report(out, metrics, info)
+    gain = 100 * (metrics["lm_student"]["val_loss"] - metrics["kd_student"]["val_loss"]) / metrics["lm_student"][
+        "val_loss"]
+    status(7, TOTAL, "evaluate", f"held-out loss KD {metrics['kd_student']['val_loss']:.4f} vs LM-only "
+           f"{metrics['lm_student']['val_loss']:.4f} ({gain:+.1f}%) ({seconds['evaluate']:.1f} s)")
+    return report
+
+
+def cache_tools_cmd() -> list[str]:
+    """The `cache_tools` console script installed beside this Python, else `python -m cache_tools`."""
+    exe = Path(sys.executable).parent / "cache_tools"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "cache_tools"]

@@ -1,0 +1,183 @@
+"""The fused, chunked CE + sparse-KD kernel behind `distill.losses.fused_ce_kd_loss` (pure PyTorch, no Triton).
+
+The forward walks the rows in chunks: for each chunk it builds the fp32 logits [C, V], computes CE and KD and, right
+there, the gradient of the loss with respect to those logits, which it folds into grad_hidden [N, H] and grad_weight
+[V, H] (both fp32). Only those two are kept for backward, where they are scaled by grad_output. Peak extra memory is
+O(C x V + V x H), never [N, V].
+
+Shapes: N rows, H hidden, V vocabulary (LM-head rows), K teacher slots, C chunk rows, B = K + 1 buckets.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+IGNORE_INDEX = -100
+# Stand-in log-value for buckets that do not exist (empty slots, a missing tail): exp(FILL / T) is exactly 0 in fp32
+# for any sane T, while staying finite keeps 0 * log(0)-style terms and their gradients at 0 instead of NaN.
+BUCKET_FILL = -1.0e9
+KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+
+def bucket_kd(
+    student_logits: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    kind: str,
+    temperature: float,
+    jsd_beta: float,
+) -> torch.Tensor:
+    """Per-row divergence between teacher and student over B buckets (the listed ids, then the tail), times T^2.
+
+    Args:
+        student_logits: [R, B] fp32 student logits of the buckets (a token's logit; for the tail the logsumexp of the
+            logits outside the support). Only differences matter, so these need not be normalised.
+        teacher_logprobs: [R, B] fp32 teacher log-masses of the same buckets (need not sum to exactly 1: they are
+            renormalised, which absorbs the fp16 rounding of the cache).
+        valid: [R, B] bool; invalid buckets get zero mass on both sides.
+    Returns:
+        [R] fp32, differentiable w.r.t. `student_logits`.
+
+    Temperature: both bucket distributions are softmax(log-mass / T). A listed token is tempered exactly as in
+    full-vocabulary KD; the tail bucket is tempered as ONE token (its total log-mass / T). So KD is zero for
+    identical distributions at every T, and equals full-vocabulary tempered KD when the support covers the vocabulary.
+    For T > 1 this gives the tail less weight than tempering each tail token would (sum p^(1/T) >= (sum p)^(1/T)).
+    """
+    student = torch.where(valid, student_logits, BUCKET_FILL) / temperature
+    teacher = torch.where(valid, teacher_logprobs, BUCKET_FILL) / temperature
+    log_q = torch.log_softmax(student, dim=-1)
+    log_p = torch.log_softmax(teacher, dim=-1)
+    if kind == "forward_kl":
+        rows = (log_p.exp() * (log_p - log_q)).sum(-1)
+    elif kind == "reverse_kl":
+        rows = (log_q.exp() * (log_q - log_p)).sum(-1)
+    elif kind == "jsd":
+        # Generalised JSD: beta * KL(p || m) + (1 - beta) * KL(q || m), m = beta * p + (1 - beta) * q; <= H(beta).
+        log_m = torch.logaddexp(log_p + math.log(jsd_beta), log_q + math.log1p(-jsd_beta))
+        rows = jsd_beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1 - jsd_beta) * (
+            log_q.exp() * (log_q - log_m)
+        ).sum(-1)
+    else:
+        raise ValueError(f"KDConfig.kind={kind!r} is not one of {', '.join(KD_KINDS)}; pick one of those")
+    return rows * temperature**2
+
+
+def teacher_top1(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, slot_valid: torch.Tensor) -> torch.Tensor:
+    """[R] the teacher's most likely listed id (the best valid slot, so -1 padding anywhere is skipped)."""
+    best = torch.where(slot_valid, topk_logprobs.float(), -math.inf).argmax(-1, keepdim=True)
+    return topk_ids.gather(1, best).squeeze(1)
+
+
+class FusedCEKD(torch.autograd.Function):
+    """loss = ce_scale * sum(CE rows) + kd_scale * sum(KD rows); returns (loss, stats[4]) where stats holds
+    (ce_sum, kd_sum, top1_agree_count, covered_mass_sum), detached."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_logprobs: torch.Tensor,
+        tail_logprob: torch.Tensor,
+        kd_row: torch.Tensor,
+        ce_scale: torch.Tensor,
+        kd_scale: torch.Tensor,
+        options: tuple[str, float, float, bool, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        kind, temperature, jsd_beta, use_tail, chunk_size = options
+        device = hidden.device
+        # One fp32 copy of the head for the whole call (a no-op for fp32 weights): fp16 logits would keep ~3 digits.
+        weight32 = weight.float()
+        need_grad_hidden, need_grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=device) if need_grad_hidden else None
+        grad_weight = torch.zeros_like(weight32) if need_grad_weight else None
+        stats = torch.zeros(4, dtype=torch.float32, device=device)
+
+        has_label = labels != IGNORE_INDEX
+        slot_valid = (topk_ids >= 0) & kd_row[:, None]
+        # Rows with neither a label nor KD (padding) cost nothing.
+        active = (has_label | kd_row).nonzero().squeeze(1)
+        for start in range(0, active.numel(), chunk_size):
+            rows = active[start : start + chunk_size]
+            hidden32 = hidden[rows].float()
+            logits = hidden32 @ weight32.t()  # [C, V]; becomes the gradient buffer in place below
+            ids, valid = topk_ids[rows], slot_valid[rows]
+            ids0 = ids.clamp(min=0)  # empty slots point at column 0 and add exactly 0 there
+            row_has_label, row_kd = has_label[rows], kd_row[rows]
+            label0 = labels[rows].clamp(min=0)[:, None]
+
+            support_logits = logits.gather(1, ids0)  # [C, K]
+            label_logits = logits.gather(1, label0).squeeze(1)
+            # Knock the support out (-inf) so the tail's logsumexp comes straight from the logits: stable, never
+            # 1 - sum(probabilities). One max pass and one exp pass over [C, V] serve CE, KD, argmax and gradient.
+            logits.scatter_add_(1, ids0, torch.where(valid, -math.inf, 0.0))
+            tail_max, tail_argmax = logits.max(dim=1)  # -inf iff the support covers the whole vocabulary
+            tail_shift = torch.where(torch.isfinite(tail_max), tail_max, 0.0)
+            grad_logits = logits.sub_(tail_shift[:, None]).exp_()  # exp(z - max) off the support, 0 on it
+            tail_sum = grad_logits.sum(dim=1)  # >= 1 whenever a tail exists
+            lse_tail = tail_shift + torch.log(tail_sum)
+            tail_exists = tail_sum > 0
+            support_masked = support_logits.masked_fill(~valid, -math.inf)
+            lse_support = torch.logsumexp(support_masked, dim=1)  # -inf for rows without KD
+            lse_all = torch.logaddexp(lse_tail, lse_support)
+            support_max, support_best = support_masked.max(dim=1)
+            support_argmax = ids0.gather(1, support_best[:, None]).squeeze(1)
+            student_argmax = torch.where(support_max > tail_max, support_argmax, tail_argmax)
+            ce_rows = torch.where(row_has_label, lse_all - label_logits, 0.0)
+            tail_mass = torch.exp(lse_tail - lse_all)
+
+            teacher = torch.cat([topk_logprobs[rows].float(), tail_logprob[rows].float()[:, None]], dim=1)
+            bucket_valid = torch.cat([valid, (row_kd & tail_exists & use_tail)[:, None]], dim=1)
+            student = torch.cat([support_logits, lse_tail[:, None]], dim=1).detach().requires_grad_(True)
+            with torch.enable_grad():
+                kd_rows = bucket_kd(
+                    student, teacher, bucket_valid, kind=kind, temperature=temperature, jsd_beta=jsd_beta
+                ) * row_kd
+                (grad_buckets,) = torch.autograd.grad(kd_rows.sum(), student)
+            kd_rows = kd_rows.detach()
+            grad_buckets = grad_buckets * kd_scale
+
+            # d loss / d logits = ce_s * (softmax - onehot) + kd grads on the support + tail grad * softmax_tail.
+            # softmax = tail_mass * softmax_tail on the tail, exp(z_S - lse_all) on the support.
+            row_ce_scale = row_has_label * ce_scale
+            tail_coef = (row_ce_scale * tail_mass + grad_buckets[:, -1]) / torch.where(tail_exists, tail_sum, 1.0)
+            grad_logits.mul_(tail_coef[:, None])  # now: tail coefficient x softmax over the tail
+            support_prob = torch.exp(support_logits - lse_all[:, None])
+            support_grad = row_ce_scale[:, None] * support_prob + grad_buckets[:, :-1]
+            grad_logits.scatter_add_(1, ids0, torch.where(valid, support_grad, 0.0))
+            grad_logits.scatter_add_(1, label0, -row_ce_scale[:, None])
+
+            if grad_hidden is not None:
+                grad_hidden.index_copy_(0, rows, grad_logits @ weight32)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), hidden32)
+
+            covered = torch.exp(lse_support - lse_all)
+            top1 = student_argmax == teacher_top1(ids, topk_logprobs[rows], valid)
+            stats += torch.stack(
+                [ce_rows.sum(), kd_rows.sum(), (top1 & row_kd).sum(), torch.where(row_kd, covered, 0.0).sum()]
+            )
+            del logits, grad_logits
+
+        loss = ce_scale * stats[0] + kd_scale * stats[1]
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.input_dtypes = (hidden.dtype, weight.dtype)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_stats: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.input_dtypes
+        # Scale in fp32 before casting, so an fp16 loss scale lifts tiny gradients out of fp16 underflow. In place:
+        # a second [V, H] fp32 copy would double the kernel's largest buffer (so backward runs once per forward).
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(grad_loss).to(hidden_dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_loss).to(weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None

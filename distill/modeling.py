@@ -1,0 +1,183 @@
+"""`DistillModel`: ONE nn.Module holding the student and its projection heads, computing every loss inside forward.
+
+Why everything happens inside `forward`:
+- DeepSpeed wraps one module, so the heads are trained, checkpointed and cast (same dtype as the student) with it.
+- Under ZeRO-3 a parameter is gathered only while its owning module runs. The fused CE+KD loss reads the LM-head
+  weight directly (it never calls the head, so no `[N, V]` logits exist); we register that weight as an *external
+  parameter* of this wrapper, so DeepSpeed gathers it for the duration of this forward (and its backward).
+- Evaluation (`model.eval()`) disables autocast inside forward: eval metrics are computed in the student's own dtype
+  (fp16 or fp32) with fp32 logits, never in a mixed autocast region (the old fp16/fp32 evaluation crash).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distill.aux_losses import PooledProjection, contrastive_loss, feature_loss, pool_layers
+from distill.losses import IGNORE_INDEX, KDConfig, fused_ce_kd_loss
+
+COMPONENTS = ("ce", "kd", "feature", "contrastive")
+
+
+@dataclass
+class AuxSettings:
+    """Which auxiliary losses exist (heads are built only when one has a non-zero base weight)."""
+
+    teacher_hidden: int
+    teacher_pool_layers: list[int]  # teacher hidden_states indices (0 = embeddings)
+    teacher_num_layers: int
+    contrastive_temperature: float = 0.1
+
+
+def map_pool_layers(teacher_layers: list[int], teacher_num_layers: int, student_num_layers: int) -> list[int]:
+    """Teacher hidden_states index -> student index at the same relative depth (0 -> 0, last -> last)."""
+    return [round(t * student_num_layers / max(teacher_num_layers, 1)) for t in teacher_layers]
+
+
+def head_rows(student: nn.Module) -> int:
+    """Rows of the LM head (under ZeRO-3 the local tensor is an empty partition; `ds_shape` is the full shape)."""
+    weight = student.get_output_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
+class DistillModel(nn.Module):
+    """Student + projection heads. `forward(**batch, loss_weights=...)` returns a dict of losses and metrics.
+
+    Args:
+        student: a `*ForCausalLM` model (tied or untied LM head).
+        kd_config: settings of the fused CE+KD loss.
+        aux: teacher pooling layout; None (or no aux weight) = no projection heads, no hidden_states kept.
+        student_pool_layers: student hidden_states indices to pool; default: mapped by relative depth.
+    """
+
+    def __init__(self, student: nn.Module, kd_config: KDConfig, aux: AuxSettings | None = None,
+                 student_pool_layers: list[int] | None = None):
+        super().__init__()
+        self.student = student
+        self.kd_config = kd_config
+        self.aux = aux
+        self.projection = None
+        self.student_pool_layers: list[int] = []
+        if aux is not None:
+            n_layers = int(student.config.num_hidden_layers)
+            self.student_pool_layers = student_pool_layers or map_pool_layers(
+                aux.teacher_pool_layers, aux.teacher_num_layers, n_layers)
+            if len(self.student_pool_layers) != len(aux.teacher_pool_layers):
+                raise ValueError(f"--pool_student_layers lists {len(self.student_pool_layers)} layers, the cache pools "
+                                 f"{len(aux.teacher_pool_layers)}; give one student layer per teacher layer")
+            if not all(0 <= i <= n_layers for i in self.student_pool_layers):
+                raise ValueError(f"--pool_student_layers {self.student_pool_layers}: indices must be in "
+                                 f"[0, {n_layers}]")
+            dtype = next(student.parameters()).dtype
+            self.projection = PooledProjection(int(student.config.hidden_size), aux.teacher_hidden,
+                                               len(self.student_pool_layers)).to(dtype)
+        self._register_head_for_zero3()
+
+    # -- pieces -------------------------------------------------------------------------------------------------
+    @property
+    def config(self):  # Trainer and DeepSpeed read `model.config` (hidden_size for "auto" buckets, etc.)
+        return self.student.config
+
+    def head_weight(self) -> torch.Tensor:
+        """[V, H] LM-head weight (the embedding matrix when tied)."""
+        return self.student.get_output_embeddings().weight
+
+    def _register_head_for_zero3(self) -> None:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(self, self.head_weight())
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the base model (not the LM head). Returns final hidden [B, L, H] and, when projection heads exist,
+        the pooled student states [B, P, H] (fp32 masked means of the selected hidden_states)."""
+        base = getattr(self.student, self.student.base_model_prefix)
+        want_pool = self.projection is not None
+        out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   output_hidden_states=want_pool, return_dict=True)
+        pooled = pool_layers(out.hidden_states, self.student_pool_layers, attention_mask) if want_pool else None
+        return out.last_hidden_state, pooled
+
+    # -- forward ------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        topk_ids: torch.Tensor | None = None,
+        topk_logprobs: torch.Tensor | None = None,
+        tail_logprob: torch.Tensor | None = None,
+        kd_mask: torch.Tensor | None = None,
+        pooled_hidden: torch.Tensor | None = None,
+        loss_weights: dict[str, float] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Shapes: input_ids/attention_mask/labels [B, L]; topk_* [B, L, K]; tail_logprob/kd_mask [B, L];
+        pooled_hidden [B, P, H_teacher]. Without teacher keys (LM-only) only CE is computed.
+
+        Returns {"loss": differentiable weighted total, "ce", "kd", "feature", "contrastive": raw detached losses,
+        "n_ce", "n_kd", "n_aux": row / sequence counts (0 = not computed), "top1_agree", "covered_mass"} (all
+        0-dim tensors). In training, a KD weight of 0 skips KD entirely (n_kd = 0); the aux losses are computed
+        only when their weight is non-zero."""
+        weights = {name: 1.0 if name == "ce" else 0.0 for name in COMPONENTS}
+        weights.update(loss_weights or {})
+        no_autocast = contextlib.nullcontext() if self.training else torch.autocast(input_ids.device.type,
+                                                                                    enabled=False)
+        with no_autocast:
+            hidden, pooled = self.encode(input_ids, attention_mask)
+            H = hidden.shape[-1]
+            flat_labels = labels.reshape(-1)
+            # Training with a zero KD weight IS LM-only training: the same call as without a cache, bit for bit (and
+            # no KD work). Evaluation always measures KD when targets exist.
+            if topk_ids is None or (self.training and weights["kd"] == 0):
+                # One empty KD slot per row, masked out, so the same fused kernel computes CE alone.
+                n = flat_labels.shape[0]
+                topk_ids = torch.full((n, 1), -1, dtype=torch.long, device=hidden.device)
+                topk_logprobs = torch.zeros((n, 1), dtype=torch.float32, device=hidden.device)
+                tail_logprob = torch.zeros((n,), dtype=torch.float32, device=hidden.device)
+                kd_mask = torch.zeros((n,), dtype=torch.bool, device=hidden.device)
+                weights["kd"] = 0.0
+            K = topk_ids.shape[-1]
+            cekd = fused_ce_kd_loss(
+                hidden.reshape(-1, H), self.head_weight(), flat_labels,
+                topk_ids.reshape(-1, K), topk_logprobs.reshape(-1, K).float(), tail_logprob.reshape(-1).float(),
+                kd_mask.reshape(-1), ce_weight=float(weights["ce"]), kd_weight=float(weights["kd"]),
+                config=self.kd_config,
+            )
+            total = cekd.loss
+            zero = total.new_zeros(())
+            feature, contrastive, n_aux = zero, zero, 0
+            wants_aux = bool(weights["feature"] or weights["contrastive"])
+            if self.projection is not None and pooled_hidden is not None and wants_aux:
+                feature_t, contrastive_t = self._aux_losses(pooled, pooled_hidden)
+                total = total + weights["feature"] * feature_t + weights["contrastive"] * contrastive_t
+                feature, contrastive, n_aux = feature_t.detach(), contrastive_t.detach(), int(input_ids.shape[0])
+        return {
+            "loss": total,
+            "ce": cekd.ce, "kd": cekd.kd, "feature": feature, "contrastive": contrastive,
+            "n_ce": torch.tensor(cekd.n_ce, device=total.device),
+            "n_kd": torch.tensor(cekd.n_kd, device=total.device),
+            "n_aux": torch.tensor(n_aux, device=total.device),
+            "top1_agree": cekd.top1_agree, "covered_mass": cekd.covered_mass,
+        }
+
+    def _aux_losses(self, student_pooled: torch.Tensor, teacher_pooled: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """[B, P, H_s] (fp32) and [B, P, H_t] -> (feature, contrastive) scalars, computed in fp32 (bounded losses)."""
+        projected = self.projection(student_pooled)  # [B, P, H_t] fp32 whatever the heads' storage dtype
+        teacher = teacher_pooled.float()
+        feature = feature_loss(projected, teacher)
+        contrastive = contrastive_loss(projected, teacher, temperature=self.aux.contrastive_temperature)
+        return feature, contrastive
+
+
+def labels_from_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] next-token labels (IGNORE_INDEX at the last valid position and on padding)."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    labels[:, :-1][attention_mask[:, 1:] == 0] = IGNORE_INDEX
+    return labels

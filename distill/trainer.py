@@ -1,0 +1,174 @@
+"""`DistillTrainer`: transformers.Trainer whose loss is CE + KD (fused) + feature + contrastive, each weight scheduled.
+
+The model is a `distill.modeling.DistillModel`, which computes every loss inside its forward (see that module for
+why); this class feeds it the scheduled weights, keeps per-component running metrics for logging, skips non-finite
+steps, and adds KD metrics to evaluation.
+
+Loss normalisation: every component is a mean over this micro-batch's rows (tokens for CE/KD, sequences for the aux
+losses); the Trainer divides by gradient_accumulation_steps and DDP/DeepSpeed average over ranks. With equal-length
+windows (the cache's packed windows) this equals the mean over the global batch, so N ranks x B equals 1 rank x N*B.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from accelerate.utils import DistributedType
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_utils import EvalLoopOutput
+
+from distill.config import LOSS_COMPONENTS
+from distill.metrics import MetricAccumulator, scheduled_weights
+
+RAW_KEYS = ("ce", "kd", "feature", "contrastive")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+class DistillTrainer(Trainer):
+    """Args (beyond Trainer's): loss_args (`distill.config.LossArguments`): base weights, schedules, abort limit."""
+
+    def __init__(self, *args: Any, loss_args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.loss_args = loss_args
+        self._train_metrics = MetricAccumulator()
+        self._eval_metrics = MetricAccumulator()
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self._skip_this_step = False
+        self._tokens_since_log = 0.0
+        self._last_log_time: float | None = None
+        # compute_loss returns a per-micro-batch mean: let Trainer divide it by gradient_accumulation_steps.
+        self.loss_is_scaled_for_ga = False
+
+    # -- weights ------------------------------------------------------------------------------------------------
+    def current_loss_weights(self) -> dict[str, float]:
+        total = self.state.max_steps or 1
+        return scheduled_weights(self.loss_args, step=self.state.global_step, total_steps=total)
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        weights = self.current_loss_weights() if model.training else self.eval_loss_weights()
+        outputs = model(**inputs, loss_weights=weights)
+        return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+
+    def eval_loss_weights(self) -> dict[str, float]:
+        """Evaluation loss = base CE + base KD weights (no ramp, no aux), so eval_loss is comparable across steps."""
+        return {"ce": self.loss_args.ce_weight, "kd": self.loss_args.kd_weight, "feature": 0.0, "contrastive": 0.0}
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        """Forward, check the loss is finite on EVERY rank, then backward (or skip the whole step)."""
+        model.train()
+        if self._last_log_time is None:
+            self._last_log_time = time.perf_counter()  # tokens/s of the first logging window counts from here
+        inputs = self._prepare_inputs(inputs)
+        weights = self.current_loss_weights()
+        with self.compute_loss_context_manager():
+            outputs = model(**inputs, loss_weights=weights)
+        loss = outputs["loss"]
+        if not self._all_ranks_finite(loss):
+            self._record_nonfinite()
+            return torch.zeros((), device=loss.device)
+        self.nonfinite_in_a_row = 0
+        self._train_metrics.add_train(outputs, weights)
+        self._tokens_since_log += float(inputs["attention_mask"].sum())
+        loss = loss / self.current_gradient_accumulation_steps
+        kwargs = {}
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            kwargs["scale_wrt_gas"] = False  # already divided above
+        self.accelerator.backward(loss, **kwargs)
+        return loss.detach()
+
+    def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
+        flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every rank must agree, or a rank that skips backward would deadlock the others' gradient all-reduce.
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
+    def _record_nonfinite(self) -> None:
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        # The optimizer step is skipped: `SkipNonFiniteCallback` drops every gradient before it.
+        self._skip_this_step = True
+        limit = self.loss_args.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.state.global_step} "
+                f"({self.nonfinite_total} in total); lower --learning_rate, use --bf16 instead of --fp16, or check "
+                f"the data (raise --max_nonfinite_steps to tolerate more)"
+            )
+
+    # -- logging ------------------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and not any(k.startswith("eval_") for k in logs):
+            logs.update(self._training_log_extras())
+        super().log(logs, start_time)
+
+    def _training_log_extras(self) -> dict[str, float]:
+        extras = self._train_metrics.summary(self.accelerator)
+        self._train_metrics.reset()
+        now = time.perf_counter()
+        tokens = float(self.accelerator.reduce(torch.tensor(self._tokens_since_log, device=self.args.device), "sum"))
+        if self._last_log_time is not None and now > self._last_log_time:
+            extras["tokens_per_second"] = tokens / (now - self._last_log_time)
+        self._last_log_time = now
+        self._tokens_since_log = 0.0
+        extras["loss_scale"] = self._loss_scale()
+        extras["nonfinite_skipped"] = float(self.nonfinite_total)
+        for name, value in self.current_loss_weights().items():
+            extras[f"weight/{name}"] = float(value)
+        return extras
+
+    def _loss_scale(self) -> float:
+        """Current fp16 dynamic loss scale (1.0 when no loss scaling is in use)."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            return float(scaler.get_scale())
+        engine = getattr(self, "deepspeed", None)
+        optimizer = getattr(engine, "optimizer", None)
+        for attr in ("cur_scale", "loss_scale"):
+            value = getattr(optimizer, attr, None)
+            if isinstance(value, (int, float, torch.Tensor)):
+                return float(value)
+        return 1.0
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """safetensors refuses tensors that share memory (tied embeddings): store each shared tensor once per key."""
+        state_dict = self.model.state_dict() if state_dict is None else state_dict
+        seen: set[tuple[int, int]] = set()
+        untied = {}
+        for key, tensor in state_dict.items():
+            ident = (tensor.data_ptr(), tensor.numel())
+            untied[key] = tensor.clone() if ident in seen else tensor
+            seen.add(ident)
+        super()._save(output_dir, state_dict=untied)
+
+    # -- evaluation ---------------------------------------------------------------------------------------------
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, None, None]:
+        """One eval batch: the model itself disables autocast in eval mode; we keep token-weighted sums."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            outputs = model(**inputs, loss_weights=self.eval_loss_weights())
+        self._eval_metrics.add_eval(outputs)
+        return outputs["loss"].detach(), None, None
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> EvalLoopOutput:
+        self._eval_metrics.reset()
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        for key, value in self._eval_metrics.eval_summary(self.accelerator, self.eval_loss_weights()).items():
+            output.metrics[f"{prefix}_{key}"] = value
+        self._eval_metrics.reset()
+        return output
+
+
+__all__ = ["DistillTrainer", "NonFiniteLossError", "LOSS_COMPONENTS"]

@@ -1,0 +1,1 @@
+"""Cross-tokenizer distillation: serve one teacher cache to students with any tokenizer (see `pipeline`)."""

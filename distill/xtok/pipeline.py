@@ -1,0 +1,177 @@
+"""`CrossTokenizerTargets`: the target builder for a student whose tokenizer differs from the cache's.
+
+Per cached window (in DataLoader workers): re-tokenise the text with the student (split on the teacher's special
+tokens, the student's own specials inserted), align positions by consumed text, map the aligned teacher top-k rows
+onto student ids. CE applies at every student position, KD only where `kd_mask` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cache_tools import schema
+from cache_tools.reader import CachedSequence, TeacherCacheReader
+from distill.xtok.align import (
+    align,
+    char_to_byte_table,
+    consumed_ends,
+    encode_student,
+    split_segments,
+    student_consumed,
+)
+from distill.xtok.token_bytes import TokenizerError, plain_backend, token_bytes_table, tokenizer_label
+from distill.xtok.topk_map import map_topk
+from distill.xtok.vocab_map import load_or_build_vocab_map, require_student_eos, special_pairs
+
+log = logging.getLogger(__name__)
+
+STAT_KEYS = ("student_tokens", "aligned", "teacher_mass", "mapped_mass", "exact_mass", "skipped", "truncated")
+TOKENIZER_SUBDIR = "tokenizer"  # a copy of the teacher tokenizer inside the cache dir, preferred when present
+
+
+def load_tokenizer(spec: Any, role: str) -> Any:
+    """A tokenizer object as is, or AutoTokenizer from a path/hub id (remote code never runs here)."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return spec
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(spec))
+    except (OSError, ValueError) as err:
+        raise TokenizerError(f"{role} tokenizer {str(spec)!r}: cannot load ({str(err).splitlines()[0]}); pass a "
+                             "folder with tokenizer.json or a hub id") from err
+
+
+def load_teacher_tokenizer(cache_dir: str | os.PathLike, manifest: schema.CacheManifest) -> Any:
+    """The cache's tokenizer: `DIR/tokenizer/` if the builder saved one, else the manifest's name_or_path."""
+    local = Path(cache_dir) / TOKENIZER_SUBDIR
+    spec = local if local.is_dir() else manifest.tokenizer.get("name_or_path")
+    if not spec:
+        raise TokenizerError(f"{Path(cache_dir) / schema.MANIFEST_NAME}: no teacher tokenizer recorded; pass the "
+                             "teacher tokenizer explicitly")
+    return load_tokenizer(spec, "teacher")
+
+
+class CrossTokenizerTargets:
+    """Callable `CachedSequence -> per-example dict` (see docs/CONTRIBUTING_NOTES.md) plus "stats".
+
+    Args:
+        reader_or_manifest: a TeacherCacheReader (its cache_dir is used) or a CacheManifest (pass cache_dir).
+        teacher_tokenizer: the cache's tokenizer (object or path); None loads it from the cache / manifest.
+        student_tokenizer: the student's tokenizer (object or path).
+        rule: "first_token" or "tail" for teacher tokens without an exact student twin.
+        cache_dir: where `vocab_maps/` lives (defaults to the reader's directory).
+        max_length: student tokens kept per window (default: all); the rest is cut and counted in stats.
+    """
+
+    def __init__(self, reader_or_manifest: TeacherCacheReader | schema.CacheManifest, teacher_tokenizer: Any = None,
+                 student_tokenizer: Any = None, *, rule: str = "first_token",
+                 cache_dir: str | os.PathLike | None = None, max_length: int | None = None) -> None:
+        if isinstance(reader_or_manifest, TeacherCacheReader):
+            manifest = reader_or_manifest.manifest
+            cache_dir = cache_dir if cache_dir is not None else reader_or_manifest.cache_dir
+        else:
+            manifest = reader_or_manifest
+        if student_tokenizer is None:
+            raise TokenizerError("CrossTokenizerTargets needs the student tokenizer (--student)")
+        if teacher_tokenizer is None:
+            if cache_dir is None:
+                raise TokenizerError("CrossTokenizerTargets: pass the teacher tokenizer or the cache directory")
+            teacher_tokenizer = load_teacher_tokenizer(cache_dir, manifest)
+        self.teacher_tok = load_tokenizer(teacher_tokenizer, "teacher")
+        self.student_tok = load_tokenizer(student_tokenizer, "student")
+        where = Path(cache_dir) / schema.MANIFEST_NAME if cache_dir is not None else "the cache manifest"
+        self.teacher_hash = schema.tokenizer_hash(self.teacher_tok)
+        if self.teacher_hash != manifest.tokenizer_hash:
+            raise TokenizerError(
+                f"{where}: teacher tokenizer {tokenizer_label(self.teacher_tok)!r} is not the one the cache was built "
+                f"with ({manifest.tokenizer.get('name_or_path')!r}); pass the cache's own tokenizer"
+            )
+        self.student_hash = schema.tokenizer_hash(self.student_tok)
+        self.teacher_bytes = token_bytes_table(self.teacher_tok, "teacher")
+        self.student_bytes = token_bytes_table(self.student_tok, "student")
+        self.rule = rule
+        self.vocab_map, self.map_path = load_or_build_vocab_map(
+            cache_dir, self.teacher_tok, self.student_tok, self.teacher_bytes, self.student_bytes, rule,
+            self.teacher_hash, self.student_hash)
+        self.specials = special_pairs(self.teacher_tok, self.student_tok, self.teacher_bytes, self.student_bytes)
+        teacher_eos = manifest.tokenizer.get("special_ids", {}).get("eos", self.teacher_tok.eos_token_id)
+        self.student_eos = require_student_eos(self.student_tok, self.specials, teacher_eos)
+        if teacher_eos is not None:
+            self.specials[int(teacher_eos)] = self.student_eos
+        missing = sorted(self.teacher_bytes.tokens[t].decode("utf-8", "replace")
+                         for t, s in self.specials.items() if s < 0 and t < self.teacher_bytes.size)
+        if missing:
+            log.warning("student tokenizer %s lacks the teacher's special tokens %s: their text is tokenised as "
+                        "ordinary text and their probability goes to the tail", tokenizer_label(self.student_tok),
+                        missing[:8])
+        self.max_length = int(max_length) if max_length else None
+        self.top_k = manifest.top_k
+        self._teacher_norm = _normalizer(self.teacher_tok)
+        self._student_norm = _normalizer(self.student_tok)
+        self._student_backend = plain_backend(self.student_tok)
+        self._skips = 0
+
+    def __call__(self, seq: CachedSequence) -> dict[str, Any]:
+        text = seq.text
+        text_bytes = text.encode("utf-8")
+        c2b = char_to_byte_table(text)
+        pieces = split_segments(seq.input_ids, seq.offsets, self.specials, len(text))
+        window = encode_student(self._student_backend, text, pieces)
+        s_cons = student_consumed(window, pieces, text, c2b, self.student_bytes, self._student_norm)
+        t_cons = consumed_ends(seq.input_ids, seq.offsets, text, text_bytes, c2b, self.teacher_bytes,
+                               self._teacher_norm)
+        n = window.ids.shape[0] if self.max_length is None else min(window.ids.shape[0], self.max_length)
+        K = seq.topk_ids.shape[1]
+        stats = dict.fromkeys(STAT_KEYS, 0)
+        stats["student_tokens"] = n
+        stats["truncated"] = int(window.ids.shape[0] - n)
+        out = {
+            "input_ids": window.ids[:n].astype(np.int64),
+            "topk_ids": np.full((n, K), -1, dtype=np.int64),
+            "topk_logprobs": np.zeros((n, K), dtype=np.float32),
+            "tail_logprob": np.zeros(n, dtype=np.float32),
+            "kd_mask": np.zeros(n, dtype=np.bool_),
+            "pooled_hidden": seq.pooled_hidden.astype(np.float32),
+            "stats": stats,
+        }
+        if not t_cons.matches_text:
+            # The cached tokens do not spell the cached text: any alignment would be a wrong target. CE still holds.
+            self._skips += 1
+            stats["skipped"] = 1
+            if self._skips <= 3 or self._skips % 1000 == 0:
+                log.warning("cache sequence %d: teacher tokens do not reproduce the cached text; KD skipped for "
+                            "this window (%d so far)", seq.index, self._skips)
+            return out
+        teacher_pos = align(t_cons, s_cons)[:n]
+        aligned = np.flatnonzero(teacher_pos >= 0)
+        rows = teacher_pos[aligned]
+        mapped = map_topk(seq.topk_ids[rows], seq.topk_logprobs[rows], seq.tail_logprob[rows], self.vocab_map.ids,
+                          self.vocab_map.exact)
+        out["topk_ids"][aligned] = mapped.ids
+        out["topk_logprobs"][aligned] = mapped.logprobs
+        out["tail_logprob"][aligned] = mapped.tail
+        out["kd_mask"][aligned] = True
+        stats.update(aligned=int(aligned.shape[0]), teacher_mass=mapped.teacher_mass,
+                     mapped_mass=mapped.mapped_mass, exact_mass=mapped.exact_mass)
+        return out
+
+
+def _normalizer(tokenizer: Any) -> Any:
+    norm = tokenizer.backend_tokenizer.normalizer
+    return norm.normalize_str if norm is not None else None
+
+
+def aggregate_stats(stats: list[dict[str, float]]) -> dict[str, float]:
+    """Sum per-example stats and add the two ratios worth plotting: `xtok/aligned_fraction` (student positions with
+    a KD target) and `xtok/mapped_mass_fraction` (teacher top-k mass landing on student ids)."""
+    total = {key: float(sum(s.get(key, 0) for s in stats)) for key in STAT_KEYS}
+    total["aligned_fraction"] = total["aligned"] / total["student_tokens"] if total["student_tokens"] else 0.0
+    total["mapped_mass_fraction"] = total["mapped_mass"] / total["teacher_mass"] if total["teacher_mass"] else 0.0
+    total["exact_mass_fraction"] = total["exact_mass"] / total["teacher_mass"] if total["teacher_mass"] else 0.0
+    return total

@@ -1,0 +1,105 @@
+"""Bad input to `cache_tools build-cache`: a one-line error naming the flag/file and the fix, exit != 0, and nothing
+written to --output."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from cache_tools import schema
+from cache_tools.cli import main
+
+
+@pytest.fixture(scope="module")
+def good_args(teacher_dir, text_file):
+    return ["--teacher", str(teacher_dir), "--dataset", str(text_file), "--max-length", "32", "--top-k", "8",
+            "--max-samples", "3", "--pool-layers", "-1", "--no-progress"]
+
+
+def _run(capsys, args: list[str]) -> str:
+    code = main(["build-cache", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert err, "no error message"
+    assert err[-1].startswith("cache_tools build-cache: error: "), err[-1]
+    return err[-1]
+
+
+def _replace(args: list[str], flag: str, value: str) -> list[str]:
+    out = list(args)
+    out[out.index(flag) + 1] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--teacher", "/nonexistent/teacher", r"--teacher /nonexistent/teacher: no such model directory"),
+        ("--dataset", "/nonexistent/data.txt", r"--dataset /nonexistent/data.txt: no such file"),
+        ("--top-k", "100000", r"--top-k 100000: .*vocabulary size \(512\).*lower --top-k"),
+        ("--max-length", "4096", r"--max-length 4096: the teacher has 512 positions"),
+        ("--pool-layers", "7", r"--pool-layers 7: .*0\.\.2"),
+    ],
+)
+def test_bad_flag(capsys, tmp_path, good_args, flag, value, expected):
+    out = tmp_path / "out"
+    message = _run(capsys, [*_replace(good_args, flag, value), "--output", str(out)])
+    assert re.search(expected, message), message
+    assert not out.exists()
+
+
+def test_empty_dataset(capsys, tmp_path, good_args):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n", encoding="utf-8")
+    out = tmp_path / "out"
+    message = _run(capsys, [*_replace(good_args, "--dataset", str(empty)), "--output", str(out)])
+    assert f"--dataset {empty}: no text" in message and "--text-column" in message
+    assert not out.exists()
+
+
+def test_missing_text_column(capsys, tmp_path, good_args):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"content": "hello world"}\n{"content": "more text"}\n', encoding="utf-8")
+    out = tmp_path / "out"
+    message = _run(capsys, [*_replace(good_args, "--dataset", str(data)), "--output", str(out)])
+    assert "--text-column 'text': not in dataset" in message and "content" in message
+    assert not out.exists()
+
+
+def test_output_with_other_settings(capsys, tmp_path, good_args):
+    out = tmp_path / "out"
+    assert main(["build-cache", *good_args, "--output", str(out)]) == 0
+    capsys.readouterr()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    message = _run(capsys, [*_replace(good_args, "--top-k", "4"), "--output", str(out), "--resume"])
+    assert f"--output {out}: holds a cache built with other settings (top_k)" in message and "--overwrite" in message
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_output_folder_with_foreign_files(capsys, tmp_path, good_args):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    message = _run(capsys, [*good_args, "--output", str(out)])
+    assert "not a cache (notes.txt" in message
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_tokenizer_larger_than_head(capsys, tmp_path, good_args, corpus):
+    from distill.tiny import train_bpe_tokenizer
+
+    big = tmp_path / "bigtok"
+    train_bpe_tokenizer(corpus[:100], 700).save_pretrained(big)
+    out = tmp_path / "out"
+    message = _run(capsys, [*good_args, "--tokenizer", str(big), "--output", str(out)])
+    assert "--tokenizer: 700 tokens but the teacher head has only 576 rows" in message
+    assert not out.exists()
+
+
+def test_incomplete_cache_refused_by_reader(tmp_path):
+    from cache_tools.reader import TeacherCacheReader
+
+    schema.CacheManifest(tokenizer={"vocab_size": 10, "content_hash": "x"}).save(tmp_path)
+    with pytest.raises(schema.CacheError, match=r"manifest.json: cache is incomplete; .*--resume"):
+        TeacherCacheReader(tmp_path)
