@@ -104,6 +104,21 @@ def run(quick: bool, device: str) -> dict[str, Any]:
             t_logits = teacher(input_ids=input_ids).logits
         full_logit_kd_loss(s_logits, t_logits, labels)
 
+    # Profile of the difference between the two student steps: the head + loss alone (forward + backward) on fixed
+    # hidden states, so "where does the time go" has an answer when cached/LM-only misses its goal.
+    with torch.no_grad():
+        fixed_hidden = students["lm"].model(input_ids=input_ids).last_hidden_state.flatten(0, 1)
+    head = students["lm"].get_output_embeddings().weight
+
+    def lm_head_loss() -> None:
+        h = fixed_hidden.detach().requires_grad_()
+        torch.nn.functional.cross_entropy((h @ head.t()).float(), flat_labels).backward()
+
+    def cached_head_loss() -> None:
+        h = fixed_hidden.detach().requires_grad_()
+        fused_ce_kd_loss(h, head, flat_labels, targets["topk_ids"], targets["topk_logprobs"],
+                         targets["tail_logprob"], kd_mask, config=kd_config).loss.backward()
+
     iters = shape["iters"]
     times = {}
     # Interleave by repeating the measurement rounds so a neighbour's CPU load hits every variant alike.
@@ -114,6 +129,8 @@ def run(quick: bool, device: str) -> dict[str, Any]:
             t = time_fn(fn, device, warmup=1, iters=iters)["median_s"]
             times[name] = min(times.get(name, float("inf")), t)
     times["online_fwd_only"] = time_fn(online_loss_only, device, warmup=1, iters=iters)["median_s"]
+    times["lm_head_loss_fwd_bwd"] = time_fn(lm_head_loss, device, warmup=1, iters=iters)["median_s"]
+    times["cached_head_loss_fwd_bwd"] = time_fn(cached_head_loss, device, warmup=1, iters=iters)["median_s"]
 
     ideal = 1.0 + times["teacher_forward"] / times["cached_kd"]
     online_over_cached = times["online_kd"] / times["cached_kd"]

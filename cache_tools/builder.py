@@ -198,6 +198,7 @@ def _build(opts: BuildOptions, info: dist.DistInfo, wall_start: float) -> dict[s
         output_dir.clear_cache_files(out_dir, temp_only=plan != "overwrite")
         manifest.created_at = output_dir.created_at(out_dir) or datetime.now(timezone.utc).isoformat()
         manifest.save(out_dir)  # complete=false: a partial folder records its settings
+        output_dir.save_tokenizer(out_dir, tokenizer)
     dist.barrier(info)
     load_s = time.perf_counter() - wall_start
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import h5py
@@ -17,6 +18,7 @@ from cache_tools.teacher import BuildError
 _OURS = re.compile(
     rf"^({re.escape(schema.MANIFEST_NAME)}|{schema.SHARD_PREFIX}\d+\.(h5|json))$|.*{re.escape(schema.TMP_SUFFIX)}$"
 )
+_OUR_DIRS = (schema.VOCAB_MAP_DIR, schema.TOKENIZER_DIR)
 
 
 def _diff_keys(old: dict, new: dict) -> list[str]:
@@ -33,7 +35,7 @@ def plan_output(output: Path, manifest: schema.CacheManifest, *, resume: bool, o
     if overwrite:
         return "overwrite"
     entries = [p.name for p in output.iterdir()]
-    foreign = [name for name in entries if not _OURS.match(name) and name != schema.VOCAB_MAP_DIR]
+    foreign = [name for name in entries if not _OURS.match(name) and name not in _OUR_DIRS]
     if foreign:
         raise BuildError(f"--output {output}: folder holds files that are not a cache ({foreign[0]}, ...); pick an "
                          "empty folder or pass --overwrite")
@@ -60,6 +62,12 @@ def clear_cache_files(output: Path, *, temp_only: bool) -> None:
     if not output.is_dir():
         return
     for path in output.iterdir():
+        if path.is_dir() and path.name.endswith(schema.TMP_SUFFIX):
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        if path.is_dir() and not temp_only and path.name in _OUR_DIRS:
+            shutil.rmtree(path, ignore_errors=True)
+            continue
         if not path.is_file():
             continue
         if path.name.endswith(schema.TMP_SUFFIX) or (not temp_only and _OURS.match(path.name)):
@@ -101,3 +109,15 @@ def finished_shard(output: Path, index: int) -> schema.ShardInfo | None:
     info.sha256 = schema.file_sha256(path)
     write_sidecar(output, info)
     return info
+
+
+def save_tokenizer(output: Path, tokenizer) -> None:
+    """Save the teacher tokenizer into `output/tokenizer/` (temp folder + rename), so readers of the cache need
+    neither the teacher's path nor the network. Kept as is when a resumed build finds it already there."""
+    target = output / schema.TOKENIZER_DIR
+    if target.is_dir():
+        return
+    tmp = output / (schema.TOKENIZER_DIR + schema.TMP_SUFFIX)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)

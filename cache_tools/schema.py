@@ -7,6 +7,8 @@ Layout of a cache directory (format version 1)::
     DIR/manifest.json          written last, atomically; ``complete`` is true only when every shard is present
     DIR/shard-00000.h5         shards hold contiguous runs of global sequence indices
     DIR/shard-00000.json       per-shard sidecar (a `ShardInfo`): counts + sha256, written after the shard is renamed
+    DIR/tokenizer/             the teacher tokenizer (`save_pretrained`), so the cache is self-contained
+    DIR/vocab_maps/            cross-tokenizer vocabulary maps, one per (teacher, student) tokenizer pair
     DIR/*.tmp                  partial files of an interrupted build; never read, removed by ``--resume``
 
 Datasets in each shard (S = sequences in the shard, L = max_length, K = top_k, P = pooled layers, H = teacher hidden):
@@ -42,6 +44,7 @@ MANIFEST_NAME = "manifest.json"
 SHARD_PREFIX = "shard-"
 TMP_SUFFIX = ".tmp"
 VOCAB_MAP_DIR = "vocab_maps"  # cross-tokenizer maps saved beside the cache, keyed by both tokenizer hashes
+TOKENIZER_DIR = "tokenizer"  # the teacher tokenizer, saved with the cache so students never need the teacher's path
 
 # Dataset names.
 INPUT_IDS = "input_ids"

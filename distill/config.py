@@ -65,6 +65,12 @@ class DataArguments:
     text_column: str = field(default="text", metadata={"help": "Text column of --dataset."})
     max_length: int = field(default=512, metadata={"help": "Window length (tokens) for --dataset."})
     max_samples: int | None = field(default=None, metadata={"help": "Use at most this many documents of --dataset."})
+    xtok_rule: str = field(
+        default="first_token",
+        metadata={"help": "When the student tokenizer differs from the cache's: teacher tokens with no exact student "
+                          "twin go to first_token (the student token their text begins with) or tail (their mass "
+                          "moves into the tail bucket)."},
+    )
 
 
 @dataclass
@@ -215,6 +221,8 @@ def validate(cfg: DistillConfig) -> None:
         problems.append("--eval_cache/--eval_fraction need --cache (LM-only mode has no held-out targets)")
     if not 0.0 <= d.eval_fraction < 1.0:
         problems.append(f"--eval_fraction must be in [0, 1), got {d.eval_fraction}")
+    if d.xtok_rule not in ("first_token", "tail"):
+        problems.append(f"--xtok_rule {d.xtok_rule}: use first_token or tail")
     if d.eval_cache and d.eval_fraction:
         problems.append("give --eval_cache or --eval_fraction, not both")
     if d.max_length < 2:

@@ -26,6 +26,8 @@ from distill.losses import IGNORE_INDEX
 
 TargetBuilder = Callable[[CachedSequence], dict[str, Any]]
 TEACHER_KEYS = ("topk_ids", "topk_logprobs", "tail_logprob", "kd_mask")
+XTOK_STATS = "xtok_stats"  # collator key: [1, 4] float64 sums of XTOK_STAT_KEYS (cross-tokenizer batches only)
+XTOK_STAT_KEYS = ("student_tokens", "aligned", "teacher_mass", "mapped_mass")
 
 
 class DirectTargets:
@@ -44,19 +46,25 @@ class DirectTargets:
 
 
 def check_student_compatible(reader: TeacherCacheReader, tokenizer: Any, student_vocab_rows: int) -> None:
-    """Refuse (CacheError, one line) a cache the student cannot learn from directly."""
-    manifest_path = reader.cache_dir / schema.MANIFEST_NAME
-    if schema.tokenizer_hash(tokenizer) != reader.manifest.tokenizer_hash:
-        raise schema.CacheError(
-            f"{manifest_path}: the student tokenizer differs from the cache's "
-            f"({reader.manifest.tokenizer.get('name_or_path', '?')}); cross-tokenizer distillation is not supported "
-            "yet: use a student with the teacher's tokenizer"
-        )
+    """Refuse (CacheError, one line) a cache whose ids the student cannot take directly (same tokenizer assumed)."""
     if reader.vocab_size > student_vocab_rows:
         raise schema.CacheError(
-            f"{manifest_path}: cache vocabulary ({reader.vocab_size} tokens) is larger than the student's LM head "
-            f"({student_vocab_rows} rows); resize the student's embeddings or use a matching student"
+            f"{reader.cache_dir / schema.MANIFEST_NAME}: cache vocabulary ({reader.vocab_size} tokens) is larger than "
+            f"the student's LM head ({student_vocab_rows} rows); resize the student's embeddings or use a matching "
+            "student"
         )
+
+
+def make_target_builder(reader: TeacherCacheReader, tokenizer: Any, student_vocab_rows: int, *,
+                        xtok_rule: str = "first_token") -> TargetBuilder:
+    """`DirectTargets` when the student shares the cache's tokenizer (same content hash), else the cross-tokenizer
+    pipeline (re-tokenise the window text, align by consumed text, map ids through the saved vocabulary map)."""
+    if schema.tokenizer_hash(tokenizer) == reader.manifest.tokenizer_hash:
+        check_student_compatible(reader, tokenizer, student_vocab_rows)
+        return DirectTargets()
+    from distill.xtok.pipeline import CrossTokenizerTargets
+
+    return CrossTokenizerTargets(reader, None, tokenizer, rule=xtok_rule)
 
 
 class CacheDataset(Dataset):
@@ -123,24 +131,24 @@ def build_cache_data(
     eval_fraction: float = 0.0,
     max_eval_sequences: int | None = None,
     target_builder: TargetBuilder | None = None,
+    xtok_rule: str = "first_token",
 ) -> BuiltData:
     """Open the training cache (and the eval cache), check the student can use them, split, wrap as datasets.
-    `target_builder` defaults to `DirectTargets()`; pass the cross-tokenizer builder to bypass the tokenizer check."""
+    `target_builder` defaults to `make_target_builder` per cache (direct or cross-tokenizer)."""
     reader = TeacherCacheReader(cache_dir)
-    if target_builder is None:
-        check_student_compatible(reader, tokenizer, student_vocab_rows)
-        target_builder = DirectTargets()
+    train_builder = target_builder or make_target_builder(reader, tokenizer, student_vocab_rows, xtok_rule=xtok_rule)
     train_idx, eval_idx = split_eval_indices(reader, eval_fraction)
-    eval_reader = reader
+    eval_reader, eval_builder = reader, train_builder
     if eval_cache:
         eval_reader = TeacherCacheReader(eval_cache)
-        if isinstance(target_builder, DirectTargets):
-            check_student_compatible(eval_reader, tokenizer, student_vocab_rows)
+        # The eval cache may come from another teacher tokenizer: it gets its own builder.
+        eval_builder = target_builder or make_target_builder(eval_reader, tokenizer, student_vocab_rows,
+                                                             xtok_rule=xtok_rule)
         eval_idx = np.arange(len(eval_reader))
     if max_eval_sequences is not None:
         eval_idx = eval_idx[:max_eval_sequences]
-    eval_ds = CacheDataset(eval_reader, eval_idx, target_builder) if len(eval_idx) else None
-    return BuiltData(CacheDataset(reader, train_idx, target_builder), eval_ds, reader, reader.top_k)
+    eval_ds = CacheDataset(eval_reader, eval_idx, eval_builder) if len(eval_idx) else None
+    return BuiltData(CacheDataset(reader, train_idx, train_builder), eval_ds, reader, reader.top_k)
 
 
 def build_text_data(spec: str, tokenizer: Any, *, max_length: int, text_column: str = "text",
@@ -198,4 +206,8 @@ class DistillCollator:
                 kd_mask[b, :n] = e["kd_mask"]
             batch.update(topk_ids=topk_ids, topk_logprobs=topk_logprobs, tail_logprob=tail, kd_mask=kd_mask,
                          pooled_hidden=np.stack([e["pooled_hidden"] for e in examples]).astype(np.float32))
+        if "stats" in examples[0]:
+            # Cross-tokenizer coverage of this batch, summed: [student tokens, aligned, teacher mass, mapped mass].
+            batch[XTOK_STATS] = np.array([[sum(float(e["stats"][k]) for e in examples) for k in XTOK_STAT_KEYS]],
+                                         dtype=np.float64)
         return {k: torch.from_numpy(v) for k, v in batch.items()}

@@ -82,6 +82,11 @@ class DistillModel(nn.Module):
     def config(self):  # Trainer and DeepSpeed read `model.config` (hidden_size for "auto" buckets, etc.)
         return self.student.config
 
+    def activation_checkpointing_enable(self, **kwargs) -> None:
+        """Trainer calls this for --activation_checkpointing (--gradient_checkpointing): the student's layers are
+        checkpointed, the projection heads are too small to matter."""
+        self.student.activation_checkpointing_enable(**kwargs)
+
     def head_weight(self) -> torch.Tensor:
         """[V, H] LM-head weight (the embedding matrix when tied)."""
         return self.student.get_output_embeddings().weight

@@ -113,7 +113,8 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
     d = cfg.data
     if d.cache:
         data = build_cache_data(d.cache, tokenizer, rows, eval_cache=d.eval_cache, eval_fraction=d.eval_fraction,
-                                max_eval_sequences=d.max_eval_sequences, target_builder=target_builder)
+                                max_eval_sequences=d.max_eval_sequences, target_builder=target_builder,
+                                xtok_rule=d.xtok_rule)
     else:
         data = build_text_data(d.dataset, tokenizer, max_length=d.max_length, text_column=d.text_column,
                                max_samples=d.max_samples)
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     from distill.config import ConfigError, parse_config, validate, write_resolved_config
     from distill.export import export_student
     from distill.trainer import NonFiniteLossError
+    from distill.xtok.token_bytes import TokenizerError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             write_resolved_config(cfg, cfg.training.output_dir)
         built.trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint)
         export_student(built.trainer, built.tokenizer, Path(cfg.training.output_dir))
-    except (ConfigError, CacheError, NonFiniteLossError) as err:
+    except (ConfigError, CacheError, NonFiniteLossError, TokenizerError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     return 0

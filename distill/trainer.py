@@ -21,6 +21,7 @@ from transformers import Trainer
 from transformers.trainer_utils import EvalLoopOutput
 
 from distill.config import LOSS_COMPONENTS
+from distill.data import XTOK_STATS
 from distill.metrics import MetricAccumulator, scheduled_weights
 
 RAW_KEYS = ("ce", "kd", "feature", "contrastive")
@@ -43,6 +44,7 @@ class DistillTrainer(Trainer):
         self._skip_this_step = False
         self._tokens_since_log = 0.0
         self._last_log_time: float | None = None
+        self._xtok_sums: torch.Tensor | None = None  # [4] cross-tokenizer coverage sums since the last log
         # compute_loss returns a per-micro-batch mean: let Trainer divide it by gradient_accumulation_steps.
         self.loss_is_scaled_for_ga = False
 
@@ -55,6 +57,7 @@ class DistillTrainer(Trainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         weights = self.current_loss_weights() if model.training else self.eval_loss_weights()
+        inputs = {k: v for k, v in inputs.items() if k != XTOK_STATS}
         outputs = model(**inputs, loss_weights=weights)
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
@@ -68,6 +71,7 @@ class DistillTrainer(Trainer):
         if self._last_log_time is None:
             self._last_log_time = time.perf_counter()  # tokens/s of the first logging window counts from here
         inputs = self._prepare_inputs(inputs)
+        self._add_xtok_stats(inputs.pop(XTOK_STATS, None))
         weights = self.current_loss_weights()
         with self.compute_loss_context_manager():
             outputs = model(**inputs, loss_weights=weights)
@@ -124,7 +128,24 @@ class DistillTrainer(Trainer):
         extras["nonfinite_skipped"] = float(self.nonfinite_total)
         for name, value in self.current_loss_weights().items():
             extras[f"weight/{name}"] = float(value)
+        extras.update(self._xtok_log())
         return extras
+
+    def _add_xtok_stats(self, stats: torch.Tensor | None) -> None:
+        if stats is not None:
+            stats = stats.reshape(-1).double()
+            self._xtok_sums = stats if self._xtok_sums is None else self._xtok_sums + stats
+
+    def _xtok_log(self) -> dict[str, float]:
+        """Cross-tokenizer coverage since the last log, over all ranks: fraction of student positions with a KD
+        target, and fraction of the teacher's top-k mass that landed on student ids."""
+        if self._xtok_sums is None:
+            return {}
+        sums = self.accelerator.reduce(self._xtok_sums.to(self.args.device), "sum").tolist()
+        self._xtok_sums = None
+        tokens, aligned, teacher_mass, mapped_mass = sums
+        return {"xtok/aligned_fraction": aligned / max(tokens, 1.0),
+                "xtok/mapped_mass_fraction": mapped_mass / teacher_mass if teacher_mass else 0.0}
 
     def _loss_scale(self) -> float:
         """Current fp16 dynamic loss scale (1.0 when no loss scaling is in use)."""
@@ -156,6 +177,7 @@ class DistillTrainer(Trainer):
                         ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, None, None]:
         """One eval batch: the model itself disables autocast in eval mode; we keep token-weighted sums."""
         inputs = self._prepare_inputs(inputs)
+        inputs.pop(XTOK_STATS, None)
         with torch.no_grad():
             outputs = model(**inputs, loss_weights=self.eval_loss_weights())
         self._eval_metrics.add_eval(outputs)

@@ -183,7 +183,7 @@ def _bad_caches(tmp_path, tokenizer, corpus):
         "incomplete": (write_synthetic_cache(tmp_path / "inc", tokenizer, corpus, num_sequences=8, complete=False),
                        "incomplete"),
         "tokenizer": (write_synthetic_cache(tmp_path / "tok", tokenizer, corpus, num_sequences=8,
-                                            tokenizer_hash="0" * 64), "tokenizer differs"),
+                                            tokenizer_hash="0" * 64), "cannot load"),
         "vocab": (write_synthetic_cache(tmp_path / "voc", tokenizer, corpus, num_sequences=8,
                                         vocab_size=len(tokenizer) + 16), "larger than the student"),
         "nan": (write_synthetic_cache(tmp_path / "nan", tokenizer, corpus, num_sequences=8, nan_sequence=0),

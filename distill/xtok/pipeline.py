@@ -31,7 +31,6 @@ from distill.xtok.vocab_map import load_or_build_vocab_map, require_student_eos,
 log = logging.getLogger(__name__)
 
 STAT_KEYS = ("student_tokens", "aligned", "teacher_mass", "mapped_mass", "exact_mass", "skipped", "truncated")
-TOKENIZER_SUBDIR = "tokenizer"  # a copy of the teacher tokenizer inside the cache dir, preferred when present
 
 
 def load_tokenizer(spec: Any, role: str) -> Any:
@@ -49,7 +48,7 @@ def load_tokenizer(spec: Any, role: str) -> Any:
 
 def load_teacher_tokenizer(cache_dir: str | os.PathLike, manifest: schema.CacheManifest) -> Any:
     """The cache's tokenizer: `DIR/tokenizer/` if the builder saved one, else the manifest's name_or_path."""
-    local = Path(cache_dir) / TOKENIZER_SUBDIR
+    local = Path(cache_dir) / schema.TOKENIZER_DIR
     spec = local if local.is_dir() else manifest.tokenizer.get("name_or_path")
     if not spec:
         raise TokenizerError(f"{Path(cache_dir) / schema.MANIFEST_NAME}: no teacher tokenizer recorded; pass the "

@@ -1,0 +1,56 @@
+"""Cross-tokenizer training end to end: a student whose tokenizer differs from the cache's trains from an existing
+cache with no flag beyond --student, and the coverage shows up in TensorBoard."""
+
+from __future__ import annotations
+
+import pytest
+
+from cache_tools.builder import BuildOptions, build_cache
+from distill.train import main
+
+
+@pytest.fixture(scope="module")
+def real_cache(tmp_path_factory, teacher_dir, text_file):
+    out = tmp_path_factory.mktemp("xtok_cache") / "cache"
+    build_cache(BuildOptions(teacher=str(teacher_dir), dataset=str(text_file), output=str(out), max_length=64,
+                             top_k=16, batch_size=4, shard_size=8, max_samples=12, progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_student(tmp_path_factory, corpus):
+    """Different vocabulary size AND pre-tokenisation rule (digits split) than the teacher's tokenizer."""
+    from distill.tiny import save_random_model, tiny_llama_config, train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(corpus[:200], 384, split_digits=True)
+    return save_random_model(tiny_llama_config(len(tok)), tmp_path_factory.mktemp("other_student"), tok, seed=3)
+
+
+def test_student_with_other_tokenizer_trains_from_cache(tmp_path, real_cache, other_student, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    argv = ["--student", str(other_student), "--cache", str(real_cache), "--output_dir", str(out), "--use_cpu",
+            "--per_device_train_batch_size", "2", "--max_steps", "3", "--logging_steps", "1", "--report_to",
+            "tensorboard", "--disable_tqdm", "true", "--save_strategy", "no", "--learning_rate", "1e-3"]
+    assert main(argv) == 0, capsys.readouterr().err
+    events = EventAccumulator(str(next(out.glob("runs/*")))).Reload()
+    aligned = [e.value for e in events.Scalars("train/xtok/aligned_fraction")]
+    mapped = [e.value for e in events.Scalars("train/xtok/mapped_mass_fraction")]
+    assert len(aligned) == 3 and all(0.3 < a <= 1.0 for a in aligned), aligned
+    assert all(0.3 < m <= 1.0 + 1e-6 for m in mapped), mapped
+    kd = [e.value for e in events.Scalars("train/loss/kd")]
+    assert all(k > 0 for k in kd)  # KD really applied at aligned positions
+    assert AutoModelForCausalLM.from_pretrained(out / "student").config.vocab_size == 384
+    # The vocabulary map was saved beside the cache, keyed by both tokenizer hashes, for the next run.
+    assert len(list((real_cache / "vocab_maps").glob("*-first_token.npz"))) == 1
+
+
+def test_tail_rule_selectable(tmp_path, real_cache, other_student):
+    out = tmp_path / "out"
+    argv = ["--student", str(other_student), "--cache", str(real_cache), "--output_dir", str(out), "--use_cpu",
+            "--per_device_train_batch_size", "2", "--max_steps", "1", "--report_to", "none", "--disable_tqdm", "true",
+            "--save_strategy", "no", "--xtok_rule", "tail"]
+    assert main(argv) == 0
+    assert len(list((real_cache / "vocab_maps").glob("*-tail.npz"))) == 1
