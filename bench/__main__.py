@@ -62,7 +62,7 @@ def ratio_rows(name: str, result: dict[str, Any]) -> list[tuple[str, str, str, s
         reason = result.get("error") or "; ".join(result.get("notes", []))
         return [(name, result.get("status", "?"), "-", reason.splitlines()[0][:70] if reason else "")]
     rows = []
-    for figure, entry in (result.get("ratios") or {}).items():
+    for figure, entry in (result.get("ratios") or found_ratios(result)).items():
         if isinstance(entry, dict):
             value, goal, met = entry.get("value"), entry.get("goal", ""), entry.get("met")
         else:
@@ -71,6 +71,20 @@ def ratio_rows(name: str, result: dict[str, Any]) -> list[tuple[str, str, str, s
         verdict = "" if met is None else ("met" if met else "MISSED")
         rows.append((name, figure, shown, f"{goal} {verdict}".strip()))
     return rows or [(name, "(no ratios reported)", "-", "")]
+
+
+def found_ratios(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """For a result without a "ratios" entry: every numeric field whose name contains "ratio", found recursively
+    (list items are named by their index), so a benchmark that records ratios its own way still shows them."""
+    found: dict[str, Any] = {}
+    items = result.items() if isinstance(result, dict) else enumerate(result)
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, (dict, list)) and key != "goals":
+            found.update(found_ratios(value, name + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and "ratio" in str(key):
+            found[name] = value
+    return found
 
 
 def format_table(rows: list[tuple[str, str, str, str]]) -> str:

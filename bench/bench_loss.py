@@ -2,7 +2,9 @@
 
     python -m bench.bench_loss [--quick] [--device cpu|cuda] [--chunks 256,512,1024]
 
-Goals: peak-memory ratio (fused / naive) <= 0.10, time ratio <= 1.2, both measured in the same run.
+Goals: peak-memory ratio (fused / naive) <= 0.10, time ratio <= 1.2, both measured in the same run, at N = 8192.
+--quick (N = 1024) only checks that everything runs: the fused kernel's fixed [V, H] fp32 grad_weight buffer is
+then a large share of its peak, so its memory ratio (~0.14) says little about N = 8192 (~0.02).
 Time: the best of the timed steps after a warm-up; wall clock on cuda, process CPU time on cpu (the CPU is often
 shared, and CPU time of all threads measures the work regardless of what else runs).
 Memory counts only what the loss adds on top of its inputs (hidden, weight, targets are allocated first):
@@ -143,7 +145,17 @@ def run(quick: bool, device: str, chunks: list[int] | None = None, dtype: str = 
                 case["time_ratio"] = fused["seconds"] / naive["seconds"]
                 case["memory_ratio"] = fused["peak_mib"] / max(naive["peak_mib"], 1e-9)
             cases.append(case)
-    return {"device": device, "dtype": dtype, "cases": cases, "goals": {"memory_ratio": MEMORY_GOAL, "time": TIME_GOAL}}
+    ratios = {}  # the shape `python -m bench` tabulates: {figure: {value, goal, met}}
+    for case in cases:
+        if "skipped" not in case:
+            tag = f"N={case['n']} V={case['vocab']} chunk={case['chunk']}"
+            mem, tim = case["memory_ratio"], case["time_ratio"]
+            # The memory goal is stated at N = 8192; at --quick's N = 1024 the fixed [V, H] buffer dominates.
+            met = mem <= MEMORY_GOAL if case["n"] >= 8192 else None
+            ratios[f"memory {tag}"] = {"value": mem, "goal": f"<= {MEMORY_GOAL} at N=8192", "met": met}
+            ratios[f"time {tag}"] = {"value": tim, "goal": f"<= {TIME_GOAL}", "met": tim <= TIME_GOAL}
+    goals = {"memory_ratio": MEMORY_GOAL, "time": TIME_GOAL}
+    return {"device": device, "dtype": dtype, "cases": cases, "ratios": ratios, "goals": goals}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,10 +137,12 @@ def tiny_assets(root: Path, *, vocab: int = 512, teacher_hidden: int = 64, stude
         train_bpe_tokenizer,
     )
 
+    # One folder per size, so benchmarks asking for different sizes under the same root never overwrite each other.
+    root = root / f"v{vocab}-t{teacher_hidden}-s{student_hidden}-d{docs}"
     root.mkdir(parents=True, exist_ok=True)
     paths = {name: root / name for name in ("tokenizer", "teacher", "student")}
     paths["text"] = root / "docs.txt"
-    marker = root / f"ready-v{vocab}-{teacher_hidden}-{student_hidden}-{docs}"
+    marker = root / "ready"
     if marker.exists():
         return paths
     corpus = stdlib_docstrings(max_docs=docs)

@@ -22,6 +22,7 @@ class DemoSettings:
     max_docs: int | None = None  # documents read (None = all stdlib docstrings of >= min_chars)
     min_chars: int = 100
     vocab_size: int = 2048
+    student_vocab_size: int = 0  # 0: the student shares the teacher's tokenizer; N: its own N-token tokenizer
     max_length: int = 128
     teacher_hidden: int = 192
     teacher_layers: int = 4

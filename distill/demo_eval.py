@@ -49,21 +49,26 @@ def evaluate_model(model: torch.nn.Module, windows: torch.Tensor, batch_size: in
     return total_nll / total_tokens, torch.cat(preds)
 
 
-def evaluate_models(model_dirs: dict[str, Path], windows: torch.Tensor) -> dict[str, Any]:
-    """Held-out loss, perplexity and, for every model, the fraction of positions where its argmax equals the
-    teacher's ("teacher" must be one of the models). windows: [W, L] token ids (shared tokenizer)."""
+def evaluate_models(models: dict[str, tuple[Path, torch.Tensor]]) -> dict[str, Any]:
+    """Held-out loss (nats/token), perplexity and top-1 agreement with the teacher for each (model dir, windows
+    [W, L]) pair; "teacher" must be one of them. Agreement is only defined where a model reads the teacher's very
+    windows (same tokenizer); elsewhere it is None. Loss is per token of each model's own tokenizer."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one status line per stage: no weight-loading bars between them
     results: dict[str, Any] = {}
     argmax: dict[str, torch.Tensor] = {}
-    for name, path in model_dirs.items():
+    for name, (path, windows) in models.items():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         loss, argmax[name] = evaluate_model(model, windows)
         results[name] = {"val_loss": loss, "perplexity": math.exp(loss), "eval_tokens": argmax[name].numel(),
                          "params": sum(p.numel() for p in model.parameters())}
         del model
-    for name, preds in argmax.items():
-        results[name]["top1_agreement"] = float((preds == argmax["teacher"]).float().mean())
+    teacher_windows = models["teacher"][1]
+    for name, (_, windows) in models.items():
+        same = windows.shape == teacher_windows.shape and bool((windows == teacher_windows).all())
+        results[name]["top1_agreement"] = float((argmax[name] == argmax["teacher"]).float().mean()) if same else None
     return results
 
 
@@ -85,6 +90,10 @@ def cache_bytes_per_token(cache_dir: Path) -> float:
     return sum(s.bytes for s in manifest.shards) / max(manifest.num_tokens, 1)
 
 
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def write_report(out_dir: Path, metrics: dict[str, Any], info: dict[str, Any]) -> Path:
     """report.md (table + verdict + how to see the curves) and report.json (same numbers, machine-readable)."""
     kd, lm = metrics["kd_student"]["val_loss"], metrics["lm_student"]["val_loss"]
@@ -97,7 +106,9 @@ def write_report(out_dir: Path, metrics: dict[str, Any], info: dict[str, Any]) -
         "",
         f"Text: {info['text_source']} ({info['train_docs']} training documents, {info['eval_docs']} held out; "
         f"{info['eval_tokens']} held-out tokens evaluated). Total wall time {info['total_s']:.0f} s on "
-        f"{info['cpu_count']} CPU core(s).",
+        f"{info['cpu_count']} CPU core(s). Tokenizers: {info['tokenizers']}"
+        + (" (each loss is per token of the model's own tokenizer: compare the students with each other)."
+           if "cross" in info["tokenizers"] else "."),
         "",
         "| model | params | val loss | perplexity | top-1 agreement with teacher | train tokens/s |",
         "|---|---:|---:|---:|---:|---:|",
@@ -106,7 +117,7 @@ def write_report(out_dir: Path, metrics: dict[str, Any], info: dict[str, Any]) -
         m = metrics[key]
         tps = info["tokens_per_s"].get(key)
         lines.append(f"| {label} | {m['params']:,} | {m['val_loss']:.4f} | {m['perplexity']:.2f} | "
-                     f"{m['top1_agreement']:.3f} | {f'{tps:,.0f}' if tps else '-'} |")
+                     f"{_fmt(m['top1_agreement'], '.3f')} | {_fmt(tps, ',.0f')} |")
     verdict = "beats" if gain > 0 else "does NOT beat"
     lines += [
         "",

@@ -47,17 +47,25 @@ def run_pipeline(args: argparse.Namespace, s: DemoSettings) -> Path:
     status(1, TOTAL, "text", f"{len(train_docs)} training / {len(eval_docs)} held-out documents from {source} "
            f"({sum(map(len, train_docs)) / 1e6:.2f} MB train)")
 
-    # 2. tokenizer (one shared tokenizer: the student must read the cache's token ids on the direct path)
+    # 2. tokenizers. Shared by default (the direct path); --student-vocab-size N trains a different, smaller student
+    # tokenizer (other pre-tokenisation too) and the students then learn through the cross-tokenizer path.
     t0 = time.perf_counter()
     tok_dir = demo_data.train_tokenizer(train_docs, s.vocab_size, out / "tokenizer")
+    student_tok_dir = tok_dir
+    if s.student_vocab_size:
+        student_tok_dir = demo_data.train_tokenizer(train_docs, s.student_vocab_size, out / "student_tokenizer",
+                                                    split_digits=True)
     from transformers import AutoTokenizer
 
     vocab = len(AutoTokenizer.from_pretrained(tok_dir))
+    student_vocab = len(AutoTokenizer.from_pretrained(student_tok_dir))
     teacher_cfg, student_cfg = demo_data.write_model_configs(
-        out / "configs", vocab, vocab, teacher_hidden=s.teacher_hidden, teacher_layers=s.teacher_layers,
+        out / "configs", vocab, student_vocab, teacher_hidden=s.teacher_hidden, teacher_layers=s.teacher_layers,
         student_hidden=s.student_hidden, student_layers=s.student_layers, max_length=s.max_length)
     seconds["tokenizer"] = time.perf_counter() - t0
-    status(2, TOTAL, "tokenizer", f"byte-level BPE, {vocab} tokens -> {tok_dir} ({seconds['tokenizer']:.1f} s)")
+    detail = f"byte-level BPE, {vocab} tokens" + (f"; student {student_vocab} tokens" if s.student_vocab_size
+                                                  else " (shared by teacher and student)")
+    status(2, TOTAL, "tokenizer", f"{detail} ({seconds['tokenizer']:.1f} s)")
 
     # 3. teacher, LM-only, with the project's trainer
     teacher_out = out / "teacher"
@@ -87,7 +95,7 @@ def run_pipeline(args: argparse.Namespace, s: DemoSettings) -> Path:
     students = {"kd_student": s.kd_weight, "lm_student": 0.0}
     for index, (name, kd_weight) in enumerate(students.items(), start=5):
         cmd = [*accelerate_cmd(), "-m", "distill.train", "--student_config", str(student_cfg), "--tokenizer",
-               str(tok_dir), "--cache", str(cache_dir), "--eval_cache", str(eval_cache_dir),
+               str(student_tok_dir), "--cache", str(cache_dir), "--eval_cache", str(eval_cache_dir),
                "--max_eval_sequences", str(s.eval_windows), "--eval_strategy", "steps",
                "--eval_steps", str(max(1, s.student_steps // 4)), "--ce_weight", str(s.ce_weight),
                "--kd_weight", str(kd_weight), "--temperature", str(s.temperature),
@@ -99,14 +107,19 @@ def run_pipeline(args: argparse.Namespace, s: DemoSettings) -> Path:
     # 7. evaluation + report
     t0 = time.perf_counter()
     windows = demo_eval.held_out_windows(tok_dir, eval_file, s.max_length, s.eval_windows)
-    models = {"teacher": teacher_dir, "kd_student": out / "kd_student" / "student",
-              "lm_student": out / "lm_student" / "student"}
-    metrics = demo_eval.evaluate_models(models, windows)
+    student_windows = windows
+    if s.student_vocab_size:
+        student_windows = demo_eval.held_out_windows(student_tok_dir, eval_file, s.max_length, s.eval_windows)
+    models = {"teacher": (teacher_dir, windows), "kd_student": (out / "kd_student" / "student", student_windows),
+              "lm_student": (out / "lm_student" / "student", student_windows)}
+    metrics = demo_eval.evaluate_models(models)
     seconds["evaluate"] = time.perf_counter() - t0
     from cache_tools.schema import load_manifest
 
     manifest = load_manifest(cache_dir)
     info = {
+        "tokenizers": (f"teacher {vocab} tokens, student {student_vocab} tokens (cross-tokenizer path)"
+                       if s.student_vocab_size else f"one {vocab}-token tokenizer shared by teacher and students"),
         "text_source": source, "train_docs": len(train_docs), "eval_docs": len(eval_docs),
         "eval_tokens": metrics["teacher"]["eval_tokens"], "cpu_count": os.cpu_count(),
         # The trainer's own throughput (median of its logged tokens/s), so process start-up is not counted.

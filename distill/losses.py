@@ -29,9 +29,10 @@ from distill.losses_fused import IGNORE_INDEX, KD_KINDS, FusedCEKD, bucket_kd, t
 
 __all__ = ["IGNORE_INDEX", "KDConfig", "CEKDOutput", "fused_ce_kd_loss", "naive_ce_kd_loss"]
 
-# Measured with `python -m bench.bench_loss` (see docs/RESULTS.md / the bench report): 256-1024 rows are within a
-# few percent of each other in time; smaller chunks keep the [C, V] buffers small for 150k vocabularies.
-DEFAULT_CHUNK_SIZE = 512
+# From `python -m bench.bench_loss --chunks 256,512,1024` (CPU, fp32, N=8192, H=576, K=256): time per step is flat
+# across 256-1024 rows (10.1-10.8 s at V=49,152; 33-37 s at V=151,936) while peak memory grows with the chunk
+# (183 / 236 / 367 MiB at V=49,152; 514 / 662 / 974 MiB at V=151,936), so the smallest measured chunk wins.
+DEFAULT_CHUNK_SIZE = 256
 
 
 @dataclass
@@ -84,6 +85,8 @@ def _check_inputs(hidden, weight, labels, topk_ids, topk_logprobs, tail_logprob,
         raise ValueError(f"kd_mask has dtype {kd_mask.dtype}; pass a bool tensor")
     if n and (int(topk_ids.max()) >= v or int(labels.max()) >= v):
         raise ValueError(f"topk_ids/labels hold ids >= V={v} (the LM-head rows); map teacher ids to student ids first")
+    if n and bool(((labels < 0) & (labels != IGNORE_INDEX)).any()):
+        raise ValueError(f"labels hold negative ids other than IGNORE_INDEX={IGNORE_INDEX}; mark missing ones with it")
 
 
 def _scale(weight: float, denominator, count: int, device: torch.device) -> torch.Tensor:

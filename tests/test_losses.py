@@ -206,6 +206,8 @@ def test_bad_inputs_raise_one_line_errors():
         fused_ce_kd_loss(hidden, weight, labels, bad, logprobs, tail, kd_mask)
     with pytest.raises(ValueError, match="kind"):
         fused_ce_kd_loss(hidden, weight, labels, ids, logprobs, tail, kd_mask, config=KDConfig(kind="kl"))
+    with pytest.raises(ValueError, match="IGNORE_INDEX"):
+        fused_ce_kd_loss(hidden, weight, labels.clamp(min=0) - 1, ids, logprobs, tail, kd_mask)
     with pytest.raises(ValueError, match="tail_logprob"):
         fused_ce_kd_loss(hidden, weight, labels, ids, logprobs, tail[:-1], kd_mask)
 
@@ -219,3 +221,13 @@ def test_int32_ids_and_empty_batch():
     out = fused_ce_kd_loss(empty, weight, labels[:0], ids[:0], logprobs[:0], tail[:0], kd_mask[:0])
     out.loss.backward()
     assert out.loss.item() == 0.0 and (out.n_ce, out.n_kd) == (0, 0) and empty.grad.shape == (0, H)
+
+
+def test_frozen_head_gets_no_gradient_and_hidden_grads_unchanged():
+    hidden, weight, *targets = _sparse_batch(10)
+    cfg = KDConfig(kind="reverse_kl", chunk_size=3)
+    _, full_h, _ = _grads(fused_ce_kd_loss, hidden, weight, *targets, config=cfg)
+    hidden = hidden.clone().requires_grad_(True)
+    fused_ce_kd_loss(hidden, weight, *targets, config=cfg).loss.backward()  # weight.requires_grad is False
+    torch.testing.assert_close(hidden.grad, full_h)
+    assert weight.grad is None
