@@ -106,18 +106,20 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    """Write the results JSON via a temp file + rename (readers never see half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(record), indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     apply_offline_env()
     device = resolve_device(args.device)
     names = args.only or list(BENCHMARKS)
     results: dict[str, Any] = {}
-    for name in names:
-        print(f"[bench] {name} ...", flush=True)
-        results[name] = run_one(name, args.quick, device)
-        print(f"[bench] {name}: {results[name]['status']} ({results[name].get('wall_s', 0)} s)", flush=True)
-    rows = [row for name in names for row in ratio_rows(name, results[name])]
-    print(format_table(rows))
     record = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
@@ -126,10 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "benchmarks": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(record), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(args.out)
+    for name in names:
+        print(f"[bench] {name} ...", flush=True)
+        results[name] = run_one(name, args.quick, device)
+        print(f"[bench] {name}: {results[name]['status']} ({results[name].get('wall_s', 0)} s)", flush=True)
+        write_record(args.out, record)  # after every benchmark: a long or interrupted run keeps what it measured
+    rows = [row for name in names for row in ratio_rows(name, results[name])]
+    print(format_table(rows))
     print(f"[bench] wrote {args.out}")
     return 1 if any(r["status"] == "error" for r in results.values()) else 0
 

@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     for needed in (teacher_dir / "config.json", student_cfg, demo / "data" / "train.jsonl"):
         if not needed.is_file():
             raise SystemExit(f"--demo-dir {demo}: {needed} missing; run `python -m distill.demo --out {demo}` first")
+    if (demo / "student_tokenizer").exists():
+        raise SystemExit(f"--demo-dir {demo}: made with --student-vocab-size (two tokenizers); the ablation compares "
+                         "losses on the teacher's tokens, so run it on a demo with the shared tokenizer")
     max_length = json.loads((demo / "report.json").read_text())["info"]["settings"]["max_length"]
     cache = WORK_ROOT / "ablation_cache_k256"
     build_cache(teacher_dir, demo / "data" / "train.jsonl", cache, top_k=256, max_length=max_length,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 from typing import Any
 
 import torch
@@ -120,14 +121,17 @@ def run(quick: bool, device: str) -> dict[str, Any]:
                          targets["tail_logprob"], kd_mask, config=kd_config).loss.backward()
 
     iters = shape["iters"]
-    times = {}
-    # Interleave by repeating the measurement rounds so a neighbour's CPU load hits every variant alike.
-    rounds = 1 if quick else 2
-    for _ in range(rounds):
-        for name, fn in (("lm_only", lm_step), ("cached_kd", cached_step),
-                         ("online_kd", lambda: online(input_ids, labels)), ("teacher_forward", teacher_forward)):
-            t = time_fn(fn, device, warmup=1, iters=iters)["median_s"]
-            times[name] = min(times.get(name, float("inf")), t)
+    # Round-robin: iteration i of every variant runs back to back, so a neighbour's CPU burst hits all variants
+    # alike; the per-variant median then discards the bursts.
+    variants = {"lm_only": lm_step, "cached_kd": cached_step, "online_kd": lambda: online(input_ids, labels),
+                "teacher_forward": teacher_forward}
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for fn in variants.values():
+        fn()  # warm-up
+    for _ in range(iters if quick else 2 * iters):
+        for name, fn in variants.items():
+            samples[name].append(time_fn(fn, device, warmup=0, iters=1)["median_s"])
+    times = {name: statistics.median(values) for name, values in samples.items()}
     times["online_fwd_only"] = time_fn(online_loss_only, device, warmup=1, iters=iters)["median_s"]
     times["lm_head_loss_fwd_bwd"] = time_fn(lm_head_loss, device, warmup=1, iters=iters)["median_s"]
     times["cached_head_loss_fwd_bwd"] = time_fn(cached_head_loss, device, warmup=1, iters=iters)["median_s"]

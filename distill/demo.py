@@ -4,7 +4,8 @@ same student trained without the teacher.
 
 Stages (one status line each; every subprocess's output goes to OUT/logs/<stage>.log):
   1. text: stdlib docstrings (or yours), every 20th document held out for evaluation
-  2. tokenizer: byte-level BPE trained locally on the training documents
+  2. tokenizer: byte-level BPE trained locally on the training documents (shared by teacher and student; with
+     --student-vocab-size N the student gets its own, smaller tokenizer and learns through the cross-tokenizer path)
   3. teacher: a few-million-parameter Qwen3-MoE pretrained LM-only by `python -m distill.train --dataset ...`
   4. cache: `cache_tools build-cache` with that teacher (training text, and the held-out text for eval curves)
   5. KD student: `accelerate launch --config_file launch/accelerate/cpu.yaml -m distill.train --cache ...`
