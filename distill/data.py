@@ -1,6 +1,6 @@
 """Datasets and collator: teacher-cache sequences (distillation) or packed plain text (LM-only) -> padded batches.
 
-Per-example dict (see docs/CONTRIBUTING_NOTES.md): input_ids [n] int64, topk_ids [n, K] int64 (student ids, -1 =
+Per-example dict (see docs/ARCHITECTURE.md): input_ids [n] int64, topk_ids [n, K] int64 (student ids, -1 =
 empty slot), topk_logprobs [n, K] float32, tail_logprob [n] float32, kd_mask [n] bool, pooled_hidden [P, H] float32.
 LM-only examples carry input_ids alone; the collator then emits no teacher keys and the model trains with CE only.
 

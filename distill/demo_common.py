@@ -22,11 +22,11 @@ class DemoSettings:
     max_docs: int | None = None  # documents read (None = all stdlib docstrings of >= min_chars)
     min_chars: int = 100
     vocab_size: int = 2048
-    student_vocab_size: int = 0  # 0: the student shares the teacher's tokenizer; N: its own N-token tokenizer
+    student_vocab_size: int = 1024  # N: the student has its own N-token tokenizer (cross-tokenizer); 0: shared
     max_length: int = 128
     teacher_hidden: int = 192
     teacher_layers: int = 4
-    teacher_steps: int = 500
+    teacher_steps: int = 1000
     teacher_lr: float = 3e-3
     student_hidden: int = 64
     student_layers: int = 2
@@ -37,13 +37,13 @@ class DemoSettings:
     compression: str = "lzf"
     kd_weight: float = 1.0
     ce_weight: float = 1.0
-    temperature: float = 1.0
+    temperature: float = 2.0
     eval_windows: int = 64
     seed: int = 0
 
 
-QUICK = dict(max_docs=240, min_chars=200, vocab_size=512, max_length=64, teacher_hidden=64, teacher_layers=2,
-             teacher_steps=30, student_hidden=32, student_steps=20, batch_size=8, eval_windows=8)
+QUICK = dict(max_docs=240, min_chars=200, vocab_size=512, student_vocab_size=384, max_length=64, teacher_hidden=64,
+             teacher_layers=2, teacher_steps=30, student_hidden=32, student_steps=20, batch_size=8, eval_windows=8)
 
 
 class DemoError(RuntimeError):

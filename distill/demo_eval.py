@@ -72,17 +72,28 @@ def evaluate_models(models: dict[str, tuple[Path, torch.Tensor]]) -> dict[str, A
     return results
 
 
-def logged_tokens_per_s(run_dir: Path) -> float | None:
-    """Median of the trainer's `train/tokens_per_second` TensorBoard scalar (None when the run logged none)."""
-    import statistics
-
+def _logged(run_dir: Path, tag: str) -> list[float]:
+    """Every value of a TensorBoard scalar `tag` logged under `run_dir` (empty when the run logged none)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
-    if "train/tokens_per_second" not in acc.Tags().get("scalars", []):
-        return None
-    return statistics.median(e.value for e in acc.Scalars("train/tokens_per_second"))
+    return [e.value for e in acc.Scalars(tag)] if tag in acc.Tags().get("scalars", []) else []
+
+
+def logged_tokens_per_s(run_dir: Path) -> float | None:
+    """Median of the trainer's `train/tokens_per_second` TensorBoard scalar (None when the run logged none)."""
+    import statistics
+
+    values = _logged(run_dir, "train/tokens_per_second")
+    return statistics.median(values) if values else None
+
+
+def logged_eval_top1(run_dir: Path) -> float | None:
+    """The trainer's last `eval/top1_agreement`: on the held-out cache, at the positions aligned with the teacher,
+    in student ids. The one agreement figure defined when student and teacher tokenize differently."""
+    values = _logged(run_dir, "eval/top1_agreement")
+    return values[-1] if values else None
 
 
 def cache_bytes_per_token(cache_dir: Path) -> float:
@@ -107,8 +118,9 @@ def write_report(out_dir: Path, metrics: dict[str, Any], info: dict[str, Any]) -
         f"Text: {info['text_source']} ({info['train_docs']} training documents, {info['eval_docs']} held out; "
         f"{info['eval_tokens']} held-out tokens evaluated). Total wall time {info['total_s']:.0f} s on "
         f"{info['cpu_count']} CPU core(s). Tokenizers: {info['tokenizers']}"
-        + (" (each loss is per token of the model's own tokenizer: compare the students with each other)."
-           if "cross" in info["tokenizers"] else "."),
+        + (" (each loss is per token of the model's own tokenizer: compare the students with each other; the "
+           "students' top-1 agreement is the trainer's evaluation on the held-out cache, at positions aligned with "
+           "the teacher)." if "cross" in info["tokenizers"] else "."),
         "",
         "| model | params | val loss | perplexity | top-1 agreement with teacher | train tokens/s |",
         "|---|---:|---:|---:|---:|---:|",

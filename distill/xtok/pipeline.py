@@ -57,7 +57,7 @@ def load_teacher_tokenizer(cache_dir: str | os.PathLike, manifest: schema.CacheM
 
 
 class CrossTokenizerTargets:
-    """Callable `CachedSequence -> per-example dict` (see docs/CONTRIBUTING_NOTES.md) plus "stats".
+    """Callable `CachedSequence -> per-example dict` (see docs/ARCHITECTURE.md) plus "stats".
 
     Args:
         reader_or_manifest: a TeacherCacheReader (its cache_dir is used) or a CacheManifest (pass cache_dir).
