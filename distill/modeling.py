@@ -121,14 +121,19 @@ class DistillModel(nn.Module):
         kd_mask: torch.Tensor | None = None,
         pooled_hidden: torch.Tensor | None = None,
         loss_weights: dict[str, float] | None = None,
+        ce_denominator: torch.Tensor | None = None,
+        kd_denominator: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Shapes: input_ids/attention_mask/labels [B, L]; topk_* [B, L, K]; tail_logprob/kd_mask [B, L];
         pooled_hidden [B, P, H_teacher]. Without teacher keys (LM-only) only CE is computed.
 
-        Returns {"loss": differentiable weighted total, "ce", "kd", "feature", "contrastive": raw detached losses,
-        "n_ce", "n_kd", "n_aux": row / sequence counts (0 = not computed), "top1_agree", "covered_mass"} (all
-        0-dim tensors). In training, a KD weight of 0 skips KD entirely (n_kd = 0); the aux losses are computed
-        only when their weight is non-zero."""
+        ce_denominator / kd_denominator: divide the summed CE / KD by these (global counts over gradient
+        accumulation and ranks, from the trainer) instead of this micro-batch's own counts.
+
+        Returns {"loss": differentiable weighted total, "cekd_loss" / "aux_loss": its two parts, "ce", "kd",
+        "feature", "contrastive": raw detached losses, "n_ce", "n_kd", "n_aux": row / sequence counts (0 = not
+        computed), "top1_agree", "covered_mass"} (all 0-dim tensors). In training, a KD weight of 0 skips KD entirely
+        (n_kd = 0); the aux losses are computed only when their weight is non-zero."""
         weights = {name: 1.0 if name == "ce" else 0.0 for name in COMPONENTS}
         weights.update(loss_weights or {})
         no_autocast = contextlib.nullcontext() if self.training else torch.autocast(input_ids.device.type,
@@ -152,18 +157,19 @@ class DistillModel(nn.Module):
                 hidden.reshape(-1, H), self.head_weight(), flat_labels,
                 topk_ids.reshape(-1, K), topk_logprobs.reshape(-1, K).float(), tail_logprob.reshape(-1).float(),
                 kd_mask.reshape(-1), ce_weight=float(weights["ce"]), kd_weight=float(weights["kd"]),
-                config=self.kd_config,
+                config=self.kd_config, ce_denominator=ce_denominator, kd_denominator=kd_denominator,
             )
-            total = cekd.loss
-            zero = total.new_zeros(())
+            zero = cekd.loss.new_zeros(())
+            aux_total = zero
             feature, contrastive, n_aux = zero, zero, 0
             wants_aux = bool(weights["feature"] or weights["contrastive"])
             if self.projection is not None and pooled_hidden is not None and wants_aux:
                 feature_t, contrastive_t = self._aux_losses(pooled, pooled_hidden)
-                total = total + weights["feature"] * feature_t + weights["contrastive"] * contrastive_t
+                aux_total = weights["feature"] * feature_t + weights["contrastive"] * contrastive_t
                 feature, contrastive, n_aux = feature_t.detach(), contrastive_t.detach(), int(input_ids.shape[0])
+        total = cekd.loss + aux_total
         return {
-            "loss": total,
+            "loss": total, "cekd_loss": cekd.loss, "aux_loss": aux_total,
             "ce": cekd.ce, "kd": cekd.kd, "feature": feature, "contrastive": contrastive,
             "n_ce": torch.tensor(cekd.n_ce, device=total.device),
             "n_kd": torch.tensor(cekd.n_kd, device=total.device),

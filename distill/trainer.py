@@ -4,9 +4,12 @@ The model is a `distill.modeling.DistillModel`, which computes every loss inside
 why); this class feeds it the scheduled weights, keeps per-component running metrics for logging, skips non-finite
 steps, and adds KD metrics to evaluation.
 
-Loss normalisation: every component is a mean over this micro-batch's rows (tokens for CE/KD, sequences for the aux
-losses); the Trainer divides by gradient_accumulation_steps and DDP/DeepSpeed average over ranks. With equal-length
-windows (the cache's packed windows) this equals the mean over the global batch, so N ranks x B equals 1 rank x N*B.
+Loss normalisation: CE and KD are means over the GLOBAL batch of one optimizer step: `_get_num_items_in_batch`
+counts label tokens and KD rows over all gradient-accumulation micro-batches and all data-parallel ranks, and each
+micro-batch's summed CE/KD is divided by those counts (times the world size, which DDP/DeepSpeed's gradient averaging
+divides back out). So windows of different lengths (cross-tokenizer batches) weigh every token equally, and N ranks x
+B equals 1 rank x N*B. The auxiliary losses are per-sequence means of each micro-batch, divided by the accumulation
+steps.
 """
 
 from __future__ import annotations
@@ -22,9 +25,15 @@ from transformers.trainer_utils import EvalLoopOutput
 
 from distill.config import LOSS_COMPONENTS
 from distill.data import XTOK_STATS
+from distill.losses import IGNORE_INDEX
 from distill.metrics import MetricAccumulator, scheduled_weights
 
 RAW_KEYS = ("ce", "kd", "feature", "contrastive")
+
+
+def _data_parallel_world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,8 +82,11 @@ class DistillTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         self._add_xtok_stats(inputs.pop(XTOK_STATS, None))
         weights = self.current_loss_weights()
+        counts = num_items_in_batch if torch.is_tensor(num_items_in_batch) and num_items_in_batch.numel() == 2 else None
+        denominators = {} if counts is None else {"ce_denominator": counts[0].clamp_min(1.0),
+                                                  "kd_denominator": counts[1].clamp_min(1.0)}
         with self.compute_loss_context_manager():
-            outputs = model(**inputs, loss_weights=weights)
+            outputs = model(**inputs, loss_weights=weights, **denominators)
         loss = outputs["loss"]
         if not self._all_ranks_finite(loss):
             self._record_nonfinite()
@@ -82,12 +94,31 @@ class DistillTrainer(Trainer):
         self.nonfinite_in_a_row = 0
         self._train_metrics.add_train(outputs, weights)
         self._tokens_since_log += float(inputs["attention_mask"].sum())
-        loss = loss / self.current_gradient_accumulation_steps
+        if counts is None:
+            loss = loss / self.current_gradient_accumulation_steps
+        else:  # CE/KD already divided by global counts; undo the ranks' gradient averaging
+            loss = outputs["cekd_loss"] * _data_parallel_world_size() + outputs["aux_loss"] / (
+                self.current_gradient_accumulation_steps)
         kwargs = {}
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             kwargs["scale_wrt_gas"] = False  # already divided above
         self.accelerator.backward(loss, **kwargs)
         return loss.detach()
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """[label tokens, KD rows] of one optimizer step: summed over its gradient-accumulation micro-batches and over
+        the data-parallel ranks (read from torch.distributed: some launchers leave the Accelerator's count at 1)."""
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        counts = torch.zeros(2, dtype=torch.float64)
+        for batch in batch_samples:
+            counts[0] += float((batch["labels"] != IGNORE_INDEX).sum())
+            if "kd_mask" in batch:
+                counts[1] += float((batch["kd_mask"].bool() & (batch["topk_ids"] >= 0).any(-1)).sum())
+        counts = counts.to(device)
+        if _data_parallel_world_size() > 1:
+            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
+        return counts.float()
 
     def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
         flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)

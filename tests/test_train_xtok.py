@@ -54,3 +54,30 @@ def test_tail_rule_selectable(tmp_path, real_cache, other_student):
             "--save_strategy", "no", "--xtok_rule", "tail"]
     assert main(argv) == 0
     assert len(list((real_cache / "vocab_maps").glob("*-tail.npz"))) == 1
+
+
+def _final_weights_and_losses(tmp_path, real_cache, other_student, name, batch, accumulation):
+    from distill.config import parse_config, validate
+    from distill.train import build_trainer
+
+    argv = ["--student", str(other_student), "--cache", str(real_cache), "--output_dir", str(tmp_path / name),
+            "--use_cpu", "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps",
+            str(accumulation), "--max_steps", "2", "--logging_steps", "1", "--report_to", "none", "--disable_tqdm",
+            "true", "--save_strategy", "no", "--learning_rate", "1e-2", "--seed", "0"]
+    cfg = parse_config(argv)
+    validate(cfg)
+    built = build_trainer(cfg)
+    built.trainer.train()
+    losses = [h["loss"] for h in built.trainer.state.log_history if "loss" in h]
+    params = {k: v.detach().clone() for k, v in built.model.student.state_dict().items()}
+    return losses, params
+
+
+def test_gradient_accumulation_weighs_every_token_equally(tmp_path, real_cache, other_student):
+    """Student windows differ in length on the cross-tokenizer path: per-micro-batch means would weigh a short
+    window's tokens more. With global normalisers, 1 x 4 sequences and 2 x 2 (accumulated) give the same step."""
+    losses_a, params_a = _final_weights_and_losses(tmp_path, real_cache, other_student, "a", 4, 1)
+    losses_b, params_b = _final_weights_and_losses(tmp_path, real_cache, other_student, "b", 2, 2)
+    assert losses_a == pytest.approx(losses_b, rel=1e-5, abs=1e-6)
+    worst = max(float((params_a[k] - params_b[k]).abs().max()) for k in params_a)
+    assert worst < 1e-5, worst
