@@ -114,15 +114,27 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def previous_results(path: Path, quick: bool, device: str) -> dict[str, Any]:
+    """Benchmarks recorded in `path` by an earlier run with the same --quick on the same kind of device."""
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    same = previous.get("quick") == quick and previous.get("device", {}).get("device") == device_info(device)["device"]
+    return dict(previous.get("benchmarks", {})) if same else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     apply_offline_env()
     device = resolve_device(args.device)
     names = args.only or list(BENCHMARKS)
-    results: dict[str, Any] = {}
+    command = " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])])
+    # --only re-measures some benchmarks and keeps the record of the others (same --quick, same device kind).
+    results: dict[str, Any] = previous_results(args.out, args.quick, device) if args.only else {}
     record = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command,
         "quick": args.quick,
         "device": device_info(device),
         "versions": versions(),
@@ -131,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"[bench] {name} ...", flush=True)
         results[name] = run_one(name, args.quick, device)
+        results[name]["measured_by"] = f"{command} at {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
         print(f"[bench] {name}: {results[name]['status']} ({results[name].get('wall_s', 0)} s)", flush=True)
         write_record(args.out, record)  # after every benchmark: a long or interrupted run keeps what it measured
     rows = [row for name in names for row in ratio_rows(name, results[name])]

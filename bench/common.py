@@ -122,7 +122,7 @@ def run_cli(args: list[str], *, log_path: Path | None = None, env: dict[str, str
 
 
 def tiny_assets(root: Path, *, vocab: int = 512, teacher_hidden: int = 64, student_hidden: int = 48,
-                docs: int = 300) -> dict[str, Path]:
+                docs: int = 300, teacher_layers: int = 2) -> dict[str, Path]:
     """Tokenizer, text file, random tiny Qwen3-MoE teacher and Llama student under `root` (built once, reused).
 
     Returns {"tokenizer", "text", "teacher", "student"} paths. Timing benchmarks do not need trained weights: the
@@ -138,7 +138,7 @@ def tiny_assets(root: Path, *, vocab: int = 512, teacher_hidden: int = 64, stude
     )
 
     # One folder per size, so benchmarks asking for different sizes under the same root never overwrite each other.
-    root = root / f"v{vocab}-t{teacher_hidden}-s{student_hidden}-d{docs}"
+    root = root / f"v{vocab}-t{teacher_hidden}x{teacher_layers}-s{student_hidden}-d{docs}"
     root.mkdir(parents=True, exist_ok=True)
     paths = {name: root / name for name in ("tokenizer", "teacher", "student")}
     paths["text"] = root / "docs.txt"
@@ -150,7 +150,8 @@ def tiny_assets(root: Path, *, vocab: int = 512, teacher_hidden: int = 64, stude
     tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
     # One document per line: the `.txt` loader reads lines as documents.
     paths["text"].write_text("\n".join(d.replace("\n", " ") for d in corpus) + "\n", encoding="utf-8")
-    save_random_model(tiny_qwen3_moe_config(len(tok), hidden_size=teacher_hidden), paths["teacher"], tok, seed=0)
+    save_random_model(tiny_qwen3_moe_config(len(tok), hidden_size=teacher_hidden, layers=teacher_layers),
+                      paths["teacher"], tok, seed=0)
     save_random_model(tiny_llama_config(len(tok), hidden_size=student_hidden), paths["student"], tok, seed=1)
     marker.touch()
     return paths
