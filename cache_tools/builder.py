@@ -2,7 +2,8 @@
 
 Global window i goes to shard i // shard_size and rank r builds the shards with index % world_size == r. Every rank
 tokenises the whole dataset (cheap next to the teacher) so window numbering needs no communication, and batches never
-cross a shard, so a shard's bytes do not depend on the world size or on what was resumed."""
+cross a shard, so a shard's bytes do not depend on the world size or on what was resumed (the batch size, which
+decides each batch's padding, is part of the settings a resume must match)."""
 
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ def _manifest(opts: BuildOptions, loaded: teacher.LoadedTeacher, pool_layers: li
                  "max_samples": opts.max_samples, "streaming": opts.streaming,
                  "fingerprint": text_data.dataset_fingerprint(opts.dataset, split=opts.split)},
         compute_dtype=dtype,
+        batch_size=opts.batch_size,
         shard_size=opts.shard_size,
         compression=opts.compression,
     )

@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     except (BuildError, schema.CacheError, ValueError) as err:
         print(f"cache_tools {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as err:  # disk full, permissions, a path that is a file: one line, not a traceback
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+        print(f"cache_tools {args.command}: error: {lines[-1]} (check the paths and free space)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"cache_tools {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130

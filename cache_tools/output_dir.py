@@ -41,6 +41,10 @@ def plan_output(output: Path, manifest: schema.CacheManifest, *, resume: bool, o
                          "empty folder or pass --overwrite")
     manifest_path = output / schema.MANIFEST_NAME
     if not manifest_path.is_file():
+        leftovers = [name for name in entries if not name.endswith(schema.TMP_SUFFIX)]
+        if leftovers:  # shards of unknown settings: keeping them could mix two teachers in one cache
+            raise BuildError(f"--output {output}: holds cache files ({leftovers[0]}, ...) but no {schema.MANIFEST_NAME}"
+                             "; pass --overwrite to rebuild or pick another --output")
         return "fresh"  # only temp files of a build killed before its first manifest: nothing to keep
     try:
         old = schema.CacheManifest.from_dict(json.loads(manifest_path.read_text(encoding="utf-8")))
@@ -54,7 +58,14 @@ def plan_output(output: Path, manifest: schema.CacheManifest, *, resume: bool, o
         state = "complete" if old.complete else "incomplete"
         raise BuildError(f"--output {output}: already holds an {state} cache with these settings; pass --resume to "
                          "keep it or --overwrite to rebuild")
-    return "done" if old.complete else "resume"
+    if old.complete and all(_intact(output, shard) for shard in old.shards):
+        return "done"
+    return "resume"  # unfinished, or a finished cache with a shard deleted or truncated since: rebuild those
+
+
+def _intact(output: Path, shard: schema.ShardInfo) -> bool:
+    path = output / shard.file
+    return path.is_file() and path.stat().st_size == shard.bytes
 
 
 def clear_cache_files(output: Path, *, temp_only: bool) -> None:
@@ -91,9 +102,16 @@ def finished_shard(output: Path, index: int) -> schema.ShardInfo | None:
     sidecar = output / schema.shard_sidecar_name(index)
     if sidecar.is_file():
         try:
-            return schema.ShardInfo(**json.loads(sidecar.read_text(encoding="utf-8")))
+            info = schema.ShardInfo(**json.loads(sidecar.read_text(encoding="utf-8")))
         except (json.JSONDecodeError, TypeError):
-            pass  # recompute below
+            info = None  # recompute below
+        if info is not None:
+            if info.bytes == path.stat().st_size:
+                return info
+            # Truncated or replaced since it was finished: rebuild it.
+            path.unlink()
+            sidecar.unlink(missing_ok=True)
+            return None
     with h5py.File(path, "r") as f:
         attrs = f.attrs
         info = schema.ShardInfo(

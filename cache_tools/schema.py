@@ -175,6 +175,9 @@ class CacheManifest:
     # {spec, split, text_column, max_samples, streaming, fingerprint}
     dataset: dict[str, Any] = field(default_factory=dict)
     compute_dtype: str = "fp32"
+    # Windows per teacher batch: padding to each batch's longest window changes results in the last bits, so a
+    # resumed build must use the same value to equal an uninterrupted one.
+    batch_size: int = 0
     shard_size: int = 1024
     compression: str = "none"
     num_sequences: int = 0
@@ -201,6 +204,7 @@ class CacheManifest:
             "pooling": self.pooling,
             "dataset": self.dataset,
             "compute_dtype": self.compute_dtype,
+            "batch_size": self.batch_size,
             "shard_size": self.shard_size,
             "compression": self.compression,
         }

@@ -108,6 +108,7 @@ def load_teacher(
     except Exception as err:
         raise BuildError(f"--teacher {teacher}: cannot load the weights ({_one_line(err)}); check the folder") from err
     model.to(device).eval()
+    _check_head_reproduced(model, teacher)
     text_config = model.config.get_text_config()
     return LoadedTeacher(
         model=model,
@@ -125,11 +126,14 @@ def load_teacher(
 def _final_logit_transform(config: Any):
     """Model-specific logit post-processing the CausalLM head applies after lm_head (softcapping, scaling)."""
     softcap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)
+    scale = getattr(config, "logit_scale", None)  # Cohere: multiply
+    divide = getattr(config, "logits_scaling", None)  # Granite family: divide
 
     def apply(logits: torch.Tensor) -> torch.Tensor:
         if scale is not None:
             logits = logits * scale
+        if divide:
+            logits = logits / divide
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         return logits
@@ -173,6 +177,23 @@ def topk_targets(
         logprobs[lo:hi] = top_vals - total[:, None]
         tail[lo:hi] = torch.nan_to_num(rest, neginf=schema.TAIL_LOGPROB_FLOOR).clamp_min(schema.TAIL_LOGPROB_FLOOR)
     return ids, logprobs, tail
+
+
+@torch.inference_mode()
+def _check_head_reproduced(model: Any, teacher: str) -> None:
+    """The builder computes logits as transform(lm_head(base_model(x))) so that it never holds [B, T, V] at once. A
+    model whose CausalLM head post-processes logits in some other way would be cached wrong without any visible
+    error, so compare with the model's own forward once, on a few tokens, before building."""
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.arange(1, 9, device=next(model.parameters()).device)[None, :] % vocab
+    reference = model(input_ids=ids, use_cache=False).logits.float()
+    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    ours = _final_logit_transform(model.config.get_text_config())(model.get_output_embeddings()(hidden).float())
+    tolerance = 1e-3 * (1.0 + float(reference.abs().max()))
+    if ours.shape != reference.shape or float((ours - reference).abs().max()) > tolerance:
+        kind = model.config.model_type
+        raise BuildError(f"--teacher {teacher}: its LM head post-processes logits in a way cache_tools does not "
+                         f"reproduce (model type {kind!r}); please report it")
 
 
 @torch.inference_mode()

@@ -66,9 +66,10 @@ def verify_shard(cache_dir: Path, m: schema.CacheManifest, shard: schema.ShardIn
         return [f"{shard.file}: missing"]
     size = path.stat().st_size
     if size != shard.bytes:
-        return [f"{shard.file}: {size} bytes, manifest says {shard.bytes} (truncated or replaced); rebuild it"]
+        return [f"{shard.file}: {size} bytes, manifest says {shard.bytes} (truncated or replaced); "
+                "delete it and run build-cache --resume"]
     if schema.file_sha256(path) != shard.sha256:
-        return [f"{shard.file}: sha256 mismatch (corrupted on disk); rebuild it"]
+        return [f"{shard.file}: sha256 mismatch (corrupted on disk); delete it and run build-cache --resume"]
     faults = []
     try:
         with h5py.File(path, "r") as f:

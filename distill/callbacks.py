@@ -48,7 +48,9 @@ class OneLinePrinterCallback(TrainerCallback):
 
 class SkipNonFiniteCallback(TrainerCallback):
     """Drops every gradient before the optimizer step when the trainer saw a non-finite loss in this step: torch
-    optimizers skip parameters whose `.grad` is None, so neither moments nor weight decay move (a true skip)."""
+    optimizers skip parameters whose `.grad` is None, so neither moments nor weight decay move (a true skip).
+    Under DeepSpeed the engine keeps its own gradient buffers and steps inside backward; there the skip is DeepSpeed's
+    fp16 overflow check (see `DistillTrainer.training_step`)."""
 
     def __init__(self, trainer: Any):
         self.trainer = trainer

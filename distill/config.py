@@ -250,8 +250,8 @@ def validate(cfg: DistillConfig) -> None:
         problems.append("every loss weight is 0: nothing to train")
     if loss.kd_kind not in KD_KINDS:
         problems.append(f"--kd_kind must be one of {'|'.join(KD_KINDS)}, got {loss.kd_kind!r}")
-    if not loss.temperature > 0:
-        problems.append(f"--temperature must be > 0, got {loss.temperature}")
+    if not (loss.temperature > 0 and math.isfinite(loss.temperature)):
+        problems.append(f"--temperature must be a finite number > 0, got {loss.temperature}")
     if not 0.0 < loss.jsd_beta < 1.0:
         problems.append(f"--jsd_beta must be in (0, 1), got {loss.jsd_beta}")
     if loss.loss_chunk_size < 1:
@@ -264,6 +264,8 @@ def validate(cfg: DistillConfig) -> None:
         problems.append(f"--early_stopping_patience must be >= 0, got {run.early_stopping_patience}")
     if run.early_stopping_patience and not (d.eval_cache or d.eval_fraction):
         problems.append("--early_stopping_patience needs evaluation data (--eval_cache or --eval_fraction)")
+    if run.early_stopping_patience and str(getattr(t.eval_strategy, "value", t.eval_strategy)) == "no":
+        problems.append("--early_stopping_patience needs evaluations: set --eval_strategy steps (and --eval_steps)")
     if m.pool_student_layers:
         try:
             [int(x) for x in m.pool_student_layers.split(",")]

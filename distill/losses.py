@@ -144,18 +144,25 @@ def fused_ce_kd_loss(
     kd_row = kd_mask & (topk_ids >= 0).any(-1)
     n_ce, n_kd = int((labels != IGNORE_INDEX).sum()), int(kd_row.sum())
     options = (config.kind, float(config.temperature), float(config.jsd_beta), bool(config.use_tail))
-    loss, stats = FusedCEKD.apply(
-        hidden,
-        weight,
-        labels,
-        topk_ids,
-        topk_logprobs,
-        tail_logprob,
-        kd_row,
-        _scale(ce_weight, ce_denominator, n_ce, hidden.device),
-        _scale(kd_weight, kd_denominator, n_kd, hidden.device),
-        (*options, int(config.chunk_size)),
-    )
+    if not torch.is_grad_enabled():
+        # Evaluation: `needs_input_grad` follows requires_grad, not grad mode; detaching skips the gradient buffers
+        # and the two extra matmuls per chunk that nobody would read.
+        hidden, weight = hidden.detach(), weight.detach()
+    # The kernel builds its logits in fp32 on purpose: under native AMP (fp16/bf16 autocast, e.g. the P100 recipe)
+    # the matmul would otherwise come back in half precision.
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss, stats = FusedCEKD.apply(
+            hidden,
+            weight,
+            labels,
+            topk_ids,
+            topk_logprobs,
+            tail_logprob,
+            kd_row,
+            _scale(ce_weight, ce_denominator, n_ce, hidden.device),
+            _scale(kd_weight, kd_denominator, n_kd, hidden.device),
+            (*options, int(config.chunk_size)),
+        )
     return _output(loss, stats, n_ce, n_kd)
 
 
@@ -178,7 +185,8 @@ def naive_ce_kd_loss(
     config = (config or KDConfig()).validate()
     _check_inputs(hidden, weight, labels, topk_ids, topk_logprobs, tail_logprob, kd_mask)
     labels, topk_ids = labels.long(), topk_ids.long()
-    logits = hidden.float() @ weight.float().t()  # [N, V]
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = hidden.float() @ weight.float().t()  # [N, V] fp32 even under AMP
     vocab = logits.shape[1]
     has_label = labels != IGNORE_INDEX
     slot_valid = (topk_ids >= 0) & kd_mask[:, None]

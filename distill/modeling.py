@@ -179,10 +179,11 @@ class DistillModel(nn.Module):
 
     def _aux_losses(self, student_pooled: torch.Tensor, teacher_pooled: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """[B, P, H_s] (fp32) and [B, P, H_t] -> (feature, contrastive) scalars, computed in fp32 (bounded losses)."""
-        projected = self.projection(student_pooled)  # [B, P, H_t] fp32 whatever the heads' storage dtype
-        teacher = teacher_pooled.float()
-        feature = feature_loss(projected, teacher)
-        contrastive = contrastive_loss(projected, teacher, temperature=self.aux.contrastive_temperature)
+        with torch.autocast(student_pooled.device.type, enabled=False):  # fp32 under AMP too (bounded losses)
+            projected = self.projection(student_pooled)  # [B, P, H_t] fp32 whatever the heads' storage dtype
+            teacher = teacher_pooled.float()
+            feature = feature_loss(projected, teacher)
+            contrastive = contrastive_loss(projected, teacher, temperature=self.aux.contrastive_temperature)
         return feature, contrastive
 
 

@@ -54,6 +54,8 @@ class DistillTrainer(Trainer):
         self._tokens_since_log = 0.0
         self._last_log_time: float | None = None
         self._xtok_sums: torch.Tensor | None = None  # [4] cross-tokenizer coverage sums since the last log
+        self._weight_sums: dict[str, float] = {}
+        self._weight_count = 0
         # compute_loss returns a per-micro-batch mean: let Trainer divide it by gradient_accumulation_steps.
         self.loss_is_scaled_for_ga = False
 
@@ -90,9 +92,17 @@ class DistillTrainer(Trainer):
         loss = outputs["loss"]
         if not self._all_ranks_finite(loss):
             self._record_nonfinite()
+            if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+                # DeepSpeed steps INSIDE backward at the accumulation boundary: skipping backward would desync its
+                # micro-step count and leak this window's gradients into the next. Hand it the loss instead: with
+                # fp16 its dynamic loss scaler sees the overflow and skips the step (bf16/fp32 engines do not check).
+                self.accelerator.backward(loss, scale_wrt_gas=False)
             return torch.zeros((), device=loss.device)
         self.nonfinite_in_a_row = 0
         self._train_metrics.add_train(outputs, weights)
+        for name, value in weights.items():  # the weights these losses were computed with, for the log
+            self._weight_sums[name] = self._weight_sums.get(name, 0.0) + float(value)
+        self._weight_count += 1
         self._tokens_since_log += float(inputs["attention_mask"].sum())
         if counts is None:
             loss = loss / self.current_gradient_accumulation_steps
@@ -157,8 +167,10 @@ class DistillTrainer(Trainer):
         self._tokens_since_log = 0.0
         extras["loss_scale"] = self._loss_scale()
         extras["nonfinite_skipped"] = float(self.nonfinite_total)
-        for name, value in self.current_loss_weights().items():
-            extras[f"weight/{name}"] = float(value)
+        # Mean weight over the micro-steps since the last log (the losses on the same line used exactly these).
+        for name, total in self._weight_sums.items():
+            extras[f"weight/{name}"] = total / max(self._weight_count, 1)
+        self._weight_sums, self._weight_count = {}, 0
         extras.update(self._xtok_log())
         return extras
 
