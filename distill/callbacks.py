@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from transformers import TrainerCallback
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import ExportableState, ProgressCallback
 
 # Keys shown on the console line (everything else still goes to TensorBoard).
 CONSOLE_KEYS = ("loss", "loss/ce", "loss/kd", "loss/feature", "loss/contrastive", "top1_agreement",
@@ -64,9 +64,10 @@ class SkipNonFiniteCallback(TrainerCallback):
         self.trainer._skip_this_step = False
 
 
-class DistillEarlyStoppingCallback(TrainerCallback):
+class DistillEarlyStoppingCallback(TrainerCallback, ExportableState):
     """Stop when `metric` (lower is better) has not improved by more than `min_delta` for `patience` evaluations.
-    Evaluations before `warmup_steps` update the best value but never count towards patience."""
+    Evaluations before `warmup_steps` update the best value but never count towards patience. Its state (best value,
+    evaluations without improvement) is saved in checkpoints and restored by `--resume_from_checkpoint`."""
 
     def __init__(self, patience: int, min_delta: float = 0.0, warmup_steps: int = 0, metric: str = "eval_loss"):
         self.patience = patience
@@ -76,6 +77,13 @@ class DistillEarlyStoppingCallback(TrainerCallback):
         self.best = math.inf
         self.bad_evals = 0
         self.stopped_at: int | None = None
+
+    def state(self) -> dict:
+        return {
+            "args": {"patience": self.patience, "min_delta": self.min_delta, "warmup_steps": self.warmup_steps,
+                     "metric": self.metric},
+            "attributes": {"best": self.best, "bad_evals": self.bad_evals, "stopped_at": self.stopped_at},
+        }
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         value = (metrics or {}).get(self.metric)

@@ -126,6 +126,9 @@ class DistillTrainingArguments(TrainingArguments):
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
     save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most N checkpoints."})
+    restore_callback_states_from_checkpoint: bool = field(
+        default=True, metadata={"help": "On resume, restore callback state (early stopping's best value and patience)."}
+    )
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, LossArguments, RunArguments, DistillTrainingArguments)

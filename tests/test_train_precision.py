@@ -49,3 +49,28 @@ def test_validation_catches_early_stopping_without_evaluations_and_infinite_temp
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     assert "--eval_strategy steps" in str(info.value) and "--temperature" in str(info.value)
+
+
+def test_early_stopping_state_survives_a_checkpoint(tmp_path):
+    """Trainer saves ExportableState callbacks in trainer_state.json and rebuilds them on resume (on by default
+    here): patience must not restart after a resume."""
+    from transformers import TrainerControl, TrainerState
+
+    from distill.callbacks import DistillEarlyStoppingCallback
+    from distill.config import parse_config
+
+    cb = DistillEarlyStoppingCallback(patience=3, min_delta=0.01, warmup_steps=0)
+    state, control = TrainerState(), TrainerControl()
+    for step, loss in ((1, 2.0), (2, 2.5), (3, 2.4)):
+        state.global_step = step
+        cb.on_evaluate(None, state, control, metrics={"eval_loss": loss})
+    saved = cb.state()
+    restored = DistillEarlyStoppingCallback(**saved["args"])
+    for key, value in saved["attributes"].items():
+        setattr(restored, key, value)
+    assert (restored.best, restored.bad_evals) == (2.0, 2)
+    state.global_step = 4
+    restored.on_evaluate(None, state, control, metrics={"eval_loss": 2.3})
+    assert control.should_training_stop  # the third evaluation without improvement, counting the two before resume
+    cfg = parse_config(["--student", "s", "--cache", "c", "--output_dir", str(tmp_path)])
+    assert cfg.training.restore_callback_states_from_checkpoint
