@@ -12,14 +12,13 @@ measured ratio as a fraction of that ideal (goal >= 0.90). Run alone: `python -m
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 from typing import Any
 
 import torch
 
-from bench.common import apply_offline_env, ratio, time_fn
+from bench.common import ratio, run_standalone, time_fn
 from bench.online_kd import OnlineKDStep, full_logit_kd_loss, next_token_labels
 
 # Default = a SmolLM-sized vocabulary (49,152) with narrow models, so the head/loss share of the step is realistic
@@ -159,11 +158,4 @@ def run(quick: bool, device: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="train-step benchmark")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cpu")
-    cli = parser.parse_args()
-    apply_offline_env()
-    import json
-
-    print(json.dumps(run(cli.quick, cli.device), indent=2, default=str))
+    raise SystemExit(run_standalone(run, "train-step benchmark"))

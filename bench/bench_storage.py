@@ -8,11 +8,10 @@ cost the sparse cache avoids). Run alone: `python -m bench.bench_storage [--quic
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from typing import Any
 
-from bench.common import WORK_ROOT, apply_offline_env, ratio, tiny_assets
+from bench.common import WORK_ROOT, ratio, run_standalone, tiny_assets
 
 SETTINGS = {
     True: dict(top_ks=(32, 256), max_samples=24, max_length=128),
@@ -79,11 +78,4 @@ def run(quick: bool, device: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="cache storage benchmark")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cpu")
-    cli = parser.parse_args()
-    apply_offline_env()
-    import json
-
-    print(json.dumps(run(cli.quick, cli.device), indent=2, default=str))
+    raise SystemExit(run_standalone(run, "cache storage benchmark"))

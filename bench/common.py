@@ -166,3 +166,17 @@ def build_cache(teacher: Path, text: Path, out: Path, *, top_k: int, max_length:
     if max_samples is not None:
         args += ["--max-samples", str(max_samples)]
     return run_cli(args + (extra or []), log_path=out.parent / f"{out.name}.log")
+
+
+def run_standalone(run_fn: Any, description: str, argv: list[str] | None = None) -> int:
+    """`python -m bench.bench_X [--quick] [--device cpu|cuda]`: run one benchmark alone and print its JSON."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    cli = parser.parse_args(argv)
+    apply_offline_env()
+    print(json.dumps(run_fn(cli.quick, resolve_device(cli.device)), indent=2, default=str))
+    return 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 import os
 import sysconfig
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 EOS = "<|endoftext|>"
@@ -63,12 +63,8 @@ def train_bpe_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_as_iter(texts), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, bos_token=None)
-
-
-def _as_iter(texts: Iterable[str]) -> Iterator[str]:
-    yield from texts
 
 
 def tiny_qwen3_moe_config(vocab_rows: int, *, hidden_size: int = 64, layers: int = 2, max_positions: int = 512):
