@@ -152,6 +152,17 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
     return Built(trainer, tokenizer, model, data)
 
 
+def finish_distributed() -> None:
+    """End the run on every rank together: the others wait until rank 0 has written the export, then all tear down
+    the process group. A rank that simply exits while rank 0 still works closes its gloo/NCCL connections under it,
+    and rank 0 then aborts at shutdown (SIGABRT seen under torchrun on CPU)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def one_line(err: BaseException) -> str:
     """The message of `err` on one line (an error re-raised from a DataLoader worker carries a traceback: keep its
     last line, which is the original message)."""
@@ -188,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             write_resolved_config(cfg, cfg.training.output_dir)
         built.trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint)
         export_student(built.trainer, built.tokenizer, Path(cfg.training.output_dir))
+        finish_distributed()
     except (ConfigError, CacheError, NonFiniteLossError, TokenizerError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
