@@ -97,13 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     from cache_tools.reader import TeacherCacheReader
-    from distill.demo_eval import evaluate_model, held_out_windows
+    from examples.demo.evaluation import evaluate_model, held_out_windows
 
     demo = args.demo_dir.resolve()
     teacher_dir, student_cfg = demo / "teacher" / "student", demo / "configs" / "student" / "config.json"
     for needed in (teacher_dir / "config.json", student_cfg, demo / "data" / "train.jsonl"):
         if not needed.is_file():
-            raise SystemExit(f"--demo-dir {demo}: {needed} missing; run `python -m distill.demo --out {demo}` first")
+            raise SystemExit(f"--demo-dir {demo}: {needed} missing; run `python -m examples.demo --out {demo}` first")
     if (demo / "student_tokenizer").exists():
         raise SystemExit(f"--demo-dir {demo}: made with --student-vocab-size (two tokenizers); the ablation compares "
                          "losses on the teacher's tokens, so run it on a demo with the shared tokenizer")

@@ -31,7 +31,7 @@ def loader_tokens_per_s(dataset: Any, batch: int, epochs: int, pad_id: int) -> t
     """Iterate `epochs` passes of a 2-worker DataLoader; returns (student tokens/s, tokens)."""
     from torch.utils.data import DataLoader
 
-    from distill.data import DistillCollator
+    from distill.data.dataset import DistillCollator
 
     loader = DataLoader(dataset, batch_size=batch, num_workers=2, collate_fn=DistillCollator(pad_id),
                         persistent_workers=True, prefetch_factor=4)
@@ -82,9 +82,9 @@ def run(quick: bool, device: str) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from cache_tools.reader import TeacherCacheReader
-    from distill.data import CacheDataset, DirectTargets, DistillCollator
-    from distill.tiny import stdlib_docstrings, train_bpe_tokenizer
-    from distill.xtok.pipeline import CrossTokenizerTargets, aggregate_stats
+    from distill.data.dataset import CacheDataset, DirectTargets, DistillCollator
+    from distill.data.xtok.pipeline import CrossTokenizerTargets, aggregate_stats
+    from examples.tiny_models import stdlib_docstrings, train_bpe_tokenizer
 
     shape = SHAPES[quick]
     root = WORK_ROOT / "loader"

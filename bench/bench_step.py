@@ -34,7 +34,7 @@ SHAPES = {
 def make_models(shape: dict[str, int], device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     from transformers import AutoModelForCausalLM
 
-    from distill.tiny import tiny_llama_config, tiny_qwen3_moe_config
+    from examples.tiny_models import tiny_llama_config, tiny_qwen3_moe_config
 
     torch.manual_seed(0)
     teacher_cfg = tiny_qwen3_moe_config(shape["vocab"], hidden_size=shape["teacher_hidden"],

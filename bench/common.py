@@ -129,7 +129,7 @@ def tiny_assets(root: Path, *, vocab: int = 512, teacher_hidden: int = 64, stude
     compute per step does not depend on the values."""
     from transformers import AutoTokenizer
 
-    from distill.tiny import (
+    from examples.tiny_models import (
         save_random_model,
         stdlib_docstrings,
         tiny_llama_config,

@@ -47,8 +47,6 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="summarise a cache")
     i.add_argument("cache_dir")
     i.add_argument("--json", action="store_true", help="machine-readable output")
-    i.add_argument("--student-tokenizer", default=None, help="also report coverage of the teacher's top-k by this "
-                   "student tokenizer")
 
     v = sub.add_parser("verify", help="check a cache's checksums, layout and numbers")
     v.add_argument("cache_dir")
@@ -74,25 +72,10 @@ def _inspect(args: argparse.Namespace) -> int:
     from cache_tools.inspect_cache import cache_summary, format_summary
 
     summary = cache_summary(args.cache_dir)
-    coverage_text = None
-    if args.student_tokenizer:
-        try:
-            from distill.xtok.coverage import coverage_report, format_coverage
-        except ImportError as err:
-            raise schema.CacheError(f"--student-tokenizer: coverage report unavailable (distill.xtok.coverage: "
-                                    f"{err}); install the full package") from err
-        from transformers import AutoTokenizer
-
-        student = AutoTokenizer.from_pretrained(args.student_tokenizer)
-        report = coverage_report(args.cache_dir, student)
-        summary["coverage"] = report
-        coverage_text = format_coverage(report)
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True, default=str))
     else:
-        print(format_summary({k: v for k, v in summary.items() if k != "coverage"}))
-        if coverage_text:
-            print(coverage_text)
+        print(format_summary(summary))
     return 0
 
 

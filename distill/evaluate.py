@@ -42,10 +42,10 @@ def evaluate_student(
     Returns {"ce", "perplexity", "kd", "top1_agreement", "teacher_mass_covered", "loss", "sequences"}."""
     from torch.utils.data import DataLoader
 
-    from distill.data import DistillCollator, build_cache_data
+    from distill.data.dataset import DistillCollator, build_cache_data
     from distill.losses import KDConfig
-    from distill.metrics import MetricAccumulator
-    from distill.modeling import DistillModel, head_rows
+    from distill.training.metrics import MetricAccumulator
+    from distill.training.modeling import DistillModel, head_rows
 
     data = build_cache_data(cache_dir, tokenizer, head_rows(student), eval_fraction=0.0)
     dataset = data.train

@@ -39,7 +39,7 @@ def load_tokenizer(cfg: Any) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as err:
-        from distill.config import ConfigError
+        from distill.training.config import ConfigError
 
         raise ConfigError(f"--tokenizer {source}: cannot load a tokenizer ({type(err).__name__}); pass a tokenizer "
                           "directory or hub id") from err
@@ -52,7 +52,7 @@ def load_student_config(cfg: Any) -> Any:
     """The student's config alone (cheap): lets us check the cache against the student before loading weights."""
     from transformers import AutoConfig
 
-    from distill.config import ConfigError
+    from distill.training.config import ConfigError
 
     source = cfg.model.student_config or cfg.model.student
     try:
@@ -67,8 +67,8 @@ def load_student(cfg: Any, tokenizer: Any, config: Any) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, set_seed
 
-    from distill.config import ConfigError
-    from distill.modeling import head_rows
+    from distill.training.config import ConfigError
+    from distill.training.modeling import head_rows
 
     trust = cfg.model.trust_remote_code
     try:
@@ -94,17 +94,17 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from distill.callbacks import (
+    from distill.data.dataset import DistillCollator, build_cache_data, build_text_data
+    from distill.losses import KDConfig
+    from distill.training.callbacks import (
         DistillEarlyStoppingCallback,
         OneLinePrinterCallback,
         OneLineProgressCallback,
         SkipNonFiniteCallback,
     )
-    from distill.config import student_pool_layers
-    from distill.data import DistillCollator, build_cache_data, build_text_data
-    from distill.losses import KDConfig
-    from distill.modeling import AuxSettings, DistillModel, head_rows
-    from distill.trainer import DistillTrainer
+    from distill.training.config import student_pool_layers
+    from distill.training.modeling import AuxSettings, DistillModel, head_rows
+    from distill.training.trainer import DistillTrainer
 
     tokenizer = load_tokenizer(cfg)
     student_config = load_student_config(cfg)
@@ -120,7 +120,7 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
                                max_samples=d.max_samples)
     student = load_student(cfg, tokenizer, student_config)
     if head_rows(student) != rows:
-        from distill.config import ConfigError
+        from distill.training.config import ConfigError
 
         raise ConfigError(f"--student: LM head has {head_rows(student)} rows but config.vocab_size is {rows}; fix "
                           "the model's config")
@@ -178,16 +178,16 @@ def one_line(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from cache_tools.schema import CacheError
-    from distill.config import ConfigError, parse_config, validate, write_resolved_config
-    from distill.export import export_student
-    from distill.trainer import NonFiniteLossError
-    from distill.xtok.token_bytes import TokenizerError
+    from distill.data.xtok.token_bytes import TokenizerError
+    from distill.training.config import ConfigError, parse_config, validate, write_resolved_config
+    from distill.training.export import export_student
+    from distill.training.trainer import NonFiniteLossError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         from transformers import HfArgumentParser
 
-        from distill.config import ARG_CLASSES
+        from distill.training.config import ARG_CLASSES
 
         HfArgumentParser(ARG_CLASSES).print_help()
         return 0

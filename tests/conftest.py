@@ -23,14 +23,14 @@ TEACHER_PADDED_ROWS = 64  # the teacher head has more rows than the tokenizer ha
 
 @pytest.fixture(scope="session")
 def corpus() -> list[str]:
-    from distill.tiny import stdlib_docstrings
+    from examples.tiny_models import stdlib_docstrings
 
     return stdlib_docstrings(max_docs=400)
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, corpus) -> Path:
-    from distill.tiny import train_bpe_tokenizer
+    from examples.tiny_models import train_bpe_tokenizer
 
     path = tmp_path_factory.mktemp("tokenizer")
     train_bpe_tokenizer(corpus, TOKENIZER_VOCAB).save_pretrained(path)
@@ -47,7 +47,7 @@ def tokenizer(tokenizer_dir):
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory, tokenizer) -> Path:
     """Tiny Qwen3-MoE teacher; its head has TEACHER_PADDED_ROWS more rows than the tokenizer's true vocabulary."""
-    from distill.tiny import save_random_model, tiny_qwen3_moe_config
+    from examples.tiny_models import save_random_model, tiny_qwen3_moe_config
 
     cfg = tiny_qwen3_moe_config(len(tokenizer) + TEACHER_PADDED_ROWS)
     return save_random_model(cfg, tmp_path_factory.mktemp("teacher"), tokenizer, seed=0)
@@ -56,7 +56,7 @@ def teacher_dir(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def student_dir(tmp_path_factory, tokenizer) -> Path:
     """Tiny Llama student (tied embeddings, like SmolLM) sharing the teacher's tokenizer."""
-    from distill.tiny import save_random_model, tiny_llama_config
+    from examples.tiny_models import save_random_model, tiny_llama_config
 
     cfg = tiny_llama_config(len(tokenizer))
     return save_random_model(cfg, tmp_path_factory.mktemp("student"), tokenizer, seed=1)

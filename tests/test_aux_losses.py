@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from distill.aux_losses import (
+from distill.losses.aux import (
     PooledProjection,
     contrastive_bound,
     contrastive_loss,

@@ -45,7 +45,7 @@ def test_recipe_commands_parse_with_the_real_clis(script):
     from torch.distributed.run import get_args_parser
 
     from cache_tools.cli import _parser as cache_tools_parser
-    from distill.config import parse_config
+    from distill.training.config import parse_config
 
     seen = set()
     for argv in commands(script):
@@ -65,6 +65,10 @@ def test_recipe_commands_parse_with_the_real_clis(script):
             assert args.module and args.training_script == "cache_tools"
             cache_tools_parser().parse_args(args.training_script_args)
             seen.add("torchrun")
+        elif argv[:3] == ["python", "-m", "distill.coverage"]:
+            from distill.coverage import parser as coverage_parser
+
+            coverage_parser().parse_args(argv[3:])
         elif argv[0] == "tensorboard":
             continue
         else:
@@ -76,7 +80,7 @@ def test_recipe_commands_parse_with_the_real_clis(script):
 def test_recipe_configs_hold_real_keys_and_validate(config, tmp_path):
     import yaml
 
-    from distill.config import parse_config, validate
+    from distill.training.config import parse_config, validate
 
     raw = yaml.safe_load(config.read_text())
     cfg = parse_config(runnable_here([str(config), "--output_dir", str(tmp_path)]))

@@ -87,7 +87,7 @@ def test_output_folder_with_foreign_files(capsys, tmp_path, good_args):
 
 
 def test_tokenizer_larger_than_head(capsys, tmp_path, good_args, corpus):
-    from distill.tiny import train_bpe_tokenizer
+    from examples.tiny_models import train_bpe_tokenizer
 
     big = tmp_path / "bigtok"
     train_bpe_tokenizer(corpus[:100], 700).save_pretrained(big)

@@ -9,12 +9,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from cache_testing import assert_same_cache, cache_arrays, save_boosted_teacher
 
 from cache_tools import schema
 from cache_tools.builder import BuildOptions, build_cache
 from cache_tools.reader import TeacherCacheReader
 from cache_tools.teacher import BuildError
-from cache_tools.testing import assert_same_cache, cache_arrays, save_boosted_teacher
 
 MAX_LENGTH, TOP_K, SHARD_SIZE = 48, 16, 8
 

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from cache_testing import assert_same_cache, cli_command, subprocess_env
 
 from cache_tools import schema
-from cache_tools.testing import assert_same_cache, cli_command, subprocess_env
 
 pytestmark = pytest.mark.slow
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from cache_testing import assert_same_cache, cache_arrays
 
 from cache_tools import schema
 from cache_tools.builder import BuildOptions, build_cache
 from cache_tools.cli import main
 from cache_tools.teacher import BuildError
-from cache_tools.testing import assert_same_cache, cache_arrays
 
 
 def _opts(teacher, text_file, out, **kw) -> BuildOptions:
@@ -24,7 +24,7 @@ def _opts(teacher, text_file, out, **kw) -> BuildOptions:
 def test_granite_logits_scaling_is_applied(tmp_path, tokenizer, text_file):
     from transformers import AutoModelForCausalLM, GraniteConfig
 
-    from distill.tiny import save_random_model
+    from examples.tiny_models import save_random_model
 
     cfg = GraniteConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=2, logits_scaling=8.0, max_position_embeddings=64)

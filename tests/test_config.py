@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from distill.config import ConfigError, parse_config, validate, write_resolved_config
 from distill.train import main
+from distill.training.config import ConfigError, parse_config, validate, write_resolved_config
 
 
 def _yaml(tmp_path, data) -> str:

@@ -1,4 +1,4 @@
-"""End-to-end: `python -m distill.demo --quick` runs teacher -> cache -> students through the real entry points (as a
+"""End-to-end: `python -m examples.demo --quick` runs teacher -> cache -> students through the real entry points (as a
 subprocess, as a user would) and writes a report with the numbers and TensorBoard runs for all three models. The
 quick setting checks the pipeline, not the KD margin (docs/RESULTS.md reports the default setting)."""
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "distill.demo", "--quick", "--out", str(out)], cwd=REPO_ROOT,
+    proc = subprocess.run([sys.executable, "-m", "examples.demo", "--quick", "--out", str(out)], cwd=REPO_ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     return out, proc
 
@@ -64,7 +64,7 @@ def test_demo_writes_tensorboard_runs_side_by_side(demo_run):
 def test_demo_rejects_bad_text_file_with_one_line(tmp_path):
     bad = tmp_path / "tiny.txt"
     bad.write_text("only one line\n", encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "distill.demo", "--quick", "--text-file", str(bad), "--out",
+    proc = subprocess.run([sys.executable, "-m", "examples.demo", "--quick", "--text-file", str(bad), "--out",
                            str(tmp_path / "o")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().count("\n") == 0 and "--text-file" in proc.stderr, proc.stderr

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from distill.schedules import parse_ramp, parse_weight
+from distill.losses.schedules import parse_ramp, parse_weight
 
 TOTAL = 1000
 

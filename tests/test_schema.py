@@ -58,7 +58,7 @@ def test_id_dtype_is_smallest_that_holds_vocab():
 def test_tokenizer_hash_stable_across_save_and_load(tokenizer, tokenizer_dir, corpus):
     from transformers import AutoTokenizer
 
-    from distill.tiny import train_bpe_tokenizer
+    from examples.tiny_models import train_bpe_tokenizer
 
     assert schema.tokenizer_hash(tokenizer) == schema.tokenizer_hash(AutoTokenizer.from_pretrained(tokenizer_dir))
     other = train_bpe_tokenizer(corpus[:50], 400)

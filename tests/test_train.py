@@ -11,9 +11,9 @@ import pytest
 import torch
 from cache_fixtures import write_synthetic_cache
 
-from distill.config import parse_config, validate
 from distill.train import build_trainer, main
-from distill.trainer import NonFiniteLossError
+from distill.training.config import parse_config, validate
+from distill.training.trainer import NonFiniteLossError
 
 TRAIN_SCALARS = [f"loss/{c}" for c in ("ce", "kd", "feature", "contrastive")] + \
     [f"weighted/{c}" for c in ("ce", "kd", "feature", "contrastive")] + \
@@ -216,7 +216,7 @@ def test_cli_exit_code_for_unknown_yaml_key(tmp_path):
 def test_early_stopping_patience_min_delta_and_warmup():
     from transformers import TrainerControl, TrainerState
 
-    from distill.callbacks import DistillEarlyStoppingCallback
+    from distill.training.callbacks import DistillEarlyStoppingCallback
 
     def run(values, **kw):
         cb, state, control = DistillEarlyStoppingCallback(**kw), TrainerState(), TrainerControl()

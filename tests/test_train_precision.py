@@ -6,9 +6,9 @@ import pytest
 import torch
 from cache_fixtures import write_synthetic_cache
 
-from distill.config import ConfigError, parse_config, validate
 from distill.losses import fused_ce_kd_loss
 from distill.train import main
+from distill.training.config import ConfigError, parse_config, validate
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,8 @@ def test_early_stopping_state_survives_a_checkpoint(tmp_path):
     here): patience must not restart after a resume."""
     from transformers import TrainerControl, TrainerState
 
-    from distill.callbacks import DistillEarlyStoppingCallback
-    from distill.config import parse_config
+    from distill.training.callbacks import DistillEarlyStoppingCallback
+    from distill.training.config import parse_config
 
     cb = DistillEarlyStoppingCallback(patience=3, min_delta=0.01, warmup_steps=0)
     state, control = TrainerState(), TrainerControl()

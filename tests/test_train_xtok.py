@@ -20,7 +20,7 @@ def real_cache(tmp_path_factory, teacher_dir, text_file):
 @pytest.fixture(scope="module")
 def other_student(tmp_path_factory, corpus):
     """Different vocabulary size AND pre-tokenisation rule (digits split) than the teacher's tokenizer."""
-    from distill.tiny import save_random_model, tiny_llama_config, train_bpe_tokenizer
+    from examples.tiny_models import save_random_model, tiny_llama_config, train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(corpus[:200], 384, split_digits=True)
     return save_random_model(tiny_llama_config(len(tok)), tmp_path_factory.mktemp("other_student"), tok, seed=3)
@@ -57,8 +57,8 @@ def test_tail_rule_selectable(tmp_path, real_cache, other_student):
 
 
 def _final_weights_and_losses(tmp_path, real_cache, other_student, name, batch, accumulation):
-    from distill.config import parse_config, validate
     from distill.train import build_trainer
+    from distill.training.config import parse_config, validate
 
     argv = ["--student", str(other_student), "--cache", str(real_cache), "--output_dir", str(tmp_path / name),
             "--use_cpu", "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps",

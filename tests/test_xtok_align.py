@@ -11,7 +11,7 @@ from xtok_fixtures import trained_tokenizer
 from cache_tools import schema
 from cache_tools.reader import CachedSequence
 from cache_tools.text_data import pack_windows
-from distill.xtok.pipeline import CrossTokenizerTargets
+from distill.data.xtok.pipeline import CrossTokenizerTargets
 
 CASES = {
     "whitespace_runs": "a  b   c\t\td    e \t x",

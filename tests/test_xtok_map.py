@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from xtok_fixtures import trained_tokenizer
 
-from distill.xtok import vocab_map as vm
-from distill.xtok.token_bytes import token_bytes_table
-from distill.xtok.topk_map import map_topk
+from distill.data.xtok import vocab_map as vm
+from distill.data.xtok.token_bytes import token_bytes_table
+from distill.data.xtok.topk_map import map_topk
 
 
 @pytest.fixture(scope="module")

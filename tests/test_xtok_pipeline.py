@@ -12,10 +12,10 @@ import torch
 from xtok_fixtures import trained_tokenizer, write_text_cache
 
 from cache_tools.reader import TeacherCacheReader
-from distill.data import CacheDataset, DirectTargets, DistillCollator
+from distill.data.dataset import CacheDataset, DirectTargets, DistillCollator
+from distill.data.xtok.pipeline import CrossTokenizerTargets, aggregate_stats
+from distill.data.xtok.token_bytes import TokenizerError
 from distill.losses import fused_ce_kd_loss
-from distill.xtok.pipeline import CrossTokenizerTargets, aggregate_stats
-from distill.xtok.token_bytes import TokenizerError
 
 TEACHER_HEAD_ROWS = 151_936
 STUDENT_HEAD_ROWS = 49_152
@@ -30,7 +30,7 @@ def student_tok(corpus):
 def real_shape_cache(tmp_path_factory, tokenizer, corpus):
     """Built by `cache_tools.builder` from a Qwen3-MoE teacher with hidden 16 and Qwen's padded head size."""
     from cache_tools.builder import BuildOptions, build_cache
-    from distill.tiny import save_random_model, tiny_qwen3_moe_config
+    from examples.tiny_models import save_random_model, tiny_qwen3_moe_config
 
     root = tmp_path_factory.mktemp("xtok_real_shape")
     cfg = tiny_qwen3_moe_config(TEACHER_HEAD_ROWS, hidden_size=16, layers=1)
@@ -43,7 +43,7 @@ def real_shape_cache(tmp_path_factory, tokenizer, corpus):
 
 
 def test_real_shapes_cross_tokenizer_batch_trains(real_shape_cache, tokenizer, student_tok):
-    from distill.tiny import tiny_llama_config
+    from examples.tiny_models import tiny_llama_config
 
     reader = TeacherCacheReader(real_shape_cache)
     builder = CrossTokenizerTargets(reader, None, student_tok)  # teacher tokenizer found through the manifest
@@ -98,7 +98,7 @@ def test_text_that_decodes_differently_is_a_counted_logged_skip(tmp_path, tokeni
     builder = CrossTokenizerTargets(reader, tokenizer, student_tok)
     seq = reader[1]
     seq.text = seq.text.replace("e", "E")  # same length, offsets still "valid", content wrong
-    with caplog.at_level(logging.WARNING, logger="distill.xtok.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="distill.data.xtok.pipeline"):
         out = builder(seq)
     assert out["stats"]["skipped"] == 1 and not out["kd_mask"].any()
     assert "do not reproduce the cached text" in caplog.text
@@ -123,7 +123,7 @@ def test_teacher_special_missing_from_student_goes_to_tail(tmp_path, corpus, stu
     teacher = trained_tokenizer(corpus, 500, extra_special=("<|im_start|>",))
     docs = ["<|im_start|>user says hi", "plain text"]
     reader = TeacherCacheReader(write_text_cache(tmp_path, teacher, docs, max_length=64))
-    with caplog.at_level(logging.WARNING, logger="distill.xtok.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="distill.data.xtok.pipeline"):
         builder = CrossTokenizerTargets(reader, teacher, student_tok)
     assert "<|im_start|>" in caplog.text
     im_start = teacher.convert_tokens_to_ids("<|im_start|>")

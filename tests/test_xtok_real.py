@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from xtok_fixtures import write_text_cache
 
-from distill.xtok.coverage import coverage_report, format_coverage
+from distill.data.xtok.coverage import coverage_report, format_coverage
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 QWEN = SHARED / "tokenizers" / "qwen3"

@@ -99,7 +99,7 @@ _TOKENIZERS: dict[tuple, Any] = {}
 def trained_tokenizer(corpus: list[str], vocab_size: int, *, split_digits: bool = False,
                       extra_special: tuple[str, ...] = ()) -> Any:
     """A locally trained byte-level BPE tokenizer, trained once per process per setting (tests and bench share it)."""
-    from distill.tiny import train_bpe_tokenizer
+    from examples.tiny_models import train_bpe_tokenizer
 
     key = (id(corpus), vocab_size, split_digits, extra_special)
     if key not in _TOKENIZERS:

@@ -19,7 +19,8 @@ cache_tools build-cache --teacher huihui-ai/Huihui-MoE-1B-A0.6B \
   --max-length 512 --top-k 256 --dtype fp16 --batch-size 8 --compression lzf --output "$OUT/eval_cache"
 cache_tools verify "$OUT/cache"
 # Before spending GPU hours: how much of the teacher's top-k the SmolLM tokenizer can receive.
-cache_tools inspect "$OUT/cache" --student-tokenizer HuggingFaceTB/SmolLM-135M
+cache_tools inspect "$OUT/cache"
+python -m distill.coverage "$OUT/cache" --student-tokenizer HuggingFaceTB/SmolLM-135M
 
 # 2. The student trains from the cache alone (no teacher in memory): fp16 + DeepSpeed ZeRO-2 (dynamic loss scaling).
 accelerate launch --config_file launch/accelerate/p100_fp16_single_gpu.yaml -m distill.train \

@@ -1,4 +1,4 @@
-"""Pieces shared by the demo's command line (`distill.demo`) and its stages (`distill.demo_pipeline`): settings,
+"""Pieces shared by the demo's command line (`examples.demo`) and its stages (`examples.demo.pipeline`): settings,
 status lines, running a logged subprocess, and the real command lines the demo calls."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU_LAUNCH_CONFIG = REPO_ROOT / "launch" / "accelerate" / "cpu.yaml"
 
 

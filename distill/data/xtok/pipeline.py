@@ -16,7 +16,7 @@ import numpy as np
 
 from cache_tools import schema
 from cache_tools.reader import CachedSequence, TeacherCacheReader
-from distill.xtok.align import (
+from distill.data.xtok.align import (
     align,
     char_to_byte_table,
     consumed_ends,
@@ -24,9 +24,9 @@ from distill.xtok.align import (
     split_segments,
     student_consumed,
 )
-from distill.xtok.token_bytes import TokenizerError, plain_backend, token_bytes_table, tokenizer_label
-from distill.xtok.topk_map import map_topk
-from distill.xtok.vocab_map import load_or_build_vocab_map, require_student_eos, special_pairs
+from distill.data.xtok.token_bytes import TokenizerError, plain_backend, token_bytes_table, tokenizer_label
+from distill.data.xtok.topk_map import map_topk
+from distill.data.xtok.vocab_map import load_or_build_vocab_map, require_student_eos, special_pairs
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from cache_tools import schema
-from distill.xtok.token_bytes import TokenBytes, TokenizerError, plain_backend, tokenizer_label
+from distill.data.xtok.token_bytes import TokenBytes, TokenizerError, plain_backend, tokenizer_label
 
 log = logging.getLogger(__name__)
 

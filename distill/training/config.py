@@ -17,7 +17,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from distill.losses import DEFAULT_CHUNK_SIZE
-from distill.schedules import parse_ramp
+from distill.losses.schedules import parse_ramp
 
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
 LOSS_COMPONENTS = ("ce", "kd", "feature", "contrastive")
@@ -83,7 +83,7 @@ class LossArguments:
     ce_schedule: str = field(
         default="constant",
         metadata={"help": "Ramp of the CE weight (weight = base x ramp): constant | KIND:START:END[:FROM:TO] with "
-                  "KIND linear|cosine, START/END fractions of max_steps or steps like 500s (distill.schedules)."},
+                  "KIND linear|cosine, START/END fractions of max_steps or steps like 500s."},
     )
     kd_schedule: str = field(default="constant", metadata={"help": "Ramp of the KD weight (see --ce_schedule)."})
     feature_schedule: str = field(default="constant", metadata={"help": "Ramp of the feature weight."})

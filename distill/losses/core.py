@@ -14,7 +14,7 @@ KD is computed over K + 1 buckets: the teacher's listed ids (the support) and on
   tempered exactly as in full-vocabulary KD; the tail bucket is tempered as one token (see `bucket_kd`).
 - KD rows: `kd_mask` and at least one non-empty slot. CE rows: label != IGNORE_INDEX.
 
-`fused_ce_kd_loss` never builds [N, V] logits (see `distill.losses_fused`); `naive_ce_kd_loss` is the same loss
+`fused_ce_kd_loss` never builds [N, V] logits (see `distill.losses.kernel`); `naive_ce_kd_loss` is the same loss
 computed the plain way with full logits and autograd (the reference for tests and the benchmark baseline).
 """
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.losses_fused import IGNORE_INDEX, KD_KINDS, FusedCEKD, bucket_kd, teacher_top1
+from distill.losses.kernel import IGNORE_INDEX, KD_KINDS, FusedCEKD, bucket_kd, teacher_top1
 
 __all__ = ["IGNORE_INDEX", "KDConfig", "CEKDOutput", "fused_ce_kd_loss", "naive_ce_kd_loss"]
 

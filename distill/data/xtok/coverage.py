@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from cache_tools.reader import TeacherCacheReader
-from distill.xtok.pipeline import CrossTokenizerTargets, aggregate_stats
-from distill.xtok.token_bytes import tokenizer_label
+from distill.data.xtok.pipeline import CrossTokenizerTargets, aggregate_stats
+from distill.data.xtok.token_bytes import tokenizer_label
 
 
 def coverage_report(cache_dir: str | os.PathLike, student_tokenizer: Any, max_sequences: int = 200,

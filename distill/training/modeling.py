@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from distill.aux_losses import PooledProjection, contrastive_loss, feature_loss, pool_layers
 from distill.losses import IGNORE_INDEX, KDConfig, fused_ce_kd_loss
+from distill.losses.aux import PooledProjection, contrastive_loss, feature_loss, pool_layers
 
 COMPONENTS = ("ce", "kd", "feature", "contrastive")
 

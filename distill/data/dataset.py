@@ -5,7 +5,8 @@ empty slot), topk_logprobs [n, K] float32, tail_logprob [n] float32, kd_mask [n]
 LM-only examples carry input_ids alone; the collator then emits no teacher keys and the model trains with CE only.
 
 The dataset turns each `CachedSequence` into that dict through a *target builder* (any callable with that contract):
-`DirectTargets` when the student shares the cache's tokenizer, `distill.xtok.pipeline.CrossTokenizerTargets` otherwise.
+`DirectTargets` when the student shares the cache's tokenizer, `distill.data.xtok.pipeline.CrossTokenizerTargets`
+otherwise.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def make_target_builder(reader: TeacherCacheReader, tokenizer: Any, student_voca
     if schema.tokenizer_hash(tokenizer) == reader.manifest.tokenizer_hash:
         check_student_compatible(reader, tokenizer, student_vocab_rows)
         return DirectTargets()
-    from distill.xtok.pipeline import CrossTokenizerTargets
+    from distill.data.xtok.pipeline import CrossTokenizerTargets
 
     return CrossTokenizerTargets(reader, None, tokenizer, rule=xtok_rule)
 
@@ -155,7 +156,7 @@ def build_text_data(spec: str, tokenizer: Any, *, max_length: int, text_column: 
                     max_samples: int | None = None) -> BuiltData:
     """LM-only mode: load documents, pack them into windows of `max_length` tokens (EOS between documents)."""
     from cache_tools.text_data import load_documents, pack_windows
-    from distill.config import ConfigError
+    from distill.training.config import ConfigError
 
     try:
         docs = load_documents(spec, text_column=text_column, max_samples=max_samples)

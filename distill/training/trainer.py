@@ -1,8 +1,8 @@
 """`DistillTrainer`: transformers.Trainer whose loss is CE + KD (fused) + feature + contrastive, each weight scheduled.
 
-The model is a `distill.modeling.DistillModel`, which computes every loss inside its forward (see that module for
-why); this class feeds it the scheduled weights, keeps per-component running metrics for logging, skips non-finite
-steps, and adds KD metrics to evaluation.
+The model is a `distill.training.modeling.DistillModel`, which computes every loss inside its forward (see that
+module for why); this class feeds it the scheduled weights, keeps per-component running metrics for logging, skips
+non-finite steps, and adds KD metrics to evaluation.
 
 Loss normalisation: CE and KD are means over the GLOBAL batch of one optimizer step: `_get_num_items_in_batch`
 counts label tokens and KD rows over all gradient-accumulation micro-batches and all data-parallel ranks, and each
@@ -23,10 +23,10 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import EvalLoopOutput
 
-from distill.config import LOSS_COMPONENTS
-from distill.data import XTOK_STATS
+from distill.data.dataset import XTOK_STATS
 from distill.losses import IGNORE_INDEX
-from distill.metrics import MetricAccumulator, scheduled_weights
+from distill.training.config import LOSS_COMPONENTS
+from distill.training.metrics import MetricAccumulator, scheduled_weights
 
 RAW_KEYS = ("ce", "kd", "feature", "contrastive")
 
@@ -41,7 +41,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 class DistillTrainer(Trainer):
-    """Args (beyond Trainer's): loss_args (`distill.config.LossArguments`): base weights, schedules, abort limit."""
+    """Args (beyond Trainer's): loss_args (`distill.training.config.LossArguments`): base weights, schedules,
+    abort limit."""
 
     def __init__(self, *args: Any, loss_args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

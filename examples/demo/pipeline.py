@@ -1,4 +1,4 @@
-"""The demo's stages, in order (see `distill.demo` for the overview). Each stage prints one status line; tools run as
+"""The demo's stages, in order (see `examples.demo` for the overview). Each stage prints one status line; tools run as
 subprocesses through their real command lines, exactly as a user would type them."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from distill.demo_common import (
+from examples.demo.common import (
     CPU_LAUNCH_CONFIG,
     DemoError,
     DemoSettings,
@@ -25,7 +25,8 @@ TOTAL = 7
 
 
 def run_pipeline(args: argparse.Namespace, s: DemoSettings) -> Path:
-    from distill import demo_data, demo_eval
+    from examples.demo import data as demo_data
+    from examples.demo import evaluation as demo_eval
 
     t_start = time.perf_counter()
     out: Path = args.out.resolve()
@@ -130,7 +131,7 @@ def run_pipeline(args: argparse.Namespace, s: DemoSettings) -> Path:
         "cache_bytes_per_token": bpt, "top_k": s.top_k, "compression": s.compression,
         "cache_tokens": manifest.num_tokens, "runs_dir": str(runs), "stage_seconds": seconds,
         "total_s": time.perf_counter() - t_start, "settings": dataclasses.asdict(s),
-        "command": " ".join(["python -m distill.demo", *args.argv]), "launch_config": str(CPU_LAUNCH_CONFIG),
+        "command": " ".join(["python -m examples.demo", *args.argv]), "launch_config": str(CPU_LAUNCH_CONFIG),
     }
     report = demo_eval.write_report(out, metrics, info)
     gain = 100 * (metrics["lm_student"]["val_loss"] - metrics["kd_student"]["val_loss"]) / metrics["lm_student"][

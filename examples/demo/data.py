@@ -28,7 +28,7 @@ def load_texts(text_file: str | None, dataset: str | None, max_docs: int | None,
             raise ValueError(f"{flag} {spec}: only {len(docs)} non-empty documents; the demo needs at least "
                              f"{2 * EVAL_EVERY} (one per line in a .txt file)")
         return docs
-    from distill.tiny import stdlib_docstrings
+    from examples.tiny_models import stdlib_docstrings
 
     return stdlib_docstrings(min_chars=min_chars, max_docs=max_docs)
 
@@ -50,7 +50,7 @@ def write_jsonl(path: Path, docs: list[str]) -> Path:
 def train_tokenizer(docs: list[str], vocab_size: int, out_dir: Path, *, split_digits: bool = False) -> Path:
     """Byte-level BPE trained on the training documents only, saved with `save_pretrained` (into a temp folder,
     renamed when complete)."""
-    from distill.tiny import train_bpe_tokenizer
+    from examples.tiny_models import train_bpe_tokenizer
 
     tmp = out_dir.with_name(out_dir.name + f".{os.getpid()}.tmp")
     train_bpe_tokenizer(docs, vocab_size, split_digits=split_digits).save_pretrained(tmp)
@@ -67,7 +67,7 @@ def write_model_configs(out_dir: Path, teacher_vocab: int, student_vocab: int, *
                         max_length: int) -> tuple[Path, Path]:
     """config.json files for the Qwen3-MoE teacher and the Llama (SmolLM-shaped) student; the trainer starts each
     from its config with `--student_config`."""
-    from distill.tiny import tiny_llama_config, tiny_qwen3_moe_config
+    from examples.tiny_models import tiny_llama_config, tiny_qwen3_moe_config
 
     teacher = tiny_qwen3_moe_config(teacher_vocab, hidden_size=teacher_hidden, layers=teacher_layers,
                                     max_positions=max_length)

@@ -13,8 +13,8 @@ AUX_KEYS = ("loss/feature", "weighted/feature", "loss/contrastive", "weighted/co
 
 
 def scheduled_weights(loss_args: Any, *, step: int, total_steps: int) -> dict[str, float]:
-    """{component: base x ramp(step / total_steps)} for ce/kd/feature/contrastive (ramps: `distill.schedules`)."""
-    from distill.schedules import parse_weight
+    """{component: base x ramp(step / total_steps)} for ce/kd/feature/contrastive (see `distill.losses.schedules`)."""
+    from distill.losses.schedules import parse_weight
 
     return {
         name: float(parse_weight(getattr(loss_args, f"{name}_weight"), getattr(loss_args, f"{name}_schedule"))(

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from distill.xtok.token_bytes import TokenBytes, utf8_tail_complete
+from distill.data.xtok.token_bytes import TokenBytes, utf8_tail_complete
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`python -m distill.demo [--out DIR] [--text-file F | --dataset SPEC] [--quick]`: the whole pipeline, offline, on
+"""`python -m examples.demo [--out DIR] [--text-file F | --dataset SPEC] [--quick]`: the whole pipeline, offline, on
 real text, through the project's real entry points, ending in a report that compares a distilled student with the
 same student trained without the teacher.
 
@@ -21,11 +21,11 @@ import os
 import sys
 from pathlib import Path
 
-from distill.demo_common import QUICK, DemoError, DemoSettings
+from examples.demo.common import QUICK, DemoError, DemoSettings
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m distill.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default ./demo_out)")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--text-file", help="your own text (.txt: one document per line, or .jsonl with a text field)")
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     # Progress bars of the demo's own data loading would bury the status lines (tools log theirs to OUT/logs).
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
-        from distill.demo_pipeline import run_pipeline
+        from examples.demo.pipeline import run_pipeline
 
         report = run_pipeline(args, settings_from(args))
     except (DemoError, ValueError) as err:

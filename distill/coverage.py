@@ -1,0 +1,44 @@
+"""`python -m distill.coverage CACHE --student-tokenizer S [--json]`: how well a teacher cache serves a student with
+another tokenizer (aligned positions, mapped teacher mass, exact vocabulary twins), before any GPU hour is spent.
+
+It lives on the student side because it runs the student's cross-tokenizer pipeline; the teacher side
+(`cache_tools`) never imports `distill`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cache_tools import schema
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m distill.coverage", description=__doc__.split("\n\n")[0])
+    parser.add_argument("cache_dir")
+    parser.add_argument("--student-tokenizer", required=True, help="student tokenizer: hub id or local folder")
+    parser.add_argument("--max-sequences", type=int, default=200, help="windows sampled evenly over the cache")
+    parser.add_argument("--xtok-rule", default="first_token", choices=["first_token", "tail"])
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from transformers import AutoTokenizer
+
+    from distill.data.xtok.coverage import coverage_report, format_coverage
+    from distill.data.xtok.token_bytes import TokenizerError
+
+    try:
+        student = AutoTokenizer.from_pretrained(args.student_tokenizer)
+        report = coverage_report(args.cache_dir, student, max_sequences=args.max_sequences, rule=args.xtok_rule)
+    except (schema.CacheError, TokenizerError, OSError, ValueError) as err:
+        print(f"distill.coverage: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2, sort_keys=True, default=str) if args.json else format_coverage(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

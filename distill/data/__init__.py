@@ -1,0 +1,1 @@
+"""Student-side data: cache datasets, collator, target builders (direct and cross-tokenizer)."""

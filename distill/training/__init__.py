@@ -1,0 +1,1 @@
+"""Trainer, its config, callbacks, metrics, the model wrapper and export."""

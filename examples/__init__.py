@@ -1,0 +1,1 @@
+"""Runnable demos (not part of the installed library)."""
