@@ -39,6 +39,9 @@ from typing import Any
 
 import numpy as np
 
+from cache_tools.errors import UserError
+from cache_tools.fsutil import atomic_write_text, file_sha256  # noqa: F401 - re-exported for the rest of the package
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_PREFIX = "shard-"
@@ -79,7 +82,7 @@ ATTR_VOCAB_SIZE = "vocab_size"
 ATTR_POOL_LAYERS = "pool_layers"
 
 
-class CacheError(Exception):
+class CacheError(UserError):
     """A problem with a cache directory or its contents. The message is one line naming the file and the fix."""
 
 
@@ -120,26 +123,6 @@ def tokenizer_hash(tokenizer: Any) -> str:
             spec.pop(key, None)
         payload["backend"] = spec
     return stable_hash(payload)
-
-
-def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` via a temp file + fsync + rename, so readers see the old file or the new one, never
-    half of one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".{os.getpid()}{TMP_SUFFIX}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass

@@ -1,0 +1,72 @@
+"""The one error convention of both command lines (`cache_tools`, `python -m distill.*`).
+
+Expected failures (bad input, a damaged cache, a full disk) raise a `UserError` subclass whose message is ONE line
+naming the file or flag and the fix; `run_cli` prints it as ``PROG: error: MESSAGE`` and exits 2. Anything else is a
+bug: the traceback is kept and one line says what to report. Both sides import this module (the student side may
+import the teacher side, never the reverse)."""
+
+from __future__ import annotations
+
+import errno
+import sys
+import traceback
+from collections.abc import Callable
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+REPORT_HINT = "this is a bug: please report it with the command line and the traceback above"
+
+
+class UserError(Exception):
+    """A failure the user can fix. `str(err)` is one line naming the file/flag and the fix."""
+
+
+def one_line(err: BaseException | str) -> str:
+    """The last non-empty line of an error message (library errors often put the cause last)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__ if isinstance(err, BaseException) else ""
+
+
+def describe_os_error(err: OSError, action: str = "") -> str:
+    """One line for an OS error: what failed, on which file, and the usual fix."""
+    where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+    what = f"{action} failed: " if action else ""
+    reason = err.strerror or one_line(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = "free disk space (or raise the file-size limit), then rerun with --resume"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose a writable folder or fix its permissions"
+    else:
+        fix = "check the path and free space"
+    return f"{where}{what}{reason}; {fix}"
+
+
+def print_error(prog: str, message: str) -> None:
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+def run_cli(prog: str, body: Callable[[], int], *, expected: tuple[type[BaseException], ...] = (),
+            interrupted_hint: str = "") -> int:
+    """Run a command's body inside the error boundary and return its exit status.
+
+    - `UserError` and the `expected` exception types: one line on stderr, exit 2.
+    - `OSError` (disk full, permissions, a path that is a file): one line via `describe_os_error`, exit 2.
+    - KeyboardInterrupt: one line (+ `interrupted_hint`), exit 130.
+    - Anything else: the traceback, then one line saying it is a bug to report; exit 1.
+    """
+    try:
+        return body()
+    except (UserError, *expected) as err:
+        print_error(prog, str(err))
+        return EXIT_BAD_INPUT
+    except OSError as err:
+        print_error(prog, describe_os_error(err))
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted{'; ' + interrupted_hint if interrupted_hint else ''}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception:  # noqa: BLE001 - the boundary: keep the traceback, add what to do
+        traceback.print_exc()
+        print(f"{prog}: internal error: {REPORT_HINT}", file=sys.stderr, flush=True)
+        return 1
