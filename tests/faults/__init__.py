@@ -1,0 +1,1 @@
+"""Fault-injection suite: see tests/faults/README.md."""
