@@ -198,7 +198,7 @@ def test_bad_caches_fail_with_one_line(tmp_path, student_dir, tokenizer, corpus,
         assert main(argv) == 2, name
         err = capsys.readouterr().err.strip().splitlines()
         # Library progress bars may precede it (the NaN shard is met at the first batch, after the model loads).
-        assert [ln for ln in err if ln.startswith("error: ")] == err[-1:], (name, err)
+        assert [ln for ln in err if ln.startswith("python -m distill.train: error: ")] == err[-1:], (name, err)
         assert needle in err[-1], (name, err)
         assert not (tmp_path / f"out-{name}" / "student").exists()
 

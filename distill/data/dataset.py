@@ -56,6 +56,29 @@ def check_student_compatible(reader: TeacherCacheReader, tokenizer: Any, student
         )
 
 
+def check_kd_for_cache(kd_config: Any, reader: TeacherCacheReader) -> None:
+    """Refuse (CacheError, one line) KD settings a cache's targets cannot serve. Sampled (RS-KD) targets estimate
+    the teacher's distribution at the temperature they were drawn at, on a support of sampled ids only: forward KL
+    alone is defined there, at that temperature.
+
+    TODO(lead): delegate to `distill.losses.check_kd_for_targets` once the losses helper's version is on main; this
+    reads `manifest.targets` with getattr defaults so a format-v1 manifest (no `targets`) means top-k."""
+    targets = getattr(reader.manifest, "targets", None)
+    if getattr(targets, "kind", "topk") != "sampled":
+        return
+    where = reader.cache_dir / schema.MANIFEST_NAME
+    if kd_config.kind != "forward_kl":
+        raise schema.CacheError(
+            f"{where}: sampled targets define only forward KL (the teacher's probability of an unsampled token is "
+            f"unknown), not --kd_kind {kd_config.kind}; use --kd_kind forward_kl or a top-k cache")
+    drawn_at = float(getattr(targets, "sample_temperature", 1.0))
+    if not math.isclose(float(kd_config.temperature), drawn_at, rel_tol=1e-6):
+        raise schema.CacheError(
+            f"{where}: targets were sampled at temperature {drawn_at:g}, not --temperature {kd_config.temperature:g} "
+            f"(counts/N estimate the teacher at {drawn_at:g} only); pass --temperature {drawn_at:g} or rebuild the "
+            f"cache with --sample-temperature {kd_config.temperature:g}")
+
+
 def make_target_builder(reader: TeacherCacheReader, tokenizer: Any, student_vocab_rows: int, *,
                         xtok_rule: str = "first_token") -> TargetBuilder:
     """`DirectTargets` when the student shares the cache's tokenizer (same content hash), else the cross-tokenizer
@@ -120,7 +143,12 @@ class BuiltData:
     train: Dataset
     eval: Dataset | None
     reader: TeacherCacheReader | None  # the training cache (None in LM-only mode)
-    top_k: int  # 0 in LM-only mode
+    eval_reader: TeacherCacheReader | None = None  # a separate --eval_cache, if any
+
+    @property
+    def readers(self) -> list[TeacherCacheReader]:
+        """Every cache this run reads (training, then a separate eval cache)."""
+        return [r for r in (self.reader, self.eval_reader) if r is not None]
 
 
 def build_cache_data(
@@ -149,7 +177,8 @@ def build_cache_data(
     if max_eval_sequences is not None:
         eval_idx = eval_idx[:max_eval_sequences]
     eval_ds = CacheDataset(eval_reader, eval_idx, eval_builder) if len(eval_idx) else None
-    return BuiltData(CacheDataset(reader, train_idx, train_builder), eval_ds, reader, reader.top_k)
+    return BuiltData(CacheDataset(reader, train_idx, train_builder), eval_ds, reader,
+                     eval_reader if eval_reader is not reader else None)
 
 
 def build_text_data(spec: str, tokenizer: Any, *, max_length: int, text_column: str = "text",
@@ -166,7 +195,7 @@ def build_text_data(spec: str, tokenizer: Any, *, max_length: int, text_column: 
     windows = [w for w in windows if len(w) >= 2]  # a 1-token window has no next-token label
     if not windows:
         raise ConfigError(f"--dataset {spec}: no text windows of >= 2 tokens; check --text_column {text_column}")
-    return BuiltData(TokenWindowDataset(windows), None, None, 0)
+    return BuiltData(TokenWindowDataset(windows), None, None)
 
 
 class DistillCollator:

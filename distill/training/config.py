@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,15 +18,17 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from cache_tools.errors import UserError, describe_os_error
+from cache_tools.fsutil import atomic_write_text
 from distill.losses import DEFAULT_CHUNK_SIZE
 from distill.losses.schedules import parse_ramp
+from distill.training.components import COMPONENTS
 
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
-LOSS_COMPONENTS = ("ce", "kd", "feature", "contrastive")
 RESOLVED_CONFIG_NAME = "distill_config.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad configuration; the message names the key(s) and the fix."""
 
 
@@ -74,20 +78,28 @@ class DataArguments:
     )
 
 
+SCHEDULE_HELP = ("Ramp of the {name} weight (weight = base x ramp): constant | KIND:START:END[:FROM:TO] with KIND "
+                 "linear|cosine, START/END fractions of max_steps or steps like 500s.")
+
+
+def _component_fields() -> list[tuple[str, type, Any]]:
+    """`{c}_weight`, `{c}_schedule` and each parameter of every registered loss component (see components.py)."""
+    weights = [(c.weight_field, float, field(default=c.default_weight, metadata={"help": c.help}))
+               for c in COMPONENTS]
+    schedules = [(c.schedule_field, str, field(default="constant",
+                                               metadata={"help": SCHEDULE_HELP.format(name=c.name)}))
+                 for c in COMPONENTS]
+    params = [(p.name, float, field(default=p.default, metadata={"help": p.help}))
+              for c in COMPONENTS for p in c.params]
+    return weights + schedules + params
+
+
+# Generated from the registry, so a new component needs no edit here.
+ComponentArguments = dataclasses.make_dataclass("ComponentArguments", _component_fields())
+
+
 @dataclass
-class LossArguments:
-    ce_weight: float = field(default=1.0, metadata={"help": "Base weight of the LM (cross-entropy) loss."})
-    kd_weight: float = field(default=1.0, metadata={"help": "Base weight of the KD loss on the sparse targets."})
-    feature_weight: float = field(default=0.0, metadata={"help": "Base weight of 1 - cos(P(student), teacher)."})
-    contrastive_weight: float = field(default=0.0, metadata={"help": "Base weight of the in-batch InfoNCE loss."})
-    ce_schedule: str = field(
-        default="constant",
-        metadata={"help": "Ramp of the CE weight (weight = base x ramp): constant | KIND:START:END[:FROM:TO] with "
-                  "KIND linear|cosine, START/END fractions of max_steps or steps like 500s."},
-    )
-    kd_schedule: str = field(default="constant", metadata={"help": "Ramp of the KD weight (see --ce_schedule)."})
-    feature_schedule: str = field(default="constant", metadata={"help": "Ramp of the feature weight."})
-    contrastive_schedule: str = field(default="constant", metadata={"help": "Ramp of the contrastive weight."})
+class LossArguments(ComponentArguments):
     kd_kind: str = field(default="forward_kl", metadata={"help": "KD divergence: " + "|".join(KD_KINDS)})
     temperature: float = field(default=1.0, metadata={"help": "KD temperature T (loss scaled by T^2)."})
     jsd_beta: float = field(default=0.5, metadata={"help": "Mixture weight of JSD(beta)."})
@@ -97,7 +109,6 @@ class LossArguments:
         metadata={"help": "Rows per chunk of the fused CE+KD loss (memory ~ 3 x chunk x vocab x 4 bytes; 256 measured "
                           "as fast as 1024 with a third of the memory, see bench/bench_loss.py)."},
     )
-    contrastive_temperature: float = field(default=0.1, metadata={"help": "InfoNCE temperature."})
     max_nonfinite_steps: int = field(
         default=10, metadata={"help": "Abort after this many non-finite losses in a row (each one is skipped)."}
     )
@@ -182,7 +193,8 @@ def parse_config(argv: list[str]) -> DistillConfig:
                               "--help` for the valid keys")
     parser = HfArgumentParser(ARG_CLASSES)
     # YAML values become argparse defaults so that any flag on the command line overrides them.
-    parser.set_defaults(**{k: _yaml_to_default(v) for k, v in yaml_values.items()})
+    # (argparse applies `type` only to string defaults; lists such as report_to and scalars are kept as given.)
+    parser.set_defaults(**yaml_values)
     # Argparse prints usage + exits on a bad value; turn that into our one-line error instead.
     parser.error = _raise_config_error  # type: ignore[method-assign]
     try:
@@ -193,11 +205,6 @@ def parse_config(argv: list[str]) -> DistillConfig:
     if remaining:
         raise ConfigError(f"unknown option(s) {' '.join(remaining)}; see `python -m distill.train --help`")
     return DistillConfig(*groups)
-
-
-def _yaml_to_default(value: Any) -> Any:
-    # argparse applies `type` only to string defaults; lists (report_to) and scalars are kept as given.
-    return value
 
 
 def _raise_config_error(message: str) -> None:
@@ -237,20 +244,7 @@ def validate(cfg: DistillConfig) -> None:
         problems.append(f"--max_length must be >= 2, got {d.max_length}")
     if not t.output_dir:
         problems.append("--output_dir is required")
-    for name in LOSS_COMPONENTS:
-        weight = getattr(loss, f"{name}_weight")
-        if not math.isfinite(weight) or weight < 0:
-            problems.append(f"--{name}_weight must be a finite number >= 0, got {weight}")
-        try:
-            parse_ramp(getattr(loss, f"{name}_schedule"))
-        except ValueError as err:
-            problems.append(f"--{name}_schedule: {err}")
-    if d.dataset and (loss.kd_weight or loss.feature_weight or loss.contrastive_weight):
-        # LM-only mode has no teacher: non-zero teacher weights would silently do nothing.
-        problems.append("--dataset (LM-only) trains with CE only: set --kd_weight 0 --feature_weight 0 "
-                        "--contrastive_weight 0")
-    if all(getattr(loss, f"{name}_weight") == 0 for name in LOSS_COMPONENTS):
-        problems.append("every loss weight is 0: nothing to train")
+    problems += _component_problems(cfg)
     if loss.kd_kind not in KD_KINDS:
         problems.append(f"--kd_kind must be one of {'|'.join(KD_KINDS)}, got {loss.kd_kind!r}")
     if not (loss.temperature > 0 and math.isfinite(loss.temperature)):
@@ -259,8 +253,6 @@ def validate(cfg: DistillConfig) -> None:
         problems.append(f"--jsd_beta must be in (0, 1), got {loss.jsd_beta}")
     if loss.loss_chunk_size < 1:
         problems.append(f"--loss_chunk_size must be >= 1, got {loss.loss_chunk_size}")
-    if not loss.contrastive_temperature > 0:
-        problems.append(f"--contrastive_temperature must be > 0, got {loss.contrastive_temperature}")
     if loss.max_nonfinite_steps < 1:
         problems.append(f"--max_nonfinite_steps must be >= 1, got {loss.max_nonfinite_steps}")
     if run.early_stopping_patience < 0:
@@ -280,14 +272,56 @@ def validate(cfg: DistillConfig) -> None:
         raise ConfigError(f"{len(problems)} configuration problem(s): " + "; ".join(problems))
 
 
+def _component_problems(cfg: DistillConfig) -> list[str]:
+    """Weights, schedules and parameters of every registered loss component."""
+    loss, problems = cfg.loss, []
+    for c in COMPONENTS:
+        weight = getattr(loss, c.weight_field)
+        if not math.isfinite(weight) or weight < 0:
+            problems.append(f"--{c.weight_field} must be a finite number >= 0, got {weight}")
+        try:
+            parse_ramp(getattr(loss, c.schedule_field))
+        except ValueError as err:
+            problems.append(f"--{c.schedule_field}: {err}")
+        for p in c.params:
+            value = getattr(loss, p.name)
+            if not math.isfinite(value) or (p.positive and not value > 0):
+                problems.append(f"--{p.name} must be a finite number{' > 0' if p.positive else ''}, got {value}")
+    teacher_flags = [c.weight_field for c in COMPONENTS if c.needs_teacher and getattr(loss, c.weight_field)]
+    if cfg.data.dataset and teacher_flags:
+        # LM-only mode has no teacher: non-zero teacher weights would silently do nothing.
+        problems.append("--dataset (LM-only) trains with CE only: set " + " ".join(f"--{f} 0" for f in teacher_flags))
+    if all(getattr(loss, c.weight_field) == 0 for c in COMPONENTS):
+        problems.append("every loss weight is 0: nothing to train")
+    return problems
+
+
 def student_pool_layers(spec: str | None) -> list[int] | None:
     return [int(x) for x in spec.split(",")] if spec else None
 
 
+def check_output_dir(output_dir: str | Path) -> None:
+    """Refuse (ConfigError) an --output_dir that cannot be written: a file, under a file, read-only, no permission.
+    Probes by creating and removing a temp folder in the nearest existing ancestor, so nothing is left behind
+    (`os.access` is not enough: root passes it on read-only file systems and sysfs)."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output_dir {path}: is a file, not a folder; choose another --output_dir")
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"--output_dir {path}: {ancestor} is a file, not a folder; choose another --output_dir")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=ancestor))
+    except OSError as err:
+        reason = err.strerror or describe_os_error(err)
+        raise ConfigError(f"--output_dir {path}: cannot write in {ancestor} ({reason}); choose a writable folder or "
+                          "fix its permissions") from err
+
+
 def write_resolved_config(cfg: DistillConfig, output_dir: str | Path) -> Path:
     """Write every resolved value as YAML into `output_dir` (temp + rename); re-running with it reproduces the run."""
-    from cache_tools.schema import atomic_write_text
-
     path = Path(output_dir) / RESOLVED_CONFIG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=True))
