@@ -11,7 +11,7 @@ from transformers.trainer_callback import ExportableState, ProgressCallback
 from distill.training.components import COMPONENTS
 
 # Keys shown on the console line (everything else still goes to TensorBoard): each registered component's loss.
-CONSOLE_KEYS = ("loss", *(c.loss_tag for c in COMPONENTS if c.console), "top1_agreement", "teacher_mass_covered",
+CONSOLE_KEYS = ("loss", *(c.tag("loss") for c in COMPONENTS if c.console), "top1_agreement", "teacher_mass_covered",
                 "grad_norm", "learning_rate", "tokens_per_second", "eval_loss", "eval_ce", "eval_perplexity", "eval_kd",
                 "eval_top1_agreement")
 

@@ -71,17 +71,10 @@ class LossComponent:
         """Its learned projection heads are exported beside the student (aux components)."""
         return self.source == "aux"
 
-    @property
-    def loss_tag(self) -> str:
-        return f"loss/{self.name}"
-
-    @property
-    def weighted_tag(self) -> str:
-        return f"weighted/{self.name}"
-
-    @property
-    def weight_tag(self) -> str:
-        return f"weight/{self.name}"
+    def tag(self, kind: str) -> str:
+        """Log tag `{kind}/{name}`: kind "loss" (raw value), "weighted" (x weight) or "weight" (the scheduled
+        weight); TensorBoard shows them under `train/`."""
+        return f"{kind}/{self.name}"
 
 
 def _contrastive(projected: torch.Tensor, teacher: torch.Tensor, *, contrastive_temperature: float) -> torch.Tensor:

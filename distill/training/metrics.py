@@ -13,7 +13,7 @@ KD_METRICS = ("top1_agreement", "teacher_mass_covered")  # KD diagnostics, avera
 # Denominator of each running mean: its micro-batch count key ("count" = every micro-batch).
 COUNT_KEY = {"all": "count", "kd": "kd_count", "aux": "aux_count"}
 DENOMINATOR = {**{key: "kd_count" for key in KD_METRICS},
-               **{tag: COUNT_KEY[c.count] for c in COMPONENTS for tag in (c.loss_tag, c.weighted_tag)}}
+               **{tag: COUNT_KEY[c.count] for c in COMPONENTS for tag in (c.tag("loss"), c.tag("weighted"))}}
 
 
 def scheduled_weights(loss_args: Any, *, step: int, total_steps: int) -> dict[str, float]:
@@ -51,8 +51,8 @@ class MetricAccumulator:
         self._add("total", outputs["loss"])
         for c in COMPONENTS:
             mask = masks[c.count]
-            self._add(c.loss_tag, outputs[c.name] * mask)
-            self._add(c.weighted_tag, outputs[c.name] * weights[c.name] * mask)
+            self._add(c.tag("loss"), outputs[c.name] * mask)
+            self._add(c.tag("weighted"), outputs[c.name] * weights[c.name] * mask)
         self._add("top1_agreement", outputs["top1_agree"] * masks["kd"])
         self._add("teacher_mass_covered", outputs["covered_mass"] * masks["kd"])
 

@@ -188,7 +188,7 @@ class DistillTrainer(Trainer):
         # Mean weight over the micro-steps since the last log (the losses on the same line used exactly these).
         for c in COMPONENTS:
             if c.name in self._weight_sums:
-                extras[c.weight_tag] = self._weight_sums[c.name] / max(self._weight_count, 1)
+                extras[c.tag("weight")] = self._weight_sums[c.name] / max(self._weight_count, 1)
         self._weight_sums, self._weight_count = {}, 0
         extras.update(self._xtok_log())
         return extras
