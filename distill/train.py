@@ -101,6 +101,7 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
         DistillEarlyStoppingCallback,
         OneLinePrinterCallback,
         OneLineProgressCallback,
+        ResolvedConfigCallback,
         SkipNonFiniteCallback,
     )
     from distill.training.config import student_pool_layers
@@ -144,6 +145,7 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(OneLinePrinterCallback() if cfg.training.disable_tqdm else OneLineProgressCallback())
     trainer.add_callback(SkipNonFiniteCallback(trainer))
+    trainer.add_callback(ResolvedConfigCallback(cfg))
     run = cfg.run
     if run.early_stopping_patience > 0:
         trainer.add_callback(DistillEarlyStoppingCallback(run.early_stopping_patience, run.early_stopping_min_delta,
@@ -164,18 +166,24 @@ def finish_distributed() -> None:
         dist.destroy_process_group()
 
 
-def check_deepspeed_precision(cfg: Any) -> None:
-    """--fp16 under DeepSpeed needs an accelerator with fp16 support (DeepSpeed's CPU accelerator has none): refuse
-    before anything is written rather than fail inside the engine's set-up."""
+def check_deepspeed(cfg: Any) -> None:
+    """Refuse, before anything is written, what would otherwise fail inside DeepSpeed's engine set-up with its
+    traceback: --deepspeed without a launcher (DeepSpeed then falls back to MPI discovery), --fp16 on an accelerator
+    without fp16 support."""
     t = cfg.training
-    if not (t.deepspeed and t.fp16):
+    if not t.deepspeed:
         return
+    import importlib.util
+
     from deepspeed.accelerator import get_accelerator
 
     from distill.training.config import ConfigError
 
+    if "RANK" not in os.environ and importlib.util.find_spec("mpi4py") is None:
+        raise ConfigError(f"--deepspeed {t.deepspeed}: DeepSpeed needs a launcher; run under `accelerate launch` "
+                          "(see launch/accelerate/), `torchrun` or `deepspeed`, or drop --deepspeed")
     accel = get_accelerator()
-    if not accel.is_fp16_supported():
+    if t.fp16 and not accel.is_fp16_supported():
         raise ConfigError(f"--fp16 with --deepspeed {t.deepspeed}: DeepSpeed's {accel.device_name()} accelerator has "
                           "no fp16 support on this machine; drop --fp16 (fp32), use --bf16, or run on a GPU")
 
@@ -195,7 +203,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def _main(argv: list[str]) -> int:
-    from distill.training.config import check_output_dir, parse_config, validate, write_resolved_config
+    from distill.training.config import check_output_dir, parse_config, validate
     from distill.training.export import export_student
 
     if any(a in ("-h", "--help") for a in argv):
@@ -207,11 +215,9 @@ def _main(argv: list[str]) -> int:
         return 0
     cfg = parse_config(argv)
     validate(cfg)
-    check_deepspeed_precision(cfg)
+    check_deepspeed(cfg)
     check_output_dir(cfg.training.output_dir)  # before hours of loading: an unwritable folder fails at once
-    built = build_trainer(cfg)
-    if is_main_process():
-        write_resolved_config(cfg, cfg.training.output_dir)
+    built = build_trainer(cfg)  # its ResolvedConfigCallback writes OUTPUT/distill_config.yaml once training starts
     built.trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint)
     export_student(built.trainer, built.tokenizer, Path(cfg.training.output_dir))
     finish_distributed()

@@ -66,6 +66,20 @@ class SkipNonFiniteCallback(TrainerCallback):
         self.trainer.skip_this_step = False
 
 
+class ResolvedConfigCallback(TrainerCallback):
+    """Writes OUTPUT/distill_config.yaml once training has really started (after the engine's set-up, where DeepSpeed
+    or device errors surface), so a run that fails to start leaves no config file behind."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from distill.training.config import write_resolved_config
+
+            write_resolved_config(self.cfg, args.output_dir)
+
+
 class DistillEarlyStoppingCallback(TrainerCallback, ExportableState):
     """Stop when `metric` (lower is better) has not improved by more than `min_delta` for `patience` evaluations.
     Evaluations before `warmup_steps` update the best value but never count towards patience. Its state (best value,
