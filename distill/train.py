@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         HfArgumentParser(ARG_CLASSES).print_help()
         return 0
     try:
+        from distill.training.distributed import enable_cpu_deepspeed
+
+        enable_cpu_deepspeed()  # before parse_config: the TrainingArguments create the distributed state
         cfg = parse_config(argv)
         validate(cfg)
         built = build_trainer(cfg)
