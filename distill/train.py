@@ -102,6 +102,7 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
         OneLineProgressCallback,
         SkipNonFiniteCallback,
     )
+    from distill.training.checkpoints import CheckpointCompleteCallback
     from distill.training.config import student_pool_layers
     from distill.training.modeling import AuxSettings, DistillModel, head_rows
     from distill.training.trainer import DistillTrainer
@@ -146,6 +147,7 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(OneLinePrinterCallback() if cfg.training.disable_tqdm else OneLineProgressCallback())
     trainer.add_callback(SkipNonFiniteCallback(trainer))
+    trainer.add_callback(CheckpointCompleteCallback())  # marks each checkpoint once fully written (resume skips others)
     run = cfg.run
     if run.early_stopping_patience > 0:
         trainer.add_callback(DistillEarlyStoppingCallback(run.early_stopping_patience, run.early_stopping_min_delta,
@@ -182,6 +184,7 @@ def one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     from cache_tools.schema import CacheError
     from distill.data.xtok.token_bytes import TokenizerError
+    from distill.training.checkpoints import resolve_resume
     from distill.training.config import ConfigError, parse_config, validate, write_resolved_config
     from distill.training.export import export_student
     from distill.training.trainer import NonFiniteLossError
@@ -200,10 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         enable_cpu_deepspeed()  # before parse_config: the TrainingArguments create the distributed state
         cfg = parse_config(argv)
         validate(cfg)
+        resume = resolve_resume(cfg.training.resume_from_checkpoint, cfg.training.output_dir)  # complete ones only
         built = build_trainer(cfg)
         if is_main_process():
             write_resolved_config(cfg, cfg.training.output_dir)
-        built.trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint)
+        built.trainer.train(resume_from_checkpoint=resume)
         export_student(built.trainer, built.tokenizer, Path(cfg.training.output_dir))
         finish_distributed()
     except (ConfigError, CacheError, NonFiniteLossError, TokenizerError) as err:

@@ -18,6 +18,8 @@ import torch
 import yaml
 from cache_fixtures import write_synthetic_cache
 
+from distill.training.checkpoints import MARKER, checkpoint_fault
+
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 3
 pytestmark = pytest.mark.slow
@@ -106,6 +108,9 @@ def _assert_same_run(out: Path, baseline: dict, label: str) -> None:
     print(f"{label}: max |loss diff| {loss_diff:.3g}, max |weight diff| {weight_diff:.3g} (training moved weights "
           f"by up to {moved:.3g})")
     assert loss_diff <= 1e-4 and weight_diff <= 1e-4
+    # The checkpoint is marked complete only after both ranks wrote their shards (resume trusts the marker).
+    marker = json.loads((out / f"checkpoint-{STEPS}" / MARKER).read_text())
+    assert checkpoint_fault(out / f"checkpoint-{STEPS}") is None and "trainer_state.json" in marker["files"]
     assert moved > 100 * max(weight_diff, 1e-6)  # the comparison is meaningful: the weights did change
 
 
