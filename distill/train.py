@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     from distill.training.checkpoints import resolve_resume
     from distill.training.config import ConfigError, parse_config, validate, write_resolved_config
     from distill.training.export import export_student
+    from distill.training.preflight import verify_caches
     from distill.training.trainer import NonFiniteLossError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(argv)
         validate(cfg)
         resume = resolve_resume(cfg.training.resume_from_checkpoint, cfg.training.output_dir)  # complete ones only
+        verify_caches(cfg.data)  # --verify_cache: every shard's checksum and values, before loading anything
         built = build_trainer(cfg)
         if is_main_process():
             write_resolved_config(cfg, cfg.training.output_dir)
