@@ -140,9 +140,9 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
         model=model, args=cfg.training, data_collator=DistillCollator(tokenizer.pad_token_id),
         train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer, loss_args=loss,
     )
-    from distill.training.precision import enable_cpu_fp16
+    from distill.training.precision import install_fp16
 
-    enable_cpu_fp16(trainer)  # --fp16 on CPU: real fp16 autocast + dynamic loss scaling, as on a GPU
+    install_fp16(trainer)  # --fp16 on CPU: real fp16 autocast + loss scaling, as on a GPU; skipped-step bookkeeping
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(OneLinePrinterCallback() if cfg.training.disable_tqdm else OneLineProgressCallback())

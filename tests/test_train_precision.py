@@ -92,6 +92,7 @@ class _Fp16Probe:
         probe = self
         self.scales: dict[int, tuple[float, float]] = {}  # step -> (scale before, scale after)
         self.weight_change: dict[int, float] = {}
+        self.lr: dict[int, tuple[float, float]] = {}  # step -> (learning rate before, after)
         self.autocast: dict[bool, set] = {True: set(), False: set()}  # training? -> {(enabled, dtype)}
         self.built = None
 
@@ -101,12 +102,14 @@ class _Fp16Probe:
                 param.register_hook(lambda g: g * float("inf") if state.global_step == probe.OVERFLOW_STEP else g)
                 model.student.get_input_embeddings().register_forward_pre_hook(probe._record_autocast)
 
-            def on_step_begin(self, args, state, control, model=None, **kwargs):
+            def on_step_begin(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
                 probe._before = [p.detach().clone() for p in model.parameters()]
+                probe._lr = lr_scheduler.get_last_lr()[0]
                 probe._scale = probe.built.trainer.accelerator.scaler.get_scale()
 
-            def on_step_end(self, args, state, control, model=None, **kwargs):
+            def on_step_end(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
                 step = state.global_step - 1
+                probe.lr[step] = (probe._lr, lr_scheduler.get_last_lr()[0])
                 probe.scales[step] = (probe._scale, probe.built.trainer.accelerator.scaler.get_scale())
                 probe.weight_change[step] = max(float((p.detach() - q).abs().max())
                                                 for p, q in zip(model.parameters(), probe._before, strict=True))
@@ -142,8 +145,8 @@ class _Fp16Probe:
 def test_p100_fp16_recipe_on_cpu(tmp_path, student_dir, cache_dir, monkeypatch):
     """The P100 recipe's precision path (launch/recipes/kaggle_p100.yaml: fp16 + dynamic loss scaling, aux losses,
     evaluation during training, early stopping), run on CPU with `--fp16 true --use_cpu true`: training runs under
-    fp16 autocast, each injected overflow halves the loss scale and leaves every weight untouched, evaluation runs
-    outside autocast, early stopping stops the run, and the exported student loads."""
+    fp16 autocast, each injected overflow halves the loss scale and leaves every weight (and the LR schedule)
+    untouched, evaluation runs outside autocast, early stopping stops the run, and the exported student loads."""
     from transformers import AutoModelForCausalLM
 
     probe = _Fp16Probe()
@@ -166,6 +169,9 @@ def test_p100_fp16_recipe_on_cpu(tmp_path, student_dir, cache_dir, monkeypatch):
     assert probe.scales[inf_loss] == (2.0**15, 2.0**14) and probe.weight_change[inf_loss] == 0.0
     normal = [s for s in probe.scales if s not in (overflow, inf_loss)]
     assert normal and all(probe.weight_change[s] > 0 and probe.scales[s][0] == probe.scales[s][1] for s in normal)
+    # A skipped step does not advance the LR schedule (the fused optimizer skips silently: SkippedStepCallback).
+    assert all(probe.lr[s][0] == probe.lr[s][1] for s in (overflow, inf_loss))
+    assert all(probe.lr[s][0] > probe.lr[s][1] for s in normal)  # linear decay
     history = probe.built.trainer.state.log_history
     train_logs = {h["step"]: h for h in history if "loss" in h}
     assert train_logs[overflow + 1]["loss_scale"] == 2.0**15 and train_logs[inf_loss + 1]["loss_scale"] == 2.0**14
