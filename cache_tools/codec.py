@@ -253,16 +253,15 @@ def encode_sampled(ids: np.ndarray, counts: np.ndarray, num_samples: int, vocab_
     sorted_ids, cnt = _sort_rows(key, counts.astype(np.int64))
     m = valid.sum(1)
     valid = np.arange(ids.shape[1])[None, :] < m[:, None]
-    gaps = _check_ids(ids, sorted_ids, valid, vocab_size, "sampled")
+    gaps = _check_ids(sorted_ids, sorted_ids, valid, vocab_size, "sampled")
     cm1 = np.where(valid, cnt - 1, 0)
     k_id = _best_rice_k(gaps, m, min(max(vocab_size - 1, 1).bit_length(), MAX_FIELD_BITS))
     k_ct = _best_rice_k(cm1, m, (1 << AUX_K_BITS) - 1)
     widths = np.concatenate([np.repeat(k_id, m), np.repeat(k_ct, m)])
     q, r = _rice_split(np.concatenate([gaps[valid], cm1[valid]]), widths)
-    fields = np.concatenate([m - 1, r])
-    field_widths = np.concatenate([np.full(len(m), width_m), widths])
     params = (k_id | (k_ct << ID_K_BITS)).astype(np.uint8)
-    return _blob(KIND_SAMPLED, [params, _pack_fields(fields, field_widths), _pack_unary(q)])
+    sizes = _pack_fields(m - 1, np.full(len(m), width_m))
+    return _blob(KIND_SAMPLED, [params, sizes, _pack_fields(r, widths), _pack_unary(q)])
 
 
 def decode_sampled(blob: np.ndarray, n: int, num_samples: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
