@@ -43,7 +43,7 @@ def _first_new_token(input_ids: np.ndarray, after: int) -> tuple[int, int]:
         if fresh:
             return fresh[0], window
         seen.update(input_ids[window].tolist())
-    raise AssertionError("no token first seen after window %d" % after)
+    raise AssertionError(f"no token first seen after window {after}")
 
 
 def test_fp16_overflow_stops_the_build_naming_the_sequence(clean_build, teacher_dir, tokenizer, text_file, tmp_path,
