@@ -104,6 +104,7 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
         ResolvedConfigCallback,
         SkipNonFiniteCallback,
     )
+    from distill.training.checkpoints import CheckpointCompleteCallback
     from distill.training.config import student_pool_layers
     from distill.training.modeling import DistillModel, aux_settings, head_rows, resolve_pool_layers
     from distill.training.trainer import DistillTrainer
@@ -141,11 +142,15 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
         model=model, args=cfg.training, data_collator=DistillCollator(tokenizer.pad_token_id),
         train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer, loss_args=loss,
     )
+    from distill.training.precision import install_fp16
+
+    install_fp16(trainer)  # --fp16 on CPU: real fp16 autocast + loss scaling, as on a GPU; skipped-step bookkeeping
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(OneLinePrinterCallback() if cfg.training.disable_tqdm else OneLineProgressCallback())
     trainer.add_callback(SkipNonFiniteCallback(trainer))
     trainer.add_callback(ResolvedConfigCallback(cfg))
+    trainer.add_callback(CheckpointCompleteCallback())  # marks each checkpoint once fully written (resume skips others)
     run = cfg.run
     if run.early_stopping_patience > 0:
         trainer.add_callback(DistillEarlyStoppingCallback(run.early_stopping_patience, run.early_stopping_min_delta,
@@ -213,12 +218,19 @@ def _main(argv: list[str]) -> int:
 
         HfArgumentParser(ARG_CLASSES).print_help()
         return 0
+    from distill.training.checkpoints import resolve_resume
+    from distill.training.distributed import enable_cpu_deepspeed
+    from distill.training.preflight import verify_caches
+
+    enable_cpu_deepspeed()  # before parse_config: the TrainingArguments create the distributed state
     cfg = parse_config(argv)
     validate(cfg)
     check_deepspeed(cfg)
     check_output_dir(cfg.training.output_dir)  # before hours of loading: an unwritable folder fails at once
+    resume = resolve_resume(cfg.training.resume_from_checkpoint, cfg.training.output_dir)  # complete ones only
+    verify_caches(cfg.data)  # --verify_cache: every shard's checksum and values, before loading anything
     built = build_trainer(cfg)  # its ResolvedConfigCallback writes OUTPUT/distill_config.yaml once training starts
-    built.trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint)
+    built.trainer.train(resume_from_checkpoint=resume)
     export_student(built.trainer, built.tokenizer, Path(cfg.training.output_dir))
     finish_distributed()
     return 0

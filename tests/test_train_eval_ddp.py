@@ -60,9 +60,10 @@ def test_ddp_eval_excludes_even_batch_padding(tmp_path, student_dir, caches):
     script.write_text(SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(_free_port()), str(script), str(result),
-                           *_argv(student_dir, caches, tmp_path / "ddp"), "--ddp_backend", "gloo"], cwd=REPO, env=env, capture_output=True,
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(_free_port())]
+    proc = subprocess.run([*launcher, str(script), str(result), *_argv(student_dir, caches, tmp_path / "ddp"),
+                           "--ddp_backend", "gloo"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ddp = json.loads(result.read_text())

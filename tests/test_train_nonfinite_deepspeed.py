@@ -76,7 +76,8 @@ def test_nonfinite_step_is_skipped_under_deepspeed(tmp_path, student_dir, cache_
     argv = ["--student", str(student_dir), "--cache", str(cache_dir), "--output_dir", str(tmp_path / "out"),
             "--max_steps", "3", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--report_to", "none",
             "--disable_tqdm", "true", "--save_strategy", "no", "--deepspeed", str(ds_file),
-            *(["--bf16", "true", "--use_cpu"] if precision == "bf16" else []), *(["--max_grad_norm", "0"] if hostile else [])]
+            *(["--bf16", "true", "--use_cpu"] if precision == "bf16" else []),
+            *(["--max_grad_norm", "0"] if hostile else [])]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO))
     accelerate = Path(sys.executable).with_name("accelerate")

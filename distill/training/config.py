@@ -63,6 +63,11 @@ class DataArguments:
         metadata={"help": "Hold out this fraction of the cache's shards (the last ones) for evaluation."},
     )
     max_eval_sequences: int | None = field(default=None, metadata={"help": "Cap on evaluation sequences."})
+    verify_cache: bool = field(
+        default=False,
+        metadata={"help": "Before training, verify --cache and --eval_cache (`cache_tools verify`: sha256 of every "
+                          "shard + value checks; reads every shard once) and stop at the first fault."},
+    )
     dataset: str | None = field(
         default=None,
         metadata={"help": "LM-only mode without a cache: a text dataset spec (local file/folder or hub name)."},

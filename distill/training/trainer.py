@@ -108,6 +108,10 @@ class DistillTrainer(Trainer):
                 # non-finite gradients make its overflow check skip the whole step, in every precision
                 # (`_make_deepspeed_skip_nonfinite_steps` turns that check on).
                 self.accelerator.backward(loss, scale_wrt_gas=False)
+            elif self.accelerator.scaler is not None:
+                # fp16 AMP: the GradScaler must see this window's overflow (with no gradients at all its update()
+                # asserts); the inf gradients make it skip the step and back off the scale.
+                self.accelerator.backward(loss)
             return torch.zeros((), device=loss.device)
         self.nonfinite_in_a_row = 0
         self._train_metrics.add_train(outputs, weights)
