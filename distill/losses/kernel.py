@@ -14,61 +14,10 @@ import math
 
 import torch
 
+from distill.losses.buckets import bucket_kd_and_grad, kd_slots, teacher_top1
+from distill.losses.divergences import KDConfig
+
 IGNORE_INDEX = -100
-# Stand-in log-value for buckets that do not exist (empty slots, a missing tail): exp(FILL / T) is exactly 0 in fp32
-# for any sane T, while staying finite keeps 0 * log(0)-style terms and their gradients at 0 instead of NaN.
-BUCKET_FILL = -1.0e9
-KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
-
-
-def bucket_kd(
-    student_logits: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    valid: torch.Tensor,
-    *,
-    kind: str,
-    temperature: float,
-    jsd_beta: float,
-) -> torch.Tensor:
-    """Per-row divergence between teacher and student over B buckets (the listed ids, then the tail), times T^2.
-
-    Args:
-        student_logits: [R, B] fp32 student logits of the buckets (a token's logit; for the tail the logsumexp of the
-            logits outside the support). Only differences matter, so these need not be normalised.
-        teacher_logprobs: [R, B] fp32 teacher log-masses of the same buckets (need not sum to exactly 1: they are
-            renormalised, which absorbs the fp16 rounding of the cache).
-        valid: [R, B] bool; invalid buckets get zero mass on both sides.
-    Returns:
-        [R] fp32, differentiable w.r.t. `student_logits`.
-
-    Temperature: both bucket distributions are softmax(log-mass / T). A listed token is tempered exactly as in
-    full-vocabulary KD; the tail bucket is tempered as ONE token (its total log-mass / T). So KD is zero for
-    identical distributions at every T, and equals full-vocabulary tempered KD when the support covers the vocabulary.
-    For T > 1 this gives the tail less weight than tempering each tail token would (sum p^(1/T) >= (sum p)^(1/T)).
-    """
-    student = torch.where(valid, student_logits, BUCKET_FILL) / temperature
-    teacher = torch.where(valid, teacher_logprobs, BUCKET_FILL) / temperature
-    log_q = torch.log_softmax(student, dim=-1)
-    log_p = torch.log_softmax(teacher, dim=-1)
-    if kind == "forward_kl":
-        rows = (log_p.exp() * (log_p - log_q)).sum(-1)
-    elif kind == "reverse_kl":
-        rows = (log_q.exp() * (log_q - log_p)).sum(-1)
-    elif kind == "jsd":
-        # Generalised JSD: beta * KL(p || m) + (1 - beta) * KL(q || m), m = beta * p + (1 - beta) * q; <= H(beta).
-        log_m = torch.logaddexp(log_p + math.log(jsd_beta), log_q + math.log1p(-jsd_beta))
-        rows = jsd_beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1 - jsd_beta) * (
-            log_q.exp() * (log_q - log_m)
-        ).sum(-1)
-    else:
-        raise ValueError(f"KDConfig.kind={kind!r} is not one of {', '.join(KD_KINDS)}; pick one of those")
-    return rows * temperature**2
-
-
-def teacher_top1(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, slot_valid: torch.Tensor) -> torch.Tensor:
-    """[R] the teacher's most likely listed id (the best valid slot, so -1 padding anywhere is skipped)."""
-    best = torch.where(slot_valid, topk_logprobs.float(), -math.inf).argmax(-1, keepdim=True)
-    return topk_ids.gather(1, best).squeeze(1)
 
 
 class FusedCEKD(torch.autograd.Function):
@@ -87,9 +36,8 @@ class FusedCEKD(torch.autograd.Function):
         kd_row: torch.Tensor,
         ce_scale: torch.Tensor,
         kd_scale: torch.Tensor,
-        options: tuple[str, float, float, bool, int],
+        config: KDConfig,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        kind, temperature, jsd_beta, use_tail, chunk_size = options
         device = hidden.device
         # One fp32 copy of the head for the whole call (a no-op for fp32 weights): fp16 logits would keep ~3 digits.
         weight32 = weight.float()
@@ -99,11 +47,11 @@ class FusedCEKD(torch.autograd.Function):
         stats = torch.zeros(4, dtype=torch.float32, device=device)
 
         has_label = labels != IGNORE_INDEX
-        slot_valid = (topk_ids >= 0) & kd_row[:, None]
+        _, slot_valid = kd_slots(topk_ids, kd_row)
         # Rows with neither a label nor KD (padding) cost nothing.
         active = (has_label | kd_row).nonzero().squeeze(1)
-        for start in range(0, active.numel(), chunk_size):
-            rows = active[start : start + chunk_size]
+        for start in range(0, active.numel(), config.chunk_size):
+            rows = active[start : start + config.chunk_size]
             hidden32 = hidden[rows].float()
             logits = hidden32 @ weight32.t()  # [C, V]; becomes the gradient buffer in place below
             ids, valid = topk_ids[rows], slot_valid[rows]
@@ -132,15 +80,11 @@ class FusedCEKD(torch.autograd.Function):
             tail_mass = torch.exp(lse_tail - lse_all)
 
             teacher = torch.cat([topk_logprobs[rows].float(), tail_logprob[rows].float()[:, None]], dim=1)
-            bucket_valid = torch.cat([valid, (row_kd & tail_exists & use_tail)[:, None]], dim=1)
-            student = torch.cat([support_logits, lse_tail[:, None]], dim=1).detach().requires_grad_(True)
-            with torch.enable_grad():
-                kd_rows = bucket_kd(
-                    student, teacher, bucket_valid, kind=kind, temperature=temperature, jsd_beta=jsd_beta
-                ) * row_kd
-                (grad_buckets,) = torch.autograd.grad(kd_rows.sum(), student)
-            kd_rows = kd_rows.detach()
-            grad_buckets = grad_buckets * kd_scale
+            bucket_valid = torch.cat([valid, (row_kd & tail_exists & config.use_tail)[:, None]], dim=1)
+            student = torch.cat([support_logits, lse_tail[:, None]], dim=1)
+            kd_rows, grad_buckets = bucket_kd_and_grad(student, teacher, bucket_valid, config)
+            kd_rows = kd_rows * row_kd
+            grad_buckets = grad_buckets * (row_kd[:, None] * kd_scale)
 
             # d loss / d logits = ce_s * (softmax - onehot) + kd grads on the support + tail grad * softmax_tail.
             # softmax = tail_mass * softmax_tail on the tail, exp(z_S - lse_all) on the support.
