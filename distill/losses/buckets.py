@@ -33,11 +33,22 @@ def kd_slots(topk_ids: torch.Tensor, kd_mask: torch.Tensor) -> tuple[torch.Tenso
     return slot_valid.any(-1), slot_valid
 
 
+def tail_temperature(config: KDConfig) -> float:
+    """The temperature at which the student's tail bucket aggregates its tokens (its logit is
+    t * logsumexp(tail logits / t), and its gradient spreads over them by softmax(tail logits / t)).
+
+    Top-k targets: 1, i.e. the tail is tempered as ONE token on both sides (the teacher's tail is known only as a
+    total), so KD is zero for identical distributions. Sampled targets: T, so the student's bucket distribution is
+    exactly the full-vocabulary softmax(z / T) aggregated (the teacher has no tail mass to match), and forward KL's
+    gradient is T * (softmax(z / T) - counts/N) on every token."""
+    return config.temperature if config.targets == "sampled" else 1.0
+
+
 def bucket_log_probs(
     student_logits: torch.Tensor, teacher_logmass: torch.Tensor, valid: torch.Tensor, config: KDConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[R, B] student logits (a token's logit; for the tail the logsumexp of the logits outside the support; only
-    differences matter), [R, B] teacher log-masses (renormalised here, which absorbs the fp16 rounding of the cache),
+    """[R, B] student logits (a token's logit; for the tail t * logsumexp(logits outside the support / t), t =
+    `tail_temperature`; only differences matter), [R, B] teacher log-masses (renormalised here, which absorbs the fp16 rounding of the cache),
     [R, B] bool valid -> (log_p, log_q) [R, B] fp32 tempered distributions, invalid buckets at probability 0."""
     t = config.temperature
     student = torch.where(valid, student_logits, BUCKET_FILL) / t

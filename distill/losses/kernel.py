@@ -6,6 +6,7 @@ there, the gradient of the loss with respect to those logits, which it folds int
 O(C x V + V x H), never [N, V].
 
 Shapes: N rows, H hidden, V vocabulary (LM-head rows), K teacher slots, C chunk rows, B = K + 1 buckets.
+Sampled targets at T != 1 need one more [C, V] buffer per chunk (the tail's softmax at T, see `tail_temperature`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 
 import torch
 
-from distill.losses.buckets import bucket_kd_and_grad, kd_slots, teacher_top1
+from distill.losses.buckets import bucket_kd_and_grad, kd_slots, tail_temperature, teacher_top1
 from distill.losses.divergences import KDConfig
 
 IGNORE_INDEX = -100
@@ -79,18 +80,29 @@ class FusedCEKD(torch.autograd.Function):
             ce_rows = torch.where(row_has_label, lse_all - label_logits, 0.0)
             tail_mass = torch.exp(lse_tail - lse_all)
 
+            # KD's tail bucket: its logit and how its gradient spreads over the tail tokens (softmax at t_tail).
+            t_tail = tail_temperature(config)
+            kd_share = grad_logits if t_tail == 1 else grad_logits.pow(1 / t_tail)  # exp((z - max) / t_tail)
+            kd_share_sum = tail_sum if t_tail == 1 else kd_share.sum(dim=1)
+            kd_tail_logit = lse_tail if t_tail == 1 else tail_shift + t_tail * torch.log(kd_share_sum)
+
             teacher = torch.cat([topk_logprobs[rows].float(), tail_logprob[rows].float()[:, None]], dim=1)
             bucket_valid = torch.cat([valid, (row_kd & tail_exists & config.use_tail)[:, None]], dim=1)
-            student = torch.cat([support_logits, lse_tail[:, None]], dim=1)
+            student = torch.cat([support_logits, kd_tail_logit[:, None]], dim=1)
             kd_rows, grad_buckets = bucket_kd_and_grad(student, teacher, bucket_valid, config)
             kd_rows = kd_rows * row_kd
             grad_buckets = grad_buckets * (row_kd[:, None] * kd_scale)
 
-            # d loss / d logits = ce_s * (softmax - onehot) + kd grads on the support + tail grad * softmax_tail.
+            # d loss / d logits = ce_s * (softmax - onehot) + kd grads on the support + tail grad * kd share.
             # softmax = tail_mass * softmax_tail on the tail, exp(z_S - lse_all) on the support.
             row_ce_scale = row_has_label * ce_scale
-            tail_coef = (row_ce_scale * tail_mass + grad_buckets[:, -1]) / torch.where(tail_exists, tail_sum, 1.0)
-            grad_logits.mul_(tail_coef[:, None])  # now: tail coefficient x softmax over the tail
+            ce_coef = row_ce_scale * tail_mass / torch.where(tail_exists, tail_sum, 1.0)
+            kd_coef = grad_buckets[:, -1] / torch.where(tail_exists, kd_share_sum, 1.0)
+            if t_tail == 1:
+                grad_logits.mul_((ce_coef + kd_coef)[:, None])
+            else:
+                grad_logits.mul_(ce_coef[:, None]).add_(kd_share.mul_(kd_coef[:, None]))
+            del kd_share
             support_prob = torch.exp(support_logits - lse_all[:, None])
             support_grad = row_ce_scale[:, None] * support_prob + grad_buckets[:, :-1]
             grad_logits.scatter_add_(1, ids0, torch.where(valid, support_grad, 0.0))

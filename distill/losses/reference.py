@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from distill.losses.buckets import bucket_kd, kd_slots, teacher_top1
+from distill.losses.buckets import bucket_kd, kd_slots, tail_temperature, teacher_top1
 from distill.losses.core import CEKDOutput, KDConfig, cekd_output, check_inputs, loss_scale
 from distill.losses.kernel import IGNORE_INDEX
 
@@ -45,7 +45,8 @@ def naive_ce_kd_loss(
     lse_all = torch.logsumexp(logits, dim=1)
     on_support = torch.zeros_like(logits).scatter_add_(1, ids0, slot_valid.float()) > 0
     # A finite fill, not -inf: rows whose support covers the vocabulary would otherwise backpropagate NaN.
-    lse_tail = torch.logsumexp(logits.masked_fill(on_support, -1.0e30), dim=1)
+    t_tail = tail_temperature(config)
+    lse_tail = t_tail * torch.logsumexp(logits.masked_fill(on_support, -1.0e30) / t_tail, dim=1)
     tail_exists = on_support.sum(1) < vocab
     student = torch.cat([logits.gather(1, ids0), torch.where(tail_exists, lse_tail, 0.0)[:, None]], dim=1)
     teacher = torch.cat([topk_logprobs.float(), tail_logprob.float()[:, None]], dim=1)
