@@ -39,7 +39,7 @@ def tail_temperature(config: KDConfig) -> float:
 
     Top-k targets: 1, i.e. the tail is tempered as ONE token on both sides (the teacher's tail is known only as a
     total), so KD is zero for identical distributions. Sampled targets: T, so the student's bucket distribution is
-    exactly the full-vocabulary softmax(z / T) aggregated (the teacher has no tail mass to match), and forward KL's
+    exactly the full-vocabulary softmax(z / T) aggregated (a teacher tail, if any, is a count at T too); forward KL's
     gradient is T * (softmax(z / T) - counts/N) on every token."""
     return config.temperature if config.targets == "sampled" else 1.0
 
@@ -47,9 +47,10 @@ def tail_temperature(config: KDConfig) -> float:
 def bucket_log_probs(
     student_logits: torch.Tensor, teacher_logmass: torch.Tensor, valid: torch.Tensor, config: KDConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[R, B] student logits (a token's logit; for the tail t * logsumexp(logits outside the support / t), t =
-    `tail_temperature`; only differences matter), [R, B] teacher log-masses (renormalised here, which absorbs the fp16 rounding of the cache),
-    [R, B] bool valid -> (log_p, log_q) [R, B] fp32 tempered distributions, invalid buckets at probability 0."""
+    """[R, B] student logits (a token's logit; for the tail t * logsumexp(logits outside the support / t),
+    t = `tail_temperature`; only differences matter), [R, B] teacher log-masses (renormalised here, which absorbs the
+    fp16 rounding of the cache), [R, B] bool valid -> (log_p, log_q) [R, B] fp32 tempered distributions, invalid
+    buckets at probability 0."""
     t = config.temperature
     student = torch.where(valid, student_logits, BUCKET_FILL) / t
     teacher = torch.where(valid, teacher_logmass.float().clamp(min=BUCKET_FILL), BUCKET_FILL)

@@ -32,7 +32,7 @@ from distill.losses.buckets import kd_slots
 from distill.losses.divergences import DEFAULT_CHUNK_SIZE, KDConfig
 from distill.losses.kernel import IGNORE_INDEX, FusedCEKD
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "IGNORE_INDEX", "KDConfig", "CEKDOutput", "fused_ce_kd_loss", "check_inputs"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "IGNORE_INDEX", "KDConfig", "CEKDOutput", "fused_ce_kd_loss", "prepare"]
 
 
 @dataclass
@@ -67,6 +67,29 @@ def check_inputs(hidden, weight, labels, topk_ids, topk_logprobs, tail_logprob, 
         raise ValueError(f"topk_ids/labels hold ids >= V={v} (the LM-head rows); map teacher ids to student ids first")
     if n and bool(((labels < 0) & (labels != IGNORE_INDEX)).any()):
         raise ValueError(f"labels hold negative ids other than IGNORE_INDEX={IGNORE_INDEX}; mark missing ones with it")
+
+
+@dataclass
+class Prepared:
+    """What both implementations start from, after the one validation and the one KD-row rule."""
+
+    config: KDConfig
+    labels: torch.Tensor  # [N] int64
+    topk_ids: torch.Tensor  # [N, K] int64 (the cache may hold int32: gather/scatter want int64)
+    kd_row: torch.Tensor  # [N] bool
+    slot_valid: torch.Tensor  # [N, K] bool
+    n_ce: int
+    n_kd: int
+
+
+def prepare(hidden, weight, labels, topk_ids, topk_logprobs, tail_logprob, kd_mask, config) -> Prepared:
+    """Validate `config` and the inputs (ValueError, one line); shapes as in `fused_ce_kd_loss`."""
+    config = (config or KDConfig()).validate()
+    check_inputs(hidden, weight, labels, topk_ids, topk_logprobs, tail_logprob, kd_mask)
+    labels, topk_ids = labels.long(), topk_ids.long()
+    kd_row, slot_valid = kd_slots(topk_ids, kd_mask)
+    n_ce = int((labels != IGNORE_INDEX).sum())
+    return Prepared(config, labels, topk_ids, kd_row, slot_valid, n_ce, int(kd_row.sum()))
 
 
 def loss_scale(weight: float, denominator, count: int, device: torch.device) -> torch.Tensor:
@@ -118,11 +141,7 @@ def fused_ce_kd_loss(
             gradient accumulation and ranks) instead of this call's own counts (the default, None).
     Memory: O(chunk_size x V + V x H); gradients for hidden and weight are computed in the forward.
     """
-    config = (config or KDConfig()).validate()
-    check_inputs(hidden, weight, labels, topk_ids, topk_logprobs, tail_logprob, kd_mask)
-    labels, topk_ids = labels.long(), topk_ids.long()  # gather/scatter index dtype (the cache may hold int32)
-    kd_row, _ = kd_slots(topk_ids, kd_mask)
-    n_ce, n_kd = int((labels != IGNORE_INDEX).sum()), int(kd_row.sum())
+    x = prepare(hidden, weight, labels, topk_ids, topk_logprobs, tail_logprob, kd_mask, config)
     if not torch.is_grad_enabled():
         # Evaluation: `needs_input_grad` follows requires_grad, not grad mode; detaching skips the gradient buffers
         # and the two extra matmuls per chunk that nobody would read.
@@ -131,15 +150,9 @@ def fused_ce_kd_loss(
     # the matmul would otherwise come back in half precision.
     with torch.autocast(hidden.device.type, enabled=False):
         loss, stats = FusedCEKD.apply(
-            hidden,
-            weight,
-            labels,
-            topk_ids,
-            topk_logprobs,
-            tail_logprob,
-            kd_row,
-            loss_scale(ce_weight, ce_denominator, n_ce, hidden.device),
-            loss_scale(kd_weight, kd_denominator, n_kd, hidden.device),
-            config,
+            *(hidden, weight, x.labels, x.topk_ids, topk_logprobs, tail_logprob, x.kd_row),
+            loss_scale(ce_weight, ce_denominator, x.n_ce, hidden.device),
+            loss_scale(kd_weight, kd_denominator, x.n_kd, hidden.device),
+            x.config,
         )
-    return cekd_output(loss, stats, n_ce, n_kd)
+    return cekd_output(loss, stats, x.n_ce, x.n_kd)
