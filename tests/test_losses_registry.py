@@ -107,3 +107,22 @@ def test_a_divergence_added_to_the_registry_runs_everywhere(monkeypatch):
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
     assert results[0][0].item() > 0.01
+
+
+def test_skew_kl_from_the_command_line(tmp_path):
+    from distill.training.config import parse_config
+
+    cfg = parse_config(["--kd_kind", "skew_kl", "--skew_alpha", "0.3", "--student", "x", "--cache", "y",
+                        "--output_dir", str(tmp_path)])
+    kd = KDConfig.from_args(cfg.loss)
+    assert (kd.kind, kd.skew_alpha) == ("skew_kl", 0.3)
+    gen = torch.Generator().manual_seed(0)
+    n, h, v, k = 13, 6, 20, 4
+    hidden, weight = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen)
+    logprobs, ids = torch.randn(n, v, generator=gen).log_softmax(-1).topk(k, dim=-1)
+    tail = torch.log1p(-logprobs.exp().sum(-1))
+    labels, kd_mask = torch.randint(0, v, (n,), generator=gen), torch.ones(n, dtype=torch.bool)
+    a = fused_ce_kd_loss(hidden, weight, labels, ids, logprobs, tail, kd_mask, config=kd)
+    b = naive_ce_kd_loss(hidden, weight, labels, ids, logprobs, tail, kd_mask, config=kd)
+    torch.testing.assert_close(a.kd, b.kd)
+    assert a.kd.item() > 0.01

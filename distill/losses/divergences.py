@@ -113,6 +113,13 @@ DIVERGENCES: dict[str, Divergence] = {
             why_not_sampled=_NO_SAMPLED.format(what="the mixture m = beta * p + (1 - beta) * q"),
             help="generalised Jensen-Shannon, bounded by H(beta)",
         ),
+        Divergence(
+            name="skew_kl",
+            value=lambda log_p, log_q, config: _kl(log_p, _jsd_log_m(log_p, log_q, config.skew_alpha)),
+            params=(Param("skew_alpha", 0.1, 0.0, 1.0, "Skew of KL(p || alpha p + (1 - alpha) q)."),),
+            why_not_sampled=_NO_SAMPLED.format(what="the skewed mixture alpha * p + (1 - alpha) * q"),
+            help="skew KL (DistiLLM), KL(p || alpha p + (1 - alpha) q)",
+        ),
     )
 }
 KD_KINDS = tuple(DIVERGENCES)
@@ -132,6 +139,7 @@ class KDConfig:
     targets: str = "topk"  # one of TARGET_KINDS: what topk_logprobs / tail_logprob hold
     # Divergence parameters: one field per Param in DIVERGENCES (same name and default; a test checks).
     jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
 
     @classmethod
     def from_args(cls, args: Any, **overrides: Any) -> KDConfig:

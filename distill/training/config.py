@@ -90,6 +90,7 @@ class LossArguments:
     kd_kind: str = field(default="forward_kl", metadata={"help": "KD divergence: " + "|".join(KD_KINDS)})
     temperature: float = field(default=1.0, metadata={"help": "KD temperature T (loss scaled by T^2)."})
     jsd_beta: float = field(default=0.5, metadata={"help": "Mixture weight of JSD(beta)."})
+    skew_alpha: float = field(default=0.1, metadata={"help": "Skew of skew_kl: KL(p || alpha p + (1 - alpha) q)."})
     use_tail: bool = field(default=True, metadata={"help": "Tail bucket for the mass outside the teacher's top-k."})
     loss_chunk_size: int = field(
         default=DEFAULT_CHUNK_SIZE,
