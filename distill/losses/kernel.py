@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from distill.losses.buckets import bucket_kd_and_grad, kd_slots, tail_temperature, teacher_top1
 from distill.losses.divergences import KDConfig
@@ -27,18 +28,11 @@ class FusedCEKD(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        labels: torch.Tensor,
-        topk_ids: torch.Tensor,
-        topk_logprobs: torch.Tensor,
-        tail_logprob: torch.Tensor,
-        kd_row: torch.Tensor,
-        ce_scale: torch.Tensor,
-        kd_scale: torch.Tensor,
-        config: KDConfig,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx, hidden: Tensor, weight: Tensor, labels: Tensor, topk_ids: Tensor, topk_logprobs: Tensor,
+        tail_logprob: Tensor, kd_row: Tensor, ce_scale: Tensor, kd_scale: Tensor, config: KDConfig,
+    ) -> tuple[Tensor, Tensor]:
+        """hidden [N, H], weight [V, H], labels [N] int64, topk_ids / topk_logprobs [N, K] (int64 / float),
+        tail_logprob [N], kd_row [N] bool (`buckets.kd_slots`), ce_scale / kd_scale scalars (weight / denominator)."""
         device = hidden.device
         # One fp32 copy of the head for the whole call (a no-op for fp32 weights): fp16 logits would keep ~3 digits.
         weight32 = weight.float()
