@@ -163,3 +163,28 @@ def test_expected_sampled_gradient_is_full_kd_and_topk_is_biased():
     assert results[f"top-{k} + tail"][0] > 3 * angle  # biased: more draws would not bring it closer
     assert results[f"top-{k}, no tail"][0] > 30.0
 
+
+
+def test_builder_sampler_at_temperature_two_gives_tempered_full_kd():
+    """End to end with the cache builder's sampler: draws at sample temperature 2 (`cache_tools.sampling`), stored as
+    the per-example fields, trained at T = 2: the mean gradient over draws is full-vocabulary tempered KD's,
+    T * (softmax(z / T) - softmax(t / T)). The same samples at T = 1 (what `check_kd_for_targets` refuses) are not."""
+    from cache_tools.sampling import sample_targets
+
+    positions, vocab, n, draws, temperature = 4, 512, 50, 4000, 2.0
+    gen = torch.Generator().manual_seed(1)
+    teacher = torch.randn(positions, vocab, generator=gen) * 4
+    z = 0.5 * teacher + torch.randn(positions, vocab, generator=gen)
+    uniforms = torch.rand(positions * draws, n, generator=gen, dtype=torch.float64)
+    ids, counts = sample_targets(teacher.repeat_interleave(draws, 0), uniforms, temperature)
+    logprobs = torch.where(counts > 0, (counts.float() / n).log(), 0.0)
+    tail = torch.full((ids.shape[0],), -math.inf)
+    full = temperature * ((z / temperature).softmax(-1) - (teacher / temperature).softmax(-1))
+    at_t = _mean_logit_grad(z, ids, logprobs, tail, KDConfig(temperature=temperature, targets="sampled"))
+    angle, ratio = _angle_and_norm_ratio(at_t, full)
+    at_1 = _mean_logit_grad(z, ids, logprobs, tail, KDConfig(temperature=1.0, targets="sampled"))
+    wrong_angle, wrong_ratio = _angle_and_norm_ratio(at_1, full)
+    print(f"\nsamples at T=2, KD at T=2: {angle:.2f} deg / {ratio:.3f}; KD at T=1: {wrong_angle:.2f} deg / "
+          f"{wrong_ratio:.3f}")
+    assert angle < 2.0 and abs(ratio - 1) < 0.02
+    assert wrong_angle > 5 * angle or abs(wrong_ratio - 1) > 0.2
