@@ -132,8 +132,7 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
         aux = AuxSettings(teacher_hidden=int(m.pooling["hidden_size"]), teacher_pool_layers=list(m.pooling["layers"]),
                           teacher_num_layers=int(m.teacher["num_hidden_layers"]),
                           contrastive_temperature=loss.contrastive_temperature)
-    kd_config = KDConfig(kind=loss.kd_kind, temperature=loss.temperature, jsd_beta=loss.jsd_beta,
-                         use_tail=loss.use_tail, chunk_size=loss.loss_chunk_size)
+    kd_config = KDConfig.from_args(loss)  # kd_kind, temperature, use_tail, loss_chunk_size, divergence parameters
     set_seed(cfg.training.seed)  # projection heads: the same initial values on every rank and every run
     model = DistillModel(student, kd_config, aux, student_pool_layers(cfg.model.pool_student_layers))
     trainer = DistillTrainer(
