@@ -47,14 +47,13 @@ def evaluate_student(
     Returns {"ce", "perplexity", "kd", "top1_agreement", "teacher_mass_covered", "loss", "sequences"}."""
     from torch.utils.data import DataLoader
 
-    from distill.data.dataset import DistillCollator, build_cache_data, check_kd_for_cache
+    from distill.data.dataset import DistillCollator, build_cache_data, kd_config_for_caches
     from distill.losses import KDConfig
     from distill.training.metrics import MetricAccumulator
     from distill.training.modeling import DistillModel, head_rows
 
-    kd_config = kd_config or KDConfig()
     data = build_cache_data(cache_dir, tokenizer, head_rows(student), eval_fraction=0.0)
-    check_kd_for_cache(kd_config, data.reader)
+    kd_config = kd_config_for_caches(kd_config or KDConfig(), data.readers)  # targets = the cache's kind
     dataset = data.train
     if max_sequences is not None:
         dataset.indices = dataset.indices[:max_sequences]
@@ -104,14 +103,23 @@ def run_settings(student: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def kd_config_for(run: dict[str, Any], args: argparse.Namespace) -> Any:
-    """The run's KD settings (defaults where it has none), with the command line's overrides."""
-    from distill.losses import KDConfig
+    """The run's KD settings (every divergence parameter; defaults where it has none), with the command line's
+    overrides. ConfigError (one line) for impossible values."""
+    from types import SimpleNamespace
 
-    default = KDConfig()
-    temperature = args.temperature if args.temperature is not None else run.get("temperature", default.temperature)
-    return KDConfig(kind=args.kd_kind or run.get("kd_kind", default.kind), temperature=float(temperature),
-                    jsd_beta=float(run.get("jsd_beta", default.jsd_beta)),
-                    use_tail=bool(run.get("use_tail", default.use_tail))).validate()
+    from distill.losses import KDConfig
+    from distill.training.config import ConfigError
+
+    flags = dict(run)
+    if args.kd_kind:
+        flags["kd_kind"] = args.kd_kind
+    if args.temperature is not None:
+        flags["temperature"] = args.temperature
+    kd_config = KDConfig.from_args(SimpleNamespace(**flags))
+    problems = kd_config.problems(flags=True)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return kd_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -140,10 +148,7 @@ def _main(args: argparse.Namespace) -> int:
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"--student {args.student}: no model here ({model_dir}/config.json missing); pass a run "
                           "folder or an exported student folder")
-    try:
-        kd_config = kd_config_for(run, args)
-    except ValueError as err:
-        raise ConfigError(f"--kd_kind/--temperature: {err}") from err
+    kd_config = kd_config_for(run, args)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[args.dtype])
     metrics = evaluate_student(student, tokenizer, cache, batch_size=args.batch_size,

@@ -95,7 +95,7 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from distill.data.dataset import DistillCollator, build_cache_data, build_text_data, check_kd_for_cache
+    from distill.data.dataset import DistillCollator, build_cache_data, build_text_data, kd_config_for_caches
     from distill.losses import KDConfig
     from distill.training.callbacks import (
         DistillEarlyStoppingCallback,
@@ -122,10 +122,8 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
         data = build_text_data(d.dataset, tokenizer, max_length=d.max_length, text_column=d.text_column,
                                max_samples=d.max_samples)
     loss = cfg.loss
-    kd_config = KDConfig(kind=loss.kd_kind, temperature=loss.temperature, jsd_beta=loss.jsd_beta,
-                         use_tail=loss.use_tail, chunk_size=loss.loss_chunk_size)
-    for reader in data.readers:
-        check_kd_for_cache(kd_config, reader)
+    # kd_kind, temperature, use_tail, loss_chunk_size, divergence parameters; targets = the caches' target kind
+    kd_config = kd_config_for_caches(KDConfig.from_args(loss), data.readers)
     aux = aux_settings(data.reader, loss)
     if aux is not None:  # before loading weights: a bad --pool_student_layers is a one-line error at once
         resolve_pool_layers(student_pool_layers(cfg.model.pool_student_layers), aux,

@@ -56,27 +56,28 @@ def check_student_compatible(reader: TeacherCacheReader, tokenizer: Any, student
         )
 
 
-def check_kd_for_cache(kd_config: Any, reader: TeacherCacheReader) -> None:
-    """Refuse (CacheError, one line) KD settings a cache's targets cannot serve. Sampled (RS-KD) targets estimate
-    the teacher's distribution at the temperature they were drawn at, on a support of sampled ids only: forward KL
-    alone is defined there, at that temperature.
+def kd_config_for_caches(kd_config: Any, readers: list[TeacherCacheReader]) -> Any:
+    """`kd_config` with `targets` set to the kind of target the caches hold ("topk" | "sampled"); CacheError (one
+    line, naming the manifest and the fix) when they differ or the KD settings are not defined on them: sampled
+    (RS-KD) targets define forward KL only, at the temperature they were drawn at (`check_kd_for_targets`). A
+    manifest without a `targets` record (format v1) holds top-k targets."""
+    import dataclasses
 
-    TODO(lead): delegate to `distill.losses.check_kd_for_targets` once the losses helper's version is on main; this
-    reads `manifest.targets` with getattr defaults so a format-v1 manifest (no `targets`) means top-k."""
-    targets = getattr(reader.manifest, "targets", None)
-    if getattr(targets, "kind", "topk") != "sampled":
-        return
-    where = reader.cache_dir / schema.MANIFEST_NAME
-    if kd_config.kind != "forward_kl":
-        raise schema.CacheError(
-            f"{where}: sampled targets define only forward KL (the teacher's probability of an unsampled token is "
-            f"unknown), not --kd_kind {kd_config.kind}; use --kd_kind forward_kl or a top-k cache")
-    drawn_at = float(getattr(targets, "sample_temperature", 1.0))
-    if not math.isclose(float(kd_config.temperature), drawn_at, rel_tol=1e-6):
-        raise schema.CacheError(
-            f"{where}: targets were sampled at temperature {drawn_at:g}, not --temperature {kd_config.temperature:g} "
-            f"(counts/N estimate the teacher at {drawn_at:g} only); pass --temperature {drawn_at:g} or rebuild the "
-            f"cache with --sample-temperature {kd_config.temperature:g}")
+    from distill.losses import check_kd_for_targets
+
+    kinds = {getattr(getattr(r.manifest, "targets", None), "kind", "topk") for r in readers}
+    if len(kinds) > 1:
+        raise schema.CacheError(f"{', '.join(str(r.cache_dir) for r in readers)}: training and eval caches hold "
+                                "different target kinds (top-k and sampled); evaluate on a cache of the same kind")
+    for reader in readers:
+        targets = getattr(reader.manifest, "targets", None)
+        kind = getattr(targets, "kind", "topk")
+        problems = check_kd_for_targets(dataclasses.replace(kd_config, targets=kind), kind,
+                                        float(getattr(targets, "sample_temperature", 1.0)))
+        if problems:
+            raise schema.CacheError(f"{reader.cache_dir / schema.MANIFEST_NAME}: {kind} targets: "
+                                    + "; ".join(problems))
+    return dataclasses.replace(kd_config, targets=kinds.pop()) if kinds else kd_config
 
 
 def make_target_builder(reader: TeacherCacheReader, tokenizer: Any, student_vocab_rows: int, *,

@@ -20,11 +20,10 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from cache_tools.errors import UserError, describe_os_error
 from cache_tools.fsutil import atomic_write_text
-from distill.losses import DEFAULT_CHUNK_SIZE
+from distill.losses import DEFAULT_CHUNK_SIZE, KD_KINDS, KDConfig
 from distill.losses.schedules import parse_ramp
 from distill.training.components import COMPONENTS
 
-KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
 RESOLVED_CONFIG_NAME = "distill_config.yaml"
 
 
@@ -108,6 +107,7 @@ class LossArguments(ComponentArguments):
     kd_kind: str = field(default="forward_kl", metadata={"help": "KD divergence: " + "|".join(KD_KINDS)})
     temperature: float = field(default=1.0, metadata={"help": "KD temperature T (loss scaled by T^2)."})
     jsd_beta: float = field(default=0.5, metadata={"help": "Mixture weight of JSD(beta)."})
+    skew_alpha: float = field(default=0.1, metadata={"help": "Skew of skew_kl: KL(p || alpha p + (1 - alpha) q)."})
     use_tail: bool = field(default=True, metadata={"help": "Tail bucket for the mass outside the teacher's top-k."})
     loss_chunk_size: int = field(
         default=DEFAULT_CHUNK_SIZE,
@@ -250,14 +250,7 @@ def validate(cfg: DistillConfig) -> None:
     if not t.output_dir:
         problems.append("--output_dir is required")
     problems += _component_problems(cfg)
-    if loss.kd_kind not in KD_KINDS:
-        problems.append(f"--kd_kind must be one of {'|'.join(KD_KINDS)}, got {loss.kd_kind!r}")
-    if not (loss.temperature > 0 and math.isfinite(loss.temperature)):
-        problems.append(f"--temperature must be a finite number > 0, got {loss.temperature}")
-    if not 0.0 < loss.jsd_beta < 1.0:
-        problems.append(f"--jsd_beta must be in (0, 1), got {loss.jsd_beta}")
-    if loss.loss_chunk_size < 1:
-        problems.append(f"--loss_chunk_size must be >= 1, got {loss.loss_chunk_size}")
+    problems += KDConfig.from_args(loss).problems(flags=True)  # --kd_kind, --temperature, --jsd_beta, ...
     if loss.max_nonfinite_steps < 1:
         problems.append(f"--max_nonfinite_steps must be >= 1, got {loss.max_nonfinite_steps}")
     if run.early_stopping_patience < 0:

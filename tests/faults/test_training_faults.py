@@ -133,9 +133,10 @@ def test_fp16_under_deepspeed_without_fp16_support(tmp_path, student_dir, cache_
     out = tmp_path / "out"
     code = ("import sys, deepspeed.accelerator as a; type(a.get_accelerator()).is_fp16_supported = lambda self: False;"
             " from distill.train import main; raise SystemExit(main(sys.argv[1:]))")
+    one_rank = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(_free_port())}
     proc = _run([*_argv(student_dir, cache_dir, out), "--deepspeed", str(REPO / "ds_configs" / "zero2_fp16.json"),
-                 "--fp16", "true"], prefix=["-c", code], env={"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                     "MASTER_PORT": str(_free_port())})
+                 "--fp16", "true"], prefix=["-c", code], env=one_rank)
     _assert_one_line_error(proc, "--fp16", "no fp16 support", "drop --fp16")
     assert not out.exists()  # no distill_config.yaml left behind
 
