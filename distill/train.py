@@ -169,28 +169,6 @@ def finish_distributed() -> None:
         dist.destroy_process_group()
 
 
-def check_deepspeed(cfg: Any) -> None:
-    """Refuse, before anything is written, what would otherwise fail inside DeepSpeed's engine set-up with its
-    traceback: --deepspeed without a launcher (DeepSpeed then falls back to MPI discovery), --fp16 on an accelerator
-    without fp16 support."""
-    t = cfg.training
-    if not t.deepspeed:
-        return
-    import importlib.util
-
-    from deepspeed.accelerator import get_accelerator
-
-    from distill.training.config import ConfigError
-
-    if "RANK" not in os.environ and importlib.util.find_spec("mpi4py") is None:
-        raise ConfigError(f"--deepspeed {t.deepspeed}: DeepSpeed needs a launcher; run under `accelerate launch` "
-                          "(see launch/accelerate/), `torchrun` or `deepspeed`, or drop --deepspeed")
-    accel = get_accelerator()
-    if t.fp16 and not accel.is_fp16_supported():
-        raise ConfigError(f"--fp16 with --deepspeed {t.deepspeed}: DeepSpeed's {accel.device_name()} accelerator has "
-                          "no fp16 support on this machine; drop --fp16 (fp32), use --bf16, or run on a GPU")
-
-
 def main(argv: list[str] | None = None) -> int:
     from cache_tools.errors import run_cli
 
@@ -206,7 +184,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def _main(argv: list[str]) -> int:
-    from distill.training.config import check_output_dir, parse_config, validate
+    from distill.training.config import parse_config, validate
     from distill.training.export import export_student
 
     if any(a in ("-h", "--help") for a in argv):
@@ -218,7 +196,7 @@ def _main(argv: list[str]) -> int:
         return 0
     from distill.training.checkpoints import resolve_resume
     from distill.training.distributed import enable_cpu_deepspeed
-    from distill.training.preflight import verify_caches
+    from distill.training.preflight import check_deepspeed, check_output_dir, verify_caches
 
     enable_cpu_deepspeed()  # before parse_config: the TrainingArguments create the distributed state
     cfg = parse_config(argv)

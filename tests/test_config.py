@@ -106,7 +106,7 @@ def test_loss_components_come_from_the_registry(tmp_path):
 
 
 def test_output_dir_checks_leave_nothing(tmp_path):
-    from distill.training.config import check_output_dir
+    from distill.training.preflight import check_output_dir
 
     check_output_dir(tmp_path / "new" / "run")
     assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []  # probed, nothing created

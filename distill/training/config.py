@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from cache_tools.errors import UserError, describe_os_error
+from cache_tools.errors import UserError
 from cache_tools.fsutil import atomic_write_text
 from distill.losses import DEFAULT_CHUNK_SIZE, KD_KINDS, KDConfig
 from distill.losses.schedules import parse_ramp
@@ -296,26 +294,6 @@ def _component_problems(cfg: DistillConfig) -> list[str]:
 
 def student_pool_layers(spec: str | None) -> list[int] | None:
     return [int(x) for x in spec.split(",")] if spec else None
-
-
-def check_output_dir(output_dir: str | Path) -> None:
-    """Refuse (ConfigError) an --output_dir that cannot be written: a file, under a file, read-only, no permission.
-    Probes by creating and removing a temp folder in the nearest existing ancestor, so nothing is left behind
-    (`os.access` is not enough: root passes it on read-only file systems and sysfs)."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--output_dir {path}: is a file, not a folder; choose another --output_dir")
-    ancestor = path
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ConfigError(f"--output_dir {path}: {ancestor} is a file, not a folder; choose another --output_dir")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=ancestor))
-    except OSError as err:
-        reason = err.strerror or describe_os_error(err)
-        raise ConfigError(f"--output_dir {path}: cannot write in {ancestor} ({reason}); choose a writable folder or "
-                          "fix its permissions") from err
 
 
 def write_resolved_config(cfg: DistillConfig, output_dir: str | Path) -> Path:
