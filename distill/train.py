@@ -27,12 +27,6 @@ class Built:
     data: Any  # distill.data.BuiltData
 
 
-def is_main_process() -> bool:
-    """Rank 0 of the job. Read from the environment: under some launchers the Accelerator reports one process per
-    rank before DeepSpeed's process group exists, while RANK is always set by the launcher."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def load_tokenizer(cfg: Any) -> Any:
     from transformers import AutoTokenizer
 
