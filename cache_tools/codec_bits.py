@@ -1,0 +1,132 @@
+"""Bit-level building blocks of `cache_tools.codec` (vectorised numpy): fixed-width fields, unary numbers, per-row
+Rice parameters, and the blob framing (header with magic, kind, version, one parameter byte and a crc32).
+
+Rice coding of a value v >= 0 with parameter k: the quotient v >> k in unary (that many ones, then a zero) and the
+low k bits as a fixed-width field. A blob keeps all remainders in one bit-packed section and all quotients in one
+unary section, so both decode with whole-array operations (no per-value Python loop).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+
+ENCODING_VERSION = 1
+MAGIC = b"DK"
+HEADER = struct.Struct("<2sccBI")  # magic, kind, version, kind-specific parameter, crc32 of all other bytes
+MAX_FIELD_BITS = 25  # widest fixed-width field the 4-byte window reader handles (25 + 7 bit offset <= 32)
+
+
+class CodecError(ValueError):
+    """A blob that cannot be decoded (truncated, corrupt, or not what the caller said it holds)."""
+
+
+# ---- bit packing ------------------------------------------------------------------------------------------------
+
+
+def pack_fields(values: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """Concatenate values[i] in widths[i] bits (MSB first, widths <= MAX_FIELD_BITS) into bytes, zero-padded."""
+    if values.size == 0:
+        return np.zeros(0, np.uint8)
+    words = values.astype(">u4").view(np.uint8).reshape(-1, 4)
+    bits = np.unpackbits(words, axis=1)  # [M, 32], row-major order keeps the fields in sequence
+    keep = np.arange(32)[None, :] >= (32 - widths.astype(np.int64))[:, None]
+    return np.packbits(bits[keep])
+
+
+def read_fields(buf: np.ndarray, offsets: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """values[i] = the widths[i]-bit field at bit offsets[i] of `buf` (as written by `pack_fields`), int64."""
+    padded = np.concatenate([buf, np.zeros(4, np.uint8)])
+    # Every byte offset seen as the start of a big-endian uint32 (an overlapping strided view, no copy): one gather
+    # per field instead of four byte gathers and shifts.
+    words = np.ndarray(shape=(buf.size + 1,), dtype=">u4", buffer=padded, strides=(1,))  # + 1: 0-bit fields at the end
+    window = words[offsets >> 3].astype(np.uint32)
+    shift = (32 - (offsets & 7) - widths).astype(np.uint32)
+    mask = (np.uint32(1) << widths.astype(np.uint32)) - np.uint32(1)  # width 0: mask 0 whatever the shift
+    return ((window >> shift) & mask).astype(np.int64)
+
+
+def pack_unary(q: np.ndarray) -> np.ndarray:
+    """q[i] ones then a zero, for every i, packed MSB first."""
+    ends = np.cumsum(q.astype(np.int64) + 1) - 1
+    bits = np.ones(int(ends[-1]) + 1 if q.size else 0, np.uint8)
+    bits[ends] = 0
+    return np.packbits(bits)
+
+
+def read_unary(buf: np.ndarray, count: int) -> np.ndarray:
+    """The first `count` unary numbers of `buf`; CodecError unless the section ends within the last byte."""
+    zeros = np.flatnonzero(np.unpackbits(buf) == 0)
+    if zeros.size < count:
+        raise CodecError(f"unary section holds {zeros.size} of the {count} Rice quotients it should: blob truncated")
+    if count == 0:
+        if buf.size:
+            raise CodecError(f"{buf.size} trailing bytes after the last field: blob corrupt")
+        return np.zeros(0, np.int64)
+    zeros = zeros[:count]
+    if (int(zeros[-1]) >> 3) + 1 != buf.size:
+        raise CodecError(f"unary section is {buf.size} bytes but its data ends in byte {int(zeros[-1]) >> 3}")
+    return np.diff(zeros, prepend=-1) - 1
+
+
+# ---- Rice coding of non-negative int rows -----------------------------------------------------------------------
+
+
+def best_rice_k(values: np.ndarray, counts: np.ndarray, k_max: int) -> np.ndarray:
+    """Per row, the k in 0..k_max minimising sum(v >> k) + count * (k + 1) bits. values [n, m] >= 0, padding 0."""
+    costs = np.stack([(values >> k).sum(1) + counts * (k + 1) for k in range(k_max + 1)], axis=1)
+    return costs.argmin(1).astype(np.int64)
+
+
+def rice_split(values: np.ndarray, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(quotients, remainders) of flat values, each with its own k."""
+    return values >> ks, values & ((np.int64(1) << ks) - 1)
+
+
+class BlobReader:
+    """Walks a blob: header check, then plain sections, then the field and unary sections."""
+
+    def __init__(self, blob: np.ndarray, kind: bytes, what: str) -> None:
+        blob = np.asarray(blob)
+        if blob.dtype != np.uint8 or blob.ndim != 1:
+            raise CodecError(f"{what} blob must be 1-D uint8, got {blob.dtype} with shape {blob.shape}")
+        if blob.size < HEADER.size:
+            raise CodecError(f"{what} blob is {blob.size} bytes, shorter than its {HEADER.size}-byte header")
+        magic, got_kind, version, self.param, crc = HEADER.unpack(blob[: HEADER.size].tobytes())
+        if magic != MAGIC or got_kind != kind:
+            raise CodecError(f"not a {what} blob (header {magic + got_kind!r}, expected {MAGIC + kind!r})")
+        if version[0] != ENCODING_VERSION:
+            raise CodecError(f"{what} blob has encoding version {version[0]}; this reader knows {ENCODING_VERSION}")
+        self.body = blob[HEADER.size :]
+        if zlib.crc32(self.body, zlib.crc32(blob[: HEADER.size - 4])) != crc:
+            raise CodecError(f"{what} blob fails its checksum: corrupt")
+        self.pos, self.what = 0, what
+
+    def take(self, nbytes: int) -> np.ndarray:
+        if self.pos + nbytes > self.body.size:
+            raise CodecError(f"{self.what} blob truncated: needs more than its {self.body.size + HEADER.size} bytes")
+        out = self.body[self.pos : self.pos + nbytes]
+        self.pos += nbytes
+        return out
+
+    def fields(self, widths: np.ndarray) -> np.ndarray:
+        if widths.size and int(widths.max()) > MAX_FIELD_BITS:
+            raise CodecError(f"{self.what} blob asks for a {int(widths.max())}-bit field: corrupt parameters")
+        ends = np.cumsum(widths)
+        total = int(ends[-1]) if widths.size else 0
+        section = self.take((total + 7) // 8)
+        return read_fields(section, ends - widths, widths)
+
+    def unary(self, count: int) -> np.ndarray:
+        return read_unary(self.take(self.body.size - self.pos), count)
+
+
+def make_blob(kind: bytes, parts: list[np.ndarray], param: int = 0) -> np.ndarray:
+    body = np.concatenate([np.asarray(p, np.uint8).ravel() for p in parts])
+    head = HEADER.pack(MAGIC, kind, bytes([ENCODING_VERSION]), param, 0)[:-4]
+    header = head + struct.pack("<I", zlib.crc32(body, zlib.crc32(head)))
+    return np.concatenate([np.frombuffer(header, np.uint8), body])
+
+
