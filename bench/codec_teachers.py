@@ -12,6 +12,7 @@ from near one-hot to flat. Without ../shared, a purely synthetic Zipf teacher wi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +39,19 @@ def _zipf_unigram(rng: np.random.Generator, counts: np.ndarray | None) -> np.nda
     return 0.9 * counts / counts.sum() + 0.1 * prior
 
 
-def bigram_rows(n: int, seed: int = 0, sharpen: float = 1.0) -> TeacherRows:
-    """[n] rows of the tinyshakespeare bigram teacher (see the module docstring), as exact log-probs."""
+@lru_cache(maxsize=1)
+def corpus_ids() -> np.ndarray:
+    """tinyshakespeare under the Qwen3 tokenizer (tokenised once per process)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(QWEN_DIR))
-    ids = np.asarray(tok(TEXT.read_text(encoding="utf-8"))["input_ids"], np.int64)
+    tok.model_max_length = 1 << 30  # one long text on purpose: silence the sequence-length warning
+    return np.asarray(tok(TEXT.read_text(encoding="utf-8"))["input_ids"], np.int64)
+
+
+def bigram_rows(n: int, seed: int = 0, sharpen: float = 1.0) -> TeacherRows:
+    """[n] rows of the tinyshakespeare bigram teacher (see the module docstring), as exact log-probs."""
+    ids = corpus_ids()
     rng = np.random.default_rng(seed)
     unigram = _zipf_unigram(rng, np.bincount(ids, minlength=TRUE_VOCAB).astype(np.float64))
     pairs, pair_counts = np.unique(ids[:-1] * TRUE_VOCAB + ids[1:], return_counts=True)

@@ -1,24 +1,25 @@
 """Compact per-sequence encodings of sparse teacher targets (format v2), pure vectorised numpy.
 
-Two blob kinds, each one sequence of n positions, 1-D uint8 (framing and bit primitives: `cache_tools.codec_bits`):
+Two blob kinds, each one sequence of n positions, 1-D uint8 (framing and codes: `cache_tools.codec_bits`):
 
 - top-k (`encode_topk` / `decode_topk`): per position K distinct ids and their log-probs. The ids are sorted
-  ascending and their gaps (minus one) Rice-coded with a per-position parameter (~11 bits/id at K = 256 of
-  V = 151,936, against the 10.65-bit information bound of a uniform 256-subset). The log-probs stay in that id order
-  (so the rank permutation costs nothing) as the row's maximum (float32, exact) plus a level of d = max - logprob on
-  a companded scale, d = QUANT_SCALE * expm1(t), t uniform in [0, t_row] with 2**level_bits levels. t_row, the
-  row's own range, is one byte (RANGE_STEPS steps up to QUANT_MAX_D): a flat row gets fine steps over its few nats,
-  a sharp row stretches to its far entries. Steps are finest at the maximum and grow with d, since an error of x in
+  ascending and their gaps (minus one) Exp-Golomb-coded with a per-position parameter: a teacher's support is dense
+  among the frequent (low) ids and sparse above, which a log-cost code exploits (~8 bits/id measured at K = 256 of
+  V = 151,936, below the 10.65-bit bound of a uniformly random 256-subset). The log-probs stay in that id order (so
+  the rank permutation costs nothing) as the row's maximum (float32, exact) plus a level of d = max - logprob on a
+  companded scale, d = QUANT_SCALE * expm1(t), t uniform in [0, t_row] with 2**level_bits levels. t_row, the row's
+  own range, is one byte (RANGE_STEPS steps up to QUANT_MAX_D): a flat row gets fine steps over its few nats, a
+  sharp row stretches to its far entries. Steps are finest at the maximum and grow with d, since an error of x in
   log p moves the KD gradient q - p by p * x; QUANT_SCALE trades that against the loss value, whose error follows
-  sum(p * x^2) (see bench/bench_codec.py for the measured choice). Levels are Rice-coded counted down from the
-  coarsest level, where most of a top-256 row sits. Decoding re-sorts each row by level; ties keep id order.
+  sum(p * x^2) (bench/bench_codec.py measures both). Levels are Rice-coded counted down from the coarsest level,
+  where most of a top-256 row sits. Decoding re-sorts each row by level; ties keep id order.
 - sampled (`encode_sampled` / `decode_sampled`): per position the distinct sampled ids and their counts (summing to
-  N), LOSSLESS: the number of distinct ids (fixed width), id gaps and count - 1 all Rice-coded per position.
+  N), LOSSLESS: the number of distinct ids (fixed width), then id gaps and count - 1, Exp-Golomb-coded.
 
-Layout after the header: [top-k] row maxima float32 [n], row ranges uint8 [n]; then one byte of Rice parameters per
-row (id k in the low ID_K_BITS bits, level / count k above), [sampled] the distinct-id counts, then one bit-packed
-section of Rice remainders and one unary section of Rice quotients. Every reader-side fault (length, checksum,
-parameters, ids out of range, counts not summing to N) raises `CodecError`, one line.
+Layout after the header: [top-k] row maxima float32 [n], row ranges uint8 [n]; one byte of code parameters per row
+(id k in the low ID_K_BITS bits, level / count k above); [sampled] the distinct-id counts; then the unary parts of
+all codes (byte count uint32, then the section) and their fixed-width fields. Every reader-side fault (length,
+checksum, parameters, ids out of range, counts not summing to N) raises `CodecError`, one line.
 """
 
 from __future__ import annotations
@@ -33,19 +34,18 @@ from cache_tools.codec_bits import (
     MAX_FIELD_BITS,
     BlobReader,
     CodecError,
-    best_rice_k,
+    best_k,
     make_blob,
     pack_fields,
-    pack_unary,
-    rice_split,
+    pack_streams,
 )
 
 __all__ = ["ENCODING_VERSION", "HEADER", "CodecError", "encode_topk", "decode_topk", "check_topk", "encode_sampled",
            "decode_sampled", "check_sampled", "LEVEL_BITS", "QUANT_SCALE", "QUANT_MAX_D", "RANGE_STEPS"]
 
 KIND_TOPK, KIND_SAMPLED = b"T", b"S"
-ID_K_BITS = 5  # Rice parameter of id gaps: 0..31 (low 5 bits of the per-row parameter byte)
-AUX_K_BITS = 3  # Rice parameter of levels (top-k) or count - 1 (sampled): 0..7 (high 3 bits)
+ID_K_BITS = 5  # Exp-Golomb parameter of id gaps: 0..31 (low 5 bits of the per-row parameter byte)
+AUX_K_BITS = 3  # parameter of levels (Rice, top-k) or count - 1 (Exp-Golomb, sampled): 0..7 (high 3 bits)
 LEVEL_BITS = 6  # default log-prob levels per position: 2**LEVEL_BITS (a blob records its own, 1..8)
 QUANT_SCALE = 4.0  # compander scale c (nats): d = c * expm1(t); steps ~ uniform in t below c, growing above
 QUANT_MAX_D = 32.0  # widest row range (nats below the row max); smaller log-probs (and -inf) clip there
@@ -113,13 +113,11 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, vocab_size: int, *, level
         raise ValueError("top-k logprobs: every row needs a finite maximum (a row is all -inf or holds +inf)")
     lp_max, ranges, levels = quantise_logprobs(lp, level_bits)
     down = ((1 << level_bits) - 1) - levels  # Rice-coded from the coarse end: most of a top-256 row sits near it
-    k_id = best_rice_k(gaps, np.full(n, k), _id_k_max(vocab_size))
-    k_lv = best_rice_k(down, np.full(n, k), min((1 << AUX_K_BITS) - 1, level_bits))
-    widths = np.concatenate([np.repeat(k_id, k), np.repeat(k_lv, k)])
-    q, r = rice_split(np.concatenate([gaps.ravel(), down.ravel()]), widths)
+    k_id = best_k(gaps, None, _id_k_max(vocab_size), True)
+    k_lv = best_k(down, None, min((1 << AUX_K_BITS) - 1, level_bits), False)
     params = (k_id | (k_lv << ID_K_BITS)).astype(np.uint8)
-    parts = [lp_max.astype("<f4").view(np.uint8), ranges.astype(np.uint8), params, pack_fields(r, widths),
-             pack_unary(q)]
+    streams = [(gaps.ravel(), np.repeat(k_id, k), True), (down.ravel(), np.repeat(k_lv, k), False)]
+    parts = [lp_max.astype("<f4").view(np.uint8), ranges.astype(np.uint8), params, *pack_streams(streams)]
     return make_blob(KIND_TOPK, parts, level_bits)
 
 
@@ -134,10 +132,8 @@ def decode_topk(blob: np.ndarray, n: int, K: int, vocab_size: int) -> tuple[np.n
     ranges = reader.take(n).astype(np.int64)
     params = reader.take(n).astype(np.int64)
     k_id, k_lv = params & ((1 << ID_K_BITS) - 1), params >> ID_K_BITS
-    widths = np.concatenate([np.repeat(k_id, K), np.repeat(k_lv, K)])
-    rem = reader.fields(widths)
-    values = (reader.unary(2 * n * K) << widths) | rem
-    gaps, down = values[: n * K].reshape(n, K), values[n * K :].reshape(n, K)
+    gaps, down = reader.streams([(np.repeat(k_id, K), True), (np.repeat(k_lv, K), False)])
+    gaps, down = gaps.reshape(n, K), down.reshape(n, K)
     if n and (int(gaps.max()) >= vocab_size or int(down.max()) >= (1 << level_bits)):
         raise CodecError(f"top-k blob decodes to ids >= vocab_size={vocab_size} or levels beyond {level_bits} bits")
     if not np.isfinite(lp_max).all():
@@ -184,13 +180,12 @@ def encode_sampled(ids: np.ndarray, counts: np.ndarray, num_samples: int, vocab_
     valid = np.arange(ids.shape[1])[None, :] < m[:, None]
     gaps = _check_ids(sorted_ids, sorted_ids, valid, vocab_size, "sampled")
     cm1 = np.where(valid, cnt - 1, 0)
-    k_id = best_rice_k(gaps, m, _id_k_max(vocab_size))
-    k_ct = best_rice_k(cm1, m, (1 << AUX_K_BITS) - 1)
-    widths = np.concatenate([np.repeat(k_id, m), np.repeat(k_ct, m)])
-    q, r = rice_split(np.concatenate([gaps[valid], cm1[valid]]), widths)
+    k_id = best_k(gaps, valid, _id_k_max(vocab_size), True)
+    k_ct = best_k(cm1, valid, (1 << AUX_K_BITS) - 1, True)
     params = (k_id | (k_ct << ID_K_BITS)).astype(np.uint8)
     sizes = pack_fields(m - 1, np.full(len(m), width_m))
-    return make_blob(KIND_SAMPLED, [params, sizes, pack_fields(r, widths), pack_unary(q)])
+    streams = [(gaps[valid], np.repeat(k_id, m), True), (cm1[valid], np.repeat(k_ct, m), True)]
+    return make_blob(KIND_SAMPLED, [params, sizes, *pack_streams(streams)])
 
 
 def decode_sampled(blob: np.ndarray, n: int, num_samples: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -205,17 +200,15 @@ def decode_sampled(blob: np.ndarray, n: int, num_samples: int, vocab_size: int) 
     m = reader.fields(np.full(n, width_m, np.int64)) + 1
     if n and int(m.max()) > num_samples:
         raise CodecError(f"sampled blob claims {int(m.max())} distinct ids at a position, more than N={num_samples}")
-    widths = np.concatenate([np.repeat(k_id, m), np.repeat(k_ct, m)])
-    rem = reader.fields(widths)
     total = int(m.sum())
-    values = (reader.unary(2 * total) << widths) | rem
+    gaps, cm1 = reader.streams([(np.repeat(k_id, m), True), (np.repeat(k_ct, m), True)])
     rows = np.repeat(np.arange(n), m)
     cols = np.arange(total) - np.repeat(np.cumsum(m) - m, m)
     steps = np.zeros((n, num_samples), np.int64)
     counts = np.zeros((n, num_samples), np.int64)
-    steps[rows, cols] = values[:total] + 1
-    counts[rows, cols] = values[total:] + 1
-    if total and int(values[:total].max()) >= vocab_size:
+    steps[rows, cols] = gaps + 1
+    counts[rows, cols] = cm1 + 1
+    if total and int(gaps.max()) >= vocab_size:
         raise CodecError(f"sampled blob decodes to ids >= vocab_size={vocab_size}: corrupt, or another vocabulary")
     ids = np.where(counts > 0, np.cumsum(steps, axis=1) - 1, -1)
     if total and int(ids.max()) >= vocab_size:

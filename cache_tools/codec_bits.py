@@ -57,13 +57,13 @@ def pack_unary(q: np.ndarray) -> np.ndarray:
 
 
 def read_unary(buf: np.ndarray, count: int) -> np.ndarray:
-    """The first `count` unary numbers of `buf`; CodecError unless the section ends within the last byte."""
+    """The `count` unary numbers in `buf`; CodecError unless they end within its last byte."""
     zeros = np.flatnonzero(np.unpackbits(buf) == 0)
     if zeros.size < count:
-        raise CodecError(f"unary section holds {zeros.size} of the {count} Rice quotients it should: blob truncated")
+        raise CodecError(f"unary section holds {zeros.size} of the {count} numbers it should: corrupt or truncated")
     if count == 0:
         if buf.size:
-            raise CodecError(f"{buf.size} trailing bytes after the last field: blob corrupt")
+            raise CodecError(f"unary section is {buf.size} bytes but holds nothing: corrupt")
         return np.zeros(0, np.int64)
     zeros = zeros[:count]
     if (int(zeros[-1]) >> 3) + 1 != buf.size:
@@ -71,18 +71,52 @@ def read_unary(buf: np.ndarray, count: int) -> np.ndarray:
     return np.diff(zeros, prepend=-1) - 1
 
 
-# ---- Rice coding of non-negative int rows -----------------------------------------------------------------------
+# ---- Rice and Exp-Golomb codes of non-negative ints ---------------------------------------------------------------
+# Both write a value as a unary part plus a fixed-width field; a blob keeps all unary parts in one section and all
+# fields in another. Rice(k): unary v >> k, field the low k bits (best for geometric values: levels). Exp-Golomb(k):
+# v' = v + 2**k has b = bit_length(v') - 1 >= k bits below its leading one: unary b - k, field those b bits (cost
+# grows with log v, so it suits heavy-tailed values: the id gaps of a teacher's support, dense among frequent low ids
+# and sparse above, cost ~20% fewer bits than Rice on the benchmark's Qwen-vocabulary rows).
 
 
-def best_rice_k(values: np.ndarray, counts: np.ndarray, k_max: int) -> np.ndarray:
-    """Per row, the k in 0..k_max minimising sum(v >> k) + count * (k + 1) bits. values [n, m] >= 0, padding 0."""
-    costs = np.stack([(values >> k).sum(1) + counts * (k + 1) for k in range(k_max + 1)], axis=1)
-    return costs.argmin(1).astype(np.int64)
+def _bit_length(values: np.ndarray) -> np.ndarray:
+    return np.frexp(values.astype(np.float64))[1].astype(np.int64)  # exact for ints < 2**53
 
 
-def rice_split(values: np.ndarray, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(quotients, remainders) of flat values, each with its own k."""
-    return values >> ks, values & ((np.int64(1) << ks) - 1)
+def code_cost(values: np.ndarray, k: int, exp_golomb: bool) -> np.ndarray:
+    """Bits per value [...] of coding `values` with parameter k."""
+    if exp_golomb:
+        return 2 * _bit_length(values + (1 << k)) - k - 1
+    return (values >> k) + k + 1
+
+
+def best_k(values: np.ndarray, valid: np.ndarray | None, k_max: int, exp_golomb: bool) -> np.ndarray:
+    """Per row of values [n, m] (>= 0; entries where `valid` is False are ignored), the k in 0..k_max with the
+    fewest bits."""
+    costs = [code_cost(values, k, exp_golomb) for k in range(k_max + 1)]
+    costs = np.stack([(c if valid is None else np.where(valid, c, 0)).sum(1) for c in costs], axis=1)
+    return costs.argmin(1).astype(np.int64) if costs.size else np.zeros(values.shape[0], np.int64)
+
+
+def split_codes(values: np.ndarray, ks: np.ndarray, exp_golomb: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat values, each with its own k -> (unary parts, field values, field widths)."""
+    if exp_golomb:
+        shifted = values + (np.int64(1) << ks)
+        bits = _bit_length(shifted) - 1
+        return bits - ks, shifted - (np.int64(1) << bits), bits
+    return values >> ks, values & ((np.int64(1) << ks) - 1), ks
+
+
+def join_codes(unary: np.ndarray, fields: np.ndarray, widths: np.ndarray, ks: np.ndarray,
+               exp_golomb: bool) -> np.ndarray:
+    """Inverse of `split_codes` (widths must be those `field_widths` gives for the same unary parts)."""
+    if exp_golomb:
+        return (np.int64(1) << widths) + fields - (np.int64(1) << ks)
+    return (unary << ks) | fields
+
+
+def field_widths(unary: np.ndarray, ks: np.ndarray, exp_golomb: bool) -> np.ndarray:
+    return unary + ks if exp_golomb else ks
 
 
 class BlobReader:
@@ -113,14 +147,33 @@ class BlobReader:
 
     def fields(self, widths: np.ndarray) -> np.ndarray:
         if widths.size and int(widths.max()) > MAX_FIELD_BITS:
-            raise CodecError(f"{self.what} blob asks for a {int(widths.max())}-bit field: corrupt parameters")
+            raise CodecError(f"{self.what} blob asks for a {int(widths.max())}-bit field: corrupt")
         ends = np.cumsum(widths)
         total = int(ends[-1]) if widths.size else 0
         section = self.take((total + 7) // 8)
         return read_fields(section, ends - widths, widths)
 
-    def unary(self, count: int) -> np.ndarray:
-        return read_unary(self.take(self.body.size - self.pos), count)
+    def streams(self, specs: list[tuple[np.ndarray, bool]]) -> list[np.ndarray]:
+        """Decode what `pack_streams` wrote: one (per-value k, exp_golomb) per stream -> the streams' values."""
+        nbytes = int(self.take(4).view("<u4")[0])
+        unary = read_unary(self.take(nbytes), sum(ks.size for ks, _ in specs))
+        cuts = np.cumsum([0] + [ks.size for ks, _ in specs])
+        parts = [unary[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        widths = [field_widths(u, ks, eg) for u, (ks, eg) in zip(parts, specs, strict=True)]
+        fields = self.fields(np.concatenate(widths))
+        if self.pos != self.body.size:
+            raise CodecError(f"{self.what} blob has {self.body.size - self.pos} bytes after its last field: corrupt")
+        return [join_codes(u, fields[a:b], w, ks, eg)
+                for u, w, a, b, (ks, eg) in zip(parts, widths, cuts[:-1], cuts[1:], specs, strict=True)]
+
+
+def pack_streams(streams: list[tuple[np.ndarray, np.ndarray, bool]]) -> list[np.ndarray]:
+    """(flat values, per-value k, exp_golomb) per stream -> blob parts: unary byte count (uint32), the unary section
+    (read first: Exp-Golomb field widths depend on it), then the fields section."""
+    split = [split_codes(v, ks, eg) for v, ks, eg in streams]
+    unary = pack_unary(np.concatenate([u for u, _, _ in split]))
+    fields = pack_fields(np.concatenate([f for _, f, _ in split]), np.concatenate([w for _, _, w in split]))
+    return [np.array([unary.size], "<u4").view(np.uint8), unary, fields]
 
 
 def make_blob(kind: bytes, parts: list[np.ndarray], param: int = 0) -> np.ndarray:
