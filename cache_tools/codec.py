@@ -46,7 +46,7 @@ __all__ = ["ENCODING_VERSION", "HEADER", "CodecError", "encode_topk", "decode_to
 KIND_TOPK, KIND_SAMPLED = b"T", b"S"
 ID_K_BITS = 5  # Exp-Golomb parameter of id gaps: 0..31 (low 5 bits of the per-row parameter byte)
 AUX_K_BITS = 3  # parameter of levels (Rice, top-k) or count - 1 (Exp-Golomb, sampled): 0..7 (high 3 bits)
-LEVEL_BITS = 6  # default log-prob levels per position: 2**LEVEL_BITS (a blob records its own, 1..8)
+LEVEL_BITS = 7  # default log-prob levels per position: 2**LEVEL_BITS (a blob records its own, 1..8)
 QUANT_SCALE = 4.0  # compander scale c (nats): d = c * expm1(t); steps ~ uniform in t below c, growing above
 QUANT_MAX_D = 32.0  # widest row range (nats below the row max); smaller log-probs (and -inf) clip there
 RANGE_STEPS = 255  # row range byte r: t_row = r / RANGE_STEPS * log1p(QUANT_MAX_D / QUANT_SCALE)
@@ -142,10 +142,12 @@ def decode_topk(blob: np.ndarray, n: int, K: int, vocab_size: int) -> tuple[np.n
     if n and int(ids[:, -1].max()) >= vocab_size:
         raise CodecError(f"top-k blob decodes to ids >= vocab_size={vocab_size}: corrupt, or another vocabulary")
     levels = (((1 << level_bits) - 1) - down).astype(np.int16)  # int16: numpy's stable sort is a radix sort here
-    order = np.argsort(levels, axis=1, kind="stable")
-    levels = np.take_along_axis(levels, order, 1)
-    d = level_table(level_bits)[ranges[:, None], levels]
-    return np.take_along_axis(ids, order, 1), lp_max[:, None] - d
+    flat = np.argsort(levels, axis=1, kind="stable")
+    flat += np.arange(0, n * K, K)[:, None]  # row-major flat positions: one take per array, no take_along_axis
+    cell = levels.take(flat) + (ranges << level_bits)[:, None]  # (range, level) -> row of the level table
+    logprobs = level_table(level_bits).take(cell)
+    np.subtract(lp_max[:, None], logprobs, out=logprobs)
+    return ids.take(flat), logprobs
 
 
 def check_topk(blob: np.ndarray, n: int, K: int, vocab_size: int) -> None:
@@ -197,7 +199,7 @@ def decode_sampled(blob: np.ndarray, n: int, num_samples: int, vocab_size: int) 
         raise CodecError(f"sampled blob has header parameter {reader.param}, not 0: corrupt")
     params = reader.take(n).astype(np.int64)
     k_id, k_ct = params & ((1 << ID_K_BITS) - 1), params >> ID_K_BITS
-    m = reader.fields(np.full(n, width_m, np.int64)) + 1
+    m = reader.fields(np.full(n, width_m, np.int64)).astype(np.int64) + 1
     if n and int(m.max()) > num_samples:
         raise CodecError(f"sampled blob claims {int(m.max())} distinct ids at a position, more than N={num_samples}")
     total = int(m.sum())
