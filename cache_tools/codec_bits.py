@@ -33,7 +33,7 @@ def pack_fields(values: np.ndarray, widths: np.ndarray) -> np.ndarray:
     words = values.astype(">u4").view(np.uint8).reshape(-1, 4)
     bits = np.unpackbits(words, axis=1)  # [M, 32], row-major order keeps the fields in sequence
     keep = np.arange(32)[None, :] >= (32 - widths.astype(np.int64))[:, None]
-    return np.packbits(bits[keep])
+    return np.packbits(bits[keep])  # (measured faster than OR-reducing shifted windows per byte)
 
 
 def read_fields(buf: np.ndarray, widths: np.ndarray) -> np.ndarray:
@@ -97,10 +97,21 @@ def code_cost(values: np.ndarray, k: int, exp_golomb: bool) -> np.ndarray:
 
 def best_k(values: np.ndarray, valid: np.ndarray | None, k_max: int, exp_golomb: bool) -> np.ndarray:
     """Per row of values [n, m] (>= 0; entries where `valid` is False are ignored), the k in 0..k_max with the
-    fewest bits."""
-    costs = [code_cost(values, k, exp_golomb) for k in range(k_max + 1)]
-    costs = np.stack([(c if valid is None else np.where(valid, c, 0)).sum(1) for c in costs], axis=1)
-    return costs.argmin(1).astype(np.int64) if costs.size else np.zeros(values.shape[0], np.int64)
+    fewest bits (Exp-Golomb: counted from a per-row histogram of bit lengths, ignoring the rare carry of v + 2**k
+    into a new bit, so the choice may be off by a bit or so, never wrong)."""
+    n = values.shape[0]
+    ks = np.arange(k_max + 1)
+    if exp_golomb:
+        lengths = _bit_length(values)  # 0..MAX_FIELD_BITS
+        rows = np.broadcast_to(np.arange(n)[:, None], values.shape)
+        keep = np.ones(values.shape, bool) if valid is None else valid
+        hist = np.bincount((rows * 64 + lengths)[keep], minlength=n * 64).reshape(n, 64).astype(np.float64)
+        per_length = 2 * np.maximum(np.arange(64)[:, None], ks[None, :] + 1) - ks[None, :] - 1  # [64, k]
+        costs = hist @ per_length
+    else:
+        costs = np.stack([(np.where(valid, code_cost(values, int(k), False), 0) if valid is not None
+                           else code_cost(values, int(k), False)).sum(1) for k in ks], axis=1)
+    return costs.argmin(1).astype(np.int64) if n else np.zeros(0, np.int64)
 
 
 def split_codes(values: np.ndarray, ks: np.ndarray, exp_golomb: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
