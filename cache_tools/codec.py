@@ -40,8 +40,9 @@ from cache_tools.codec_bits import (
     pack_streams,
 )
 
-__all__ = ["ENCODING_VERSION", "HEADER", "CodecError", "encode_topk", "decode_topk", "check_topk", "encode_sampled",
-           "decode_sampled", "check_sampled", "LEVEL_BITS", "QUANT_SCALE", "QUANT_MAX_D", "RANGE_STEPS"]
+__all__ = ["ENCODING_VERSION", "HEADER", "MAX_FIELD_BITS", "CodecError", "encode_topk", "decode_topk", "check_topk",
+           "encode_sampled", "decode_sampled", "check_sampled", "LEVEL_BITS", "QUANT_SCALE", "QUANT_MAX_D",
+           "RANGE_STEPS"]
 
 KIND_TOPK, KIND_SAMPLED = b"T", b"S"
 ID_K_BITS = 5  # Exp-Golomb parameter of id gaps: 0..31 (low 5 bits of the per-row parameter byte)
@@ -91,7 +92,10 @@ def _check_ids(ids: np.ndarray, sorted_ids: np.ndarray, valid: np.ndarray, vocab
 
 
 def _id_k_max(vocab_size: int) -> int:
-    return min(max(vocab_size - 1, 1).bit_length(), MAX_FIELD_BITS)
+    """Largest Exp-Golomb parameter of id gaps; with vocab_size <= 2**MAX_FIELD_BITS every field then fits."""
+    if not 1 <= vocab_size <= (1 << MAX_FIELD_BITS):
+        raise ValueError(f"vocab_size={vocab_size} must lie in [1, {1 << MAX_FIELD_BITS}]")
+    return min(max(vocab_size - 1, 1).bit_length(), MAX_FIELD_BITS - 1)
 
 
 def encode_topk(ids: np.ndarray, logprobs: np.ndarray, vocab_size: int, *, level_bits: int = LEVEL_BITS) -> np.ndarray:

@@ -276,3 +276,12 @@ def test_codes_roundtrip_through_bit_sections(exp_golomb):
     first, second = reader.streams([(flat_k, exp_golomb), (flat_k, exp_golomb)])
     np.testing.assert_array_equal(first, values.ravel())
     np.testing.assert_array_equal(second, values.ravel()[::-1])
+
+
+def test_vocab_size_limits():
+    big = 1 << codec.MAX_FIELD_BITS
+    ids = np.array([[0, big - 1]], np.int64)
+    got, _ = decode_topk(encode_topk(ids, np.array([[-1.0, -2.0]], np.float32), big), 1, 2, big)
+    np.testing.assert_array_equal(got, ids)
+    with pytest.raises(ValueError, match="vocab_size"):
+        encode_topk(ids, np.array([[-1.0, -2.0]], np.float32), big + 1)
