@@ -257,27 +257,6 @@ def test_sampled_corrupt_blobs_raise_codec_error():
         decode_sampled(encode_topk(np.array([[3]]), np.array([[-1.0]]), 10), 1, 64, 10)
 
 
-@pytest.mark.parametrize("exp_golomb", [False, True])
-def test_codes_roundtrip_through_bit_sections(exp_golomb):
-    from cache_tools.codec_bits import BlobReader, best_k, make_blob, pack_streams
-
-    rng = np.random.default_rng(int(exp_golomb))
-    values = np.concatenate([rng.integers(0, 1 << rng.integers(1, 18), 300) for _ in range(20)]).reshape(20, 300)
-    values[0, :3] = [0, (1 << 18) - 1, 1]
-    ks = best_k(values, None, 17 if exp_golomb else 7, exp_golomb)
-    assert ks.shape == (20,) and (ks >= 0).all()
-    flat_k = np.repeat(ks, 300)
-    if not exp_golomb:
-        values = np.minimum(values, 2000)  # Rice: keep the unary parts short
-    blob = make_blob(b"T", pack_streams([(values.ravel(), flat_k, exp_golomb), (values.ravel()[::-1].copy(),
-                                                                                 flat_k, exp_golomb)]), 3)
-    reader = BlobReader(blob, b"T", "test")
-    assert reader.param == 3
-    first, second = reader.streams([(flat_k, exp_golomb), (flat_k, exp_golomb)])
-    np.testing.assert_array_equal(first, values.ravel())
-    np.testing.assert_array_equal(second, values.ravel()[::-1])
-
-
 def test_vocab_size_limits():
     big = 1 << codec.MAX_FIELD_BITS
     ids = np.array([[0, big - 1]], np.int64)
