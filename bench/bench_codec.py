@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 
 from bench.common import ratio, run_standalone
+from cache_tools.codec import LEVEL_BITS
 
 VOCAB = 151_936
 K = 256
 NUM_SAMPLES = 64
-SETTINGS = {True: dict(rows=64, loss_rows=32, seq=64, level_bits=(6,)),
+SETTINGS = {True: dict(rows=64, loss_rows=32, seq=64, level_bits=(LEVEL_BITS,)),
             False: dict(rows=512, loss_rows=192, seq=512, level_bits=(5, 6, 7))}
 
 
@@ -147,7 +148,7 @@ def run(quick: bool, device: str) -> dict[str, Any]:
     acc: dict[str, Any] = {}
     for rows in sets:
         acc.update(accuracy(rows, settings, rng))
-    default_bits = __import__("cache_tools.codec", fromlist=["LEVEL_BITS"]).LEVEL_BITS
+    default_bits = LEVEL_BITS
     ratios: dict[str, Any] = {}
     for name, s in per_set.items():
         ratios[f"{name} top-256 bytes/token"] = ratio(s["topk_bytes_per_token"], 1.0, "<= 600", "absolute")

@@ -57,7 +57,7 @@ def bigram_rows(n: int, seed: int = 0, sharpen: float = 1.0) -> TeacherRows:
     pairs, pair_counts = np.unique(ids[:-1] * TRUE_VOCAB + ids[1:], return_counts=True)
     prev_of_pair = pairs // TRUE_VOCAB
     starts = rng.integers(0, ids.size - 1, n)  # positions: a context token and its observed next token
-    probs = np.empty((n, HEAD_ROWS), np.float64)
+    probs = np.zeros((n, HEAD_ROWS), np.float64)
     for row, pos in enumerate(starts):
         lo, hi = np.searchsorted(prev_of_pair, [ids[pos], ids[pos] + 1])
         nexts, cnt = pairs[lo:hi] % TRUE_VOCAB, pair_counts[lo:hi].astype(np.float64)
