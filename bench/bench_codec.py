@@ -92,6 +92,29 @@ def sample_counts(logp: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
     return ids, counts
 
 
+def id_code_bytes(ids: np.ndarray, uniform: bool = True) -> dict[str, float]:
+    """Bytes/token of the id gaps alone under each candidate code (per-row best parameter), and the Elias-Fano and
+    uniform-subset information figures, for the design note."""
+    from math import lgamma, log
+
+    from cache_tools.codec_bits import best_k, code_cost
+
+    gaps = np.diff(np.sort(ids, 1), axis=1, prepend=-1) - 1
+    out = {}
+    for name, eg, k_max in (("exp_golomb", True, 24), ("rice", False, 24)):
+        ks = best_k(gaps, None, k_max, eg)
+        out[name] = float(sum(code_cost(gaps[i], int(ks[i]), eg).sum() for i in range(len(ks))) / len(ks) / 8)
+    low = int(np.floor(np.log2(VOCAB / K)))
+    out["elias_fano"] = (K * low + K + (VOCAB >> low) + 1) / 8
+    true_v = 151_669
+    out["uniform_subset_bound"] = (lgamma(true_v + 1) - lgamma(K + 1) - lgamma(true_v - K + 1)) / log(2) / 8
+    if uniform:  # the worst case for a log-cost code: ids with no skew at all
+        rng = np.random.default_rng(1)
+        random_ids = np.stack([rng.choice(true_v, K, replace=False) for _ in range(min(len(ids), 128))])
+        out["uniformly_random_ids_exp_golomb"] = id_code_bytes(random_ids, uniform=False)["exp_golomb"]
+    return out
+
+
 def cpu_seconds(fn, reps: int) -> float:
     fn()
     t0 = time.process_time()
@@ -133,6 +156,7 @@ def sizes_and_speed(rows, settings, rng) -> dict[str, Any]:
         "sampled_bytes_per_token": sum(b.size for b in s_blobs) / n,
         "sampled_distinct_per_position": float((s_ids >= 0).sum() / n),
         "sharp_rows_fraction": float(sharp.mean()),
+        "id_code_bytes_per_token": id_code_bytes(ids),
         "positions_per_cpu_s": {"fp16_read": n / t_fp16, "compact_topk_decode": n / t_topk,
                                 "sampled_decode": n / t_samp, "compact_topk_encode": n / t_enc},
     }
