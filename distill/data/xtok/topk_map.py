@@ -29,136 +29,119 @@ class MappedTopK:
 
 class TopKMapper:
     """`map_topk` with the vocabulary map prepared once: `map_ids` [V_teacher] int64 student id or -1, `exact`
-    [V_teacher] bool. One sentinel entry (-1, not exact) is appended, so any teacher id outside [0, V_teacher)
-    (padded head rows, -1 padding of sampled rows) is looked up without a mask."""
+    [V_teacher] bool. Tables get one sentinel entry at index V_teacher (unmapped, not exact): a teacher id of -1
+    (padding of sampled rows) indexes it from the end, an id of V_teacher (a padded head row) directly, and larger
+    ids are clipped onto it."""
 
     def __init__(self, map_ids: np.ndarray, exact: np.ndarray) -> None:
         self.size = int(map_ids.shape[0])
         self.ids = np.append(map_ids.astype(np.int64), -1)
         self.exact = np.append(exact.astype(bool) & (map_ids >= 0), False)
         self.id_bound = int(max(self.ids.max(initial=-1), 0)) + 2  # student id + 1 lies in [0, id_bound)
+        self._keys: dict[int, np.ndarray] = {}
+
+    def _lookup(self, table: np.ndarray, teacher_ids: np.ndarray) -> np.ndarray:
+        try:
+            return table[teacher_ids]
+        except IndexError:  # ids past the sentinel (a padded teacher head): clip them onto it
+            return table[np.minimum(teacher_ids.view(np.uint64), np.uint64(self.size)).view(np.int64)]
+
+    def _key_table(self, kbits: int) -> np.ndarray:
+        """(student id + 1) << kbits per teacher id (0 = unmapped), int32 when it fits."""
+        if kbits not in self._keys:
+            dtype = np.int32 if (self.id_bound << kbits) < 2**31 else np.int64
+            self._keys[kbits] = np.left_shift(self.ids + 1, kbits).astype(dtype)
+        return self._keys[kbits]
 
     def __call__(self, teacher_ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray) -> MappedTopK:
-        """teacher_ids [m, K] int64, logprobs [m, K] (fp16/fp32), tail [m] -> MappedTopK (see `map_topk`)."""
+        """teacher_ids [m, K] int64 (>= -1), logprobs [m, K] (fp16/fp32), tail [m] -> MappedTopK (see `map_topk`)."""
         m, k = teacher_ids.shape
         lp = logprobs.astype(np.float32)
-        # Viewed as unsigned, -1 and every id past the table become >= size: one minimum sends them to the sentinel.
-        lookup = np.minimum(teacher_ids.view(np.uint64), np.uint64(self.size)).view(np.int64)
-        ids = self.ids[lookup]  # a fresh array: edited in place below
         p = np.exp(lp, dtype=np.float64)
-        padding = teacher_ids < 0
-        if padding.any():  # -1 slots of sampled rows hold no mass (their stored log-prob is a placeholder)
-            p[padding] = 0.0
+        if m and teacher_ids.min() < 0:  # -1 slots of sampled rows hold no mass (their log-prob is a placeholder)
+            p[teacher_ids < 0] = 0.0
         teacher_mass = float(p.sum())
-        exact_mass = float(p[self.exact[lookup]].sum())
-        unmapped = ids < 0
-        any_unmapped = bool(unmapped.any())
+        exact_mass = float(p[self._lookup(self.exact, teacher_ids)].sum())
+        if m == 0:
+            return MappedTopK(np.zeros((0, k), np.int64), lp, tail.astype(np.float32), teacher_mass, teacher_mass,
+                              exact_mass)
+        kbits = _bits(k)
+        # Group equal student ids per row: sort the unique keys (id + 1, slot); slot order within a group is kept.
+        key = self._lookup(self._key_table(kbits), teacher_ids)
+        key |= np.arange(k, dtype=key.dtype)
+        key.sort(axis=1)
+        gid = key >> kbits  # student id + 1, 0 = unmapped (those sort first in their row)
+        dup = np.zeros((m, k), dtype=bool)
+        np.equal(gid[:, 1:], gid[:, :-1], out=dup[:, 1:])
+        any_unmapped = bool((gid[:, 0] == 0).any())
+        if any_unmapped:
+            dup &= gid > 0  # unmapped entries are each their own (empty) group
+        ids = self._lookup(self.ids, teacher_ids)
+        if not any_unmapped and not dup.any():
+            return MappedTopK(ids, lp, tail.astype(np.float32), teacher_mass, teacher_mass, exact_mass)
 
-        cols, dup_sorted = self._group(ids, k)
-        dup_rows = np.flatnonzero(dup_sorted.any(axis=1))
-        merged = p
-        empty = unmapped
-        if dup_rows.size:
-            merged, empty = _merge(dup_rows, cols, dup_sorted, p, lp, unmapped)
-        any_empty = any_unmapped or dup_rows.size > 0
-        if any_empty:
-            ids[empty] = -1
-            lp[empty] = 0.0
+        # Sum each group over its members in slot order (the reference's reduceat over the id-sorted rows).
+        where = (key & ((1 << kbits) - 1)).astype(np.int64)
+        where += (np.arange(m, dtype=np.int64) * k)[:, None]
+        where = where.ravel()  # id-sorted entry -> flat position in [m, K]
+        p_sorted = p.ravel()[where]
+        heads = np.flatnonzero(~dup.ravel())
+        sums = np.add.reduceat(p_sorted, heads)
+        if any_unmapped:
+            live = gid.ravel()[heads] > 0  # mapped groups: each keeps its first slot
+            heads, sums = heads[live], sums[live]
+        grown = sums != p_sorted[heads]
+        if grown.any():
+            lp.ravel()[where[heads[grown]]] = np.log(np.maximum(sums[grown], 1e-300)).astype(np.float32)
+        order, empty = _order(where[heads], sums, m, k, kbits)
+        ids = ids.ravel()[order]
+        ids[empty] = -1
+        lp_out = lp.ravel()[order]
+        lp_out[empty] = 0.0
 
         # Unmapped mass joins the tail; rows without any keep their stored tail exactly.
         new_tail = tail.astype(np.float32)
         lost_total = 0.0
         if any_unmapped:
-            lost = np.where(unmapped, p, 0.0).sum(axis=1)
+            lost = np.where(self._lookup(self.ids, teacher_ids) < 0, p, 0.0).sum(axis=1)
             lost_total = float(lost.sum())
             rows = lost > 0
             if rows.any():
-                new_tail = new_tail.copy()
                 new_tail[rows] = np.log(np.exp(tail[rows].astype(np.float64)) + lost[rows]).astype(np.float32)
-        if any_empty:
-            _sort_rows(ids, lp, merged, empty)
-        return MappedTopK(ids, lp, new_tail, teacher_mass, teacher_mass - lost_total, exact_mass)
-
-    def _group(self, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The stable per-row sort of `ids` [m, K] by student id: `cols` [m, K] (the slot of each sorted entry) and
-        `dup_sorted` [m, K] (in that order: the entry repeats the previous one's student id >= 0). The key
-        (id + 1, slot) is unique within a row, so numpy's fast unstable sort gives the stable order, and the slot
-        is read back from the key without an argsort."""
-        kbits = _bits(k)
-        dtype = np.int32 if (self.id_bound << kbits) < 2**31 else np.int64
-        key = np.left_shift((ids + 1).astype(dtype), kbits)
-        key |= np.arange(k, dtype=dtype)
-        key.sort(axis=1)
-        cols = key & dtype((1 << kbits) - 1)
-        key >>= kbits  # student id + 1
-        dup_sorted = np.zeros(key.shape, dtype=bool)
-        np.equal(key[:, 1:], key[:, :-1], out=dup_sorted[:, 1:])
-        dup_sorted[:, 1:] &= key[:, 1:] > 0
-        return cols, dup_sorted
+        return MappedTopK(ids.reshape(m, k), lp_out.reshape(m, k), new_tail, teacher_mass,
+                          teacher_mass - lost_total, exact_mass)
 
 
 def _bits(k: int) -> int:
     return max(int(k - 1).bit_length(), 1)
 
 
-def _flat(rows: np.ndarray, cols: np.ndarray, k: int) -> np.ndarray:
-    """Flat positions [len(rows) * K] of `cols` [len(rows), K] (slots of those rows) in a C-ordered [m, K] array."""
-    return (cols.astype(np.int64) + (rows * k)[:, None]).ravel()
+def _order(positions: np.ndarray, sums: np.ndarray, m: int, k: int, kbits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Output order of each row: the kept entries (flat `positions` [g] with probabilities `sums` [g]) by
+    probability descending, ties by slot (a stable sort, as the reference's argsort(-p, kind="stable")), then the
+    empty slots. Returns (flat source position [m*K], empty [m*K] bool).
 
-
-def _merge(rows: np.ndarray, cols: np.ndarray, dup_sorted: np.ndarray, p: np.ndarray, lp: np.ndarray,
-           unmapped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sum the probabilities of each group of equal student ids in `rows`: the group's first slot (its most probable
-    member) takes the sum and, where it grew, log(sum) in `lp` (in place); the others become empty. Sums run over
-    the members in slot order (np.add.reduceat over the id-sorted rows), exactly as the reference does. Returns
-    merged p [m, K] and empty [m, K]."""
-    k = p.shape[1]
-    where = _flat(rows, cols[rows], k)  # sorted entry -> flat position
-    flat_dup = dup_sorted[rows].ravel()
-    starts = np.flatnonzero(~flat_dup)
-    sums = np.add.reduceat(p.ravel()[where], starts)
-    heads = where[starts]
-    merged = p.copy()
-    merged.ravel()[heads] = sums
-    empty = unmapped.copy()
-    empty.ravel()[where[flat_dup]] = True
-    grown = (sums != p.ravel()[heads]) & ~unmapped.ravel()[heads]
-    if grown.any():
-        lp.ravel()[heads[grown]] = np.log(np.maximum(sums[grown], 1e-300)).astype(np.float32)
-    return merged, empty
-
-
-def _sort_rows(ids: np.ndarray, lp: np.ndarray, merged: np.ndarray, empty: np.ndarray) -> None:
-    """In place: stable sort of each row by probability descending, empty slots last (the reference's
-    argsort(-where(empty, -1, merged), kind="stable")). Rows already in order are left alone (their stable argsort
-    is the identity). The others are sorted by an integer key (probability bits, slot): the probability's low
-    `kbits` bits are dropped to make room for the slot, so rows where that made two different probabilities tie
-    fall back to the float argsort."""
-    neg = np.where(empty, 1.0, -merged)
-    bad = np.flatnonzero(~(neg[:, 1:] >= neg[:, :-1]).all(axis=1))
-    if not bad.size:
-        return
-    m, k = ids.shape
-    kbits = _bits(k)
-    top = np.uint64(1 << (63 - kbits))
-    # Non-negative doubles order like their bit patterns; invert so that larger probabilities come first.
-    value = (top - np.uint64(1)) - (merged[bad].view(np.uint64) >> np.uint64(kbits))
-    value[empty[bad]] = top
-    key = (value << np.uint64(kbits)) | np.arange(k, dtype=np.uint64)
+    Probabilities are replaced by their rank among the window's distinct values, so (rank, slot) packs into one
+    small integer and numpy's fast unstable row sort gives the stable order."""
+    by_value = np.argsort(sums)
+    ordered = sums[by_value]
+    step = np.zeros(ordered.shape[0], dtype=np.int64)
+    np.not_equal(ordered[1:], ordered[:-1], out=step[1:])
+    rank = np.empty_like(step)
+    rank[by_value] = np.cumsum(step)  # equal values share a rank
+    top = int(rank.max(initial=0)) + 1  # ranks run 0..top-1, ascending in probability; `top` marks empty slots
+    dtype = np.int32 if ((top + 1) << kbits) < 2**31 else np.int64
+    key = np.full(m * k, top, dtype=dtype)
+    key[positions] = (top - 1) - rank  # most probable first
+    key <<= kbits
+    key |= np.tile(np.arange(k, dtype=dtype), m)
+    key = key.reshape(m, k)
     key.sort(axis=1)
-    cols = (key & np.uint64((1 << kbits) - 1)).astype(np.int64)
-    key >>= np.uint64(kbits)
-    ties = (key[:, 1:] == key[:, :-1]) & (key[:, 1:] < top)
-    if ties.any():  # truncated probabilities tie: compare the full values
-        r, c = np.nonzero(ties)
-        full = merged[bad].ravel()
-        differ = full[r * k + cols[r, c]] != full[r * k + cols[r, c + 1]]
-        slow = np.unique(r[differ])
-        if slow.size:
-            cols[slow] = np.argsort(neg[bad[slow]], axis=1, kind="stable")
-    where = _flat(bad, cols, k)
-    ids[bad] = ids.ravel()[where].reshape(-1, k)
-    lp[bad] = lp.ravel()[where].reshape(-1, k)
+    empty = key >= (top << kbits)
+    key &= (1 << kbits) - 1
+    slots = key.astype(np.int64)
+    slots += (np.arange(m, dtype=np.int64) * k)[:, None]
+    return slots.ravel(), empty.ravel()
 
 
 def map_topk(teacher_ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, map_ids: np.ndarray,
