@@ -107,3 +107,20 @@ def trained_tokenizer(corpus: list[str], vocab_size: int, *, split_digits: bool 
                                                extra_special=extra_special)
     return _TOKENIZERS[key]
 
+
+
+def sampled_rows(rng: np.random.Generator, n: int, vocab_size: int, num_samples: int, slots: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sampled targets as the reader gives them (format v2): per row, the distinct ids of `num_samples` draws (any
+    order, -1 padding to `slots`), log(count / N) as float32 (0 in padding), tail -inf. Returns ids [n, slots] int64,
+    logprobs [n, slots] float32, tail [n] float32, counts [n, slots] int64 (0 in padding)."""
+    ids = np.full((n, slots), -1, np.int64)
+    counts = np.zeros((n, slots), np.int64)
+    for row in range(n):
+        support = rng.choice(vocab_size, size=int(rng.integers(1, slots + 1)), replace=False)
+        draws = rng.choice(support, size=num_samples, p=rng.dirichlet(np.ones(support.size)))
+        uniq, cnt = np.unique(draws, return_counts=True)
+        order = rng.permutation(uniq.size)
+        ids[row, : uniq.size], counts[row, : uniq.size] = uniq[order], cnt[order]
+    logprobs = np.where(counts > 0, np.log(np.maximum(counts, 1) / num_samples), 0.0).astype(np.float32)
+    return ids, logprobs, np.full(n, -np.inf, np.float32), counts
