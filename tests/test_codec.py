@@ -161,10 +161,9 @@ def test_topk_corrupt_blobs_raise_codec_error():
     rng = np.random.default_rng(5)
     ids, lp = random_topk(rng, 9, 32, QWEN_ROWS)
     blob = encode_topk(ids, lp, QWEN_ROWS)
-    for name, bad in corrupt_variants(blob).items():
+    for _name, bad in corrupt_variants(blob).items():
         with pytest.raises(CodecError):
             decode_topk(bad, 9, 32, QWEN_ROWS)
-            print(f"corrupt variant {name!r} decoded")
         with pytest.raises(CodecError):
             check_topk(bad, 9, 32, QWEN_ROWS)
     with pytest.raises(CodecError, match="vocab_size"):  # ids beyond the vocabulary the reader was told
@@ -245,10 +244,9 @@ def test_sampled_encode_refuses_bad_input(mutate, match):
 def test_sampled_corrupt_blobs_raise_codec_error():
     ids, counts = random_sampled(np.random.default_rng(1), 6, 64, QWEN_ROWS)
     blob = encode_sampled(ids, counts, 64, QWEN_ROWS)
-    for name, bad in corrupt_variants(blob).items():
+    for _name, bad in corrupt_variants(blob).items():
         with pytest.raises(CodecError):
             decode_sampled(bad, 6, 64, QWEN_ROWS)
-            print(f"corrupt variant {name!r} decoded")
     with pytest.raises(CodecError):
         check_sampled(blob, 6, 32, QWEN_ROWS)  # read with another N: counts cannot sum to it
     with pytest.raises(CodecError):
