@@ -198,26 +198,32 @@ def _check_head_reproduced(model: Any, teacher: str) -> None:
 
 @torch.inference_mode()
 def teacher_batch(
-    teacher: LoadedTeacher, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_layers: list[int], top_k: int
+    teacher: LoadedTeacher, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_layers: list[int], top_k: int,
+    targets_fn=None,
 ) -> dict[str, torch.Tensor]:
     """One forward. input_ids/attention_mask [B, T] (right-padded) on the model's device. Returns device tensors:
-    topk_ids [B, T, K] (0 on padding), topk_logprobs [B, T, K], tail_logprob [B, T], pooled_hidden [B, P, H] fp32."""
+    topk_ids [B, T, K] (0 on padding), topk_logprobs [B, T, K], tail_logprob [B, T], pooled_hidden [B, P, H] fp32.
+    `targets_fn(hidden [N, H], lm_head, vocab_size, transform) -> {field: [N, ...]}` replaces the top-k targets
+    (sampled caches); its fields come back as [B, T, ...], zero on padding."""
     model = teacher.model
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                            use_cache=False)
     mask = attention_mask.bool()
     flat = out.last_hidden_state[mask]  # [N, H] valid tokens only: padding never reaches the head
     transform = _final_logit_transform(model.config.get_text_config())
-    ids, logprobs, tail = topk_targets(flat, model.get_output_embeddings(), teacher.vocab_size, top_k, transform)
-    B, T = input_ids.shape
-    full_ids = torch.zeros((B, T, top_k), dtype=torch.int64, device=input_ids.device)
-    full_lp = torch.zeros((B, T, top_k), dtype=torch.float32, device=input_ids.device)
-    full_tail = torch.zeros((B, T), dtype=torch.float32, device=input_ids.device)
-    full_ids[mask], full_lp[mask], full_tail[mask] = ids, logprobs, tail
+    if targets_fn is None:
+        fields = dict(zip((schema.TOPK_IDS, schema.TOPK_LOGPROBS, schema.TAIL_LOGPROB),
+                          topk_targets(flat, model.get_output_embeddings(), teacher.vocab_size, top_k, transform),
+                          strict=True))
+    else:
+        fields = targets_fn(flat, model.get_output_embeddings(), teacher.vocab_size, transform)
+    full = {}
+    for name, values in fields.items():
+        full[name] = torch.zeros((*mask.shape, *values.shape[1:]), dtype=values.dtype, device=input_ids.device)
+        full[name][mask] = values
     weights = mask.float().unsqueeze(-1)  # [B, T, 1]
     counts = weights.sum(dim=1).clamp_min(1.0)  # [B, 1]
     pooled = torch.stack(
         [(out.hidden_states[layer].float() * weights).sum(dim=1) / counts for layer in pool_layers], dim=1
     )
-    return {schema.TOPK_IDS: full_ids, schema.TOPK_LOGPROBS: full_lp, schema.TAIL_LOGPROB: full_tail,
-            schema.POOLED_HIDDEN: pooled}
+    return {**full, schema.POOLED_HIDDEN: pooled}

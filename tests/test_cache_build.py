@@ -148,7 +148,7 @@ def test_other_settings_refused_then_overwritten(built, boosted_teacher, text_fi
     shutil.copytree(out, copy)
     before = sorted(p.name for p in copy.iterdir())
     for resume in (False, True):
-        with pytest.raises(BuildError, match=r"--output .*other settings \(top_k\).*--overwrite"):
+        with pytest.raises(BuildError, match=r"--output .*other settings \(targets\.top_k\).*--overwrite"):
             build_cache(_options(boosted_teacher, text_file, copy, top_k=8, resume=resume))
     assert sorted(p.name for p in copy.iterdir()) == before
     with pytest.raises(BuildError, match="--resume"):  # same settings but neither flag: refuse too
