@@ -57,7 +57,7 @@ def test_summary_matches_shards(built):
     assert manifest.num_tokens == int(arrays[schema.VALID_LENGTH].sum())
     # Every window is full except possibly the very last one: packing never truncates or pads in the middle.
     assert (arrays[schema.VALID_LENGTH][:-1] == MAX_LENGTH).all()
-    assert manifest.pooling["layers"] == [2, 1]  # -1 resolved against 2 layers (+ embeddings)
+    assert manifest.pooling.layers == [2, 1]  # -1 resolved against 2 layers (+ embeddings)
 
 
 def test_topk_and_tail_equal_independent_log_softmax(built, reference_model, tokenizer):
