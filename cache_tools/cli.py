@@ -6,10 +6,15 @@ build-cache's options are the `BuildOptions` dataclass parsed by `transformers.H
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from cache_tools import errors
+
+if TYPE_CHECKING:
+    from cache_tools.build_options import BuildOptions
 
 PROG = "cache_tools"
 
@@ -34,13 +39,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _build(args: argparse.Namespace) -> int:
-    import dataclasses
-
+def build_options(args: argparse.Namespace) -> BuildOptions:
+    """The parsed build-cache namespace as the option dataclass."""
     from cache_tools.build_options import BuildOptions
+
+    return BuildOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildOptions)})
+
+
+def _build(args: argparse.Namespace) -> int:
     from cache_tools.builder import build_cache
 
-    build_cache(BuildOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildOptions)}))
+    build_cache(build_options(args))
     return 0
 
 
