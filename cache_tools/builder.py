@@ -11,7 +11,7 @@ import itertools
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,6 @@ from cache_tools.teacher import BuildError
 from cache_tools.writer_thread import BackgroundShardWriter, to_host
 
 __all__ = ["BuildOptions", "build_cache"]
-_SAMPLE_CHUNK_BYTES = 256 << 20  # fp32 logits held at once while sampling
 
 
 def _windows(opts: BuildOptions, tokenizer: Any) -> Iterator[text_data.Window]:
@@ -71,26 +70,16 @@ def _manifest(opts: BuildOptions, loaded: teacher.LoadedTeacher, pool_layers: li
     )
 
 
-def _sampler(targets: schema.TargetsInfo, first_sequence: int, lengths: np.ndarray) -> Callable:
-    """`teacher_batch` targets_fn drawing `num_samples` ids per valid position of a batch whose windows are global
-    sequences first_sequence.. with `lengths` valid tokens. Uniforms come from (seed, global index) only, so a shard's
-    samples do not depend on ranks, resume or batch composition."""
+def _sampling(targets: schema.TargetsInfo, first_sequence: int, lengths: np.ndarray, longest: int
+              ) -> teacher.Sampling:
+    """Uniforms [B, longest, N] for a batch whose windows are global sequences first_sequence.. with `lengths` valid
+    tokens: row i depends on (seed, global index) and its own length only, so a shard's samples do not depend on
+    ranks, resume or the batch it shares."""
     N = targets.num_samples
-    uniforms = np.concatenate([np.asarray(teacher.sequence_uniforms(targets.seed, first_sequence + i, int(n), N))
-                               for i, n in enumerate(lengths)])  # [valid tokens, N], in the order hidden[mask] has
-
-    def sample(hidden: torch.Tensor, lm_head: Any, vocab_size: int, transform: Callable) -> dict[str, torch.Tensor]:
-        chunk = max(1, _SAMPLE_CHUNK_BYTES // (4 * vocab_size))
-        ids, counts = [], []
-        for lo in range(0, hidden.shape[0], chunk):
-            logits = transform(lm_head(hidden[lo : lo + chunk])[:, :vocab_size].float()) / targets.sample_temperature
-            u = torch.as_tensor(uniforms[lo : lo + chunk], dtype=torch.float64, device=logits.device)
-            chunk_ids, chunk_counts = teacher.sample_targets(logits, u)
-            ids.append(torch.as_tensor(chunk_ids, device=logits.device))
-            counts.append(torch.as_tensor(chunk_counts, device=logits.device))
-        return {schema.SAMPLE_IDS: torch.cat(ids), schema.SAMPLE_COUNTS: torch.cat(counts)}
-
-    return sample
+    uniforms = torch.zeros((len(lengths), longest, N), dtype=torch.float64)
+    for i, n in enumerate(lengths):
+        uniforms[i, : int(n)] = teacher.sequence_uniforms(targets.seed, first_sequence + i, int(n), N)
+    return teacher.Sampling(uniforms=uniforms, temperature=targets.sample_temperature)
 
 
 def _pad(windows: list[text_data.Window], length: int) -> dict[str, np.ndarray]:
@@ -121,10 +110,13 @@ def _build_shard(loaded, writer, shard_windows, first_sequence, opts, manifest, 
         ids = torch.from_numpy(host[schema.INPUT_IDS][:, :longest]).to(device)
         mask = (torch.arange(longest)[None, :] < torch.from_numpy(host[schema.VALID_LENGTH])[:, None]).to(device)
         start = time.perf_counter()
-        sampler = None
+        sampling = None
         if targets.kind == "sampled":
-            sampler = _sampler(targets, first_sequence + lo, host[schema.VALID_LENGTH])
-        out = teacher.teacher_batch(loaded, ids, mask.long(), pool_layers, targets.top_k, targets_fn=sampler)
+            sampling = _sampling(targets, first_sequence + lo, host[schema.VALID_LENGTH], longest)
+        out = teacher.teacher_batch(loaded, ids, mask.long(), pool_layers, targets.top_k,
+                                    first_sequence=first_sequence + lo, sampling=sampling)
+        if sampling is not None:  # teacher_batch gives the sampled ids under the top-k key
+            out[schema.SAMPLE_IDS] = out.pop(schema.TOPK_IDS)
         B = len(batch_windows)
         # Narrow on the device (fewer bytes over PCIe); pad to L on the host while writing.
         device_batch = {name: out[name].to(_DEVICE_DTYPES.get(name, out[name].dtype)) for name in out}

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 from cache_testing import assert_same_cache
-from format_placeholders import use_codec, use_sampler
+from test_cache_targets import assert_same_targets
 
 from cache_tools import schema
 from cache_tools.build_options import BuildOptions
@@ -64,15 +64,7 @@ def test_bad_target_flags_one_line_exit_2_nothing_written(tmp_path, capsys, teac
 
 
 @pytest.fixture(scope="module")
-def patched():
-    with pytest.MonkeyPatch.context() as mp:
-        use_codec(mp)
-        use_sampler(mp)
-        yield
-
-
-@pytest.fixture(scope="module")
-def sampled_cache(tmp_path_factory, teacher_dir, text_file, patched):
+def sampled_cache(tmp_path_factory, teacher_dir, text_file):
     out = tmp_path_factory.mktemp("sampled") / "c"
     build_cache(_opts(teacher_dir, text_file, out, targets="sampled", samples=16, seed=7, encoding="compact",
                       sample_temperature=2.0))
@@ -95,8 +87,7 @@ def test_sampled_build_records_targets_and_reads_back(sampled_cache):
     assert used.sum(1).mean() > 2
 
 
-def test_sampled_build_is_deterministic_and_resumes_byte_identical(sampled_cache, tmp_path, teacher_dir, text_file,
-                                                                   patched):
+def test_sampled_build_is_deterministic_and_resumes_byte_identical(sampled_cache, tmp_path, teacher_dir, text_file):
     again = tmp_path / "again"
     opts = _opts(teacher_dir, text_file, again, targets="sampled", samples=16, seed=7, encoding="compact",
                  sample_temperature=2.0)
@@ -110,16 +101,14 @@ def test_sampled_build_is_deterministic_and_resumes_byte_identical(sampled_cache
     assert TeacherCacheReader(other_seed)[0].topk_ids.tolist() != TeacherCacheReader(again)[0].topk_ids.tolist()
 
 
-def test_compact_topk_build_matches_fp16(tmp_path, teacher_dir, text_file, patched):
+def test_compact_topk_build_matches_fp16(tmp_path, teacher_dir, text_file):
     fp16, compact = tmp_path / "fp16", tmp_path / "compact"
     build_cache(_opts(teacher_dir, text_file, fp16, top_k=8))
     build_cache(_opts(teacher_dir, text_file, compact, top_k=8, encoding="compact"))
     assert verify_cache(compact) == []
     a, b = TeacherCacheReader(fp16), TeacherCacheReader(compact)
     for i in range(len(a)):
-        np.testing.assert_array_equal(a[i].topk_ids, b[i].topk_ids)
-        np.testing.assert_allclose(a[i].topk_logprobs, b[i].topk_logprobs, atol=0.05)
-        np.testing.assert_array_equal(a[i].tail_logprob, b[i].tail_logprob)
+        assert_same_targets(b[i], a[i])
 
 
 def test_text_with_nul_bytes_round_trips(tmp_path, teacher_dir, corpus):

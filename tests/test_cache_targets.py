@@ -8,7 +8,6 @@ import h5py
 import numpy as np
 import pytest
 from cache_fixtures import write_synthetic_cache
-from format_placeholders import use_codec
 
 from cache_tools import schema, shard_io
 from cache_tools.inspect_cache import cache_summary, format_summary
@@ -26,13 +25,25 @@ def _targets(kind: str, encoding: str) -> schema.TargetsInfo:
 
 
 @pytest.fixture
-def make_cache(tmp_path, tokenizer, corpus, monkeypatch):
-    use_codec(monkeypatch)
-
+def make_cache(tmp_path, tokenizer, corpus):
     def make(kind: str, encoding: str, name: str | None = None):
         return write_synthetic_cache(tmp_path / (name or f"{kind}-{encoding}"), tokenizer, corpus, num_sequences=6,
                                      shard_size=4, max_length=16, top_k=K, targets=_targets(kind, encoding))
     return make
+
+
+def assert_same_targets(seq, ref) -> None:
+    """Same support per position and the same probabilities: exactly for lossless layouts, within the compact top-k
+    quantisation (log-probs on a companded 6-bit scale below each row's exact maximum) otherwise. Rows are compared in
+    id order: compact top-k decodes ties in log-prob in id order."""
+    order, ref_order = np.argsort(seq.topk_ids, axis=1), np.argsort(ref.topk_ids, axis=1)
+    np.testing.assert_array_equal(np.take_along_axis(seq.topk_ids, order, 1),
+                                  np.take_along_axis(ref.topk_ids, ref_order, 1))
+    p = np.exp(np.take_along_axis(seq.topk_logprobs, order, 1).astype(np.float64))
+    ref_p = np.exp(np.take_along_axis(ref.topk_logprobs, ref_order, 1).astype(np.float64))
+    np.testing.assert_allclose(p, ref_p, atol=0.01, rtol=0.1)
+    assert (np.diff(seq.topk_logprobs, axis=1) <= 0).all() or (seq.topk_ids < 0).any()  # top-k stays sorted
+    np.testing.assert_array_equal(seq.tail_logprob, ref.tail_logprob)
 
 
 @pytest.mark.parametrize("kind, encoding", COMBOS)
@@ -46,8 +57,7 @@ def test_reader_fields_same_for_every_kind_and_encoding(make_cache, kind, encodi
         seq, ref = reader[i], reference[i]
         assert seq.topk_ids.dtype == np.int64 and seq.topk_ids.shape == (seq.length, reader.top_k)
         assert seq.topk_logprobs.dtype == np.float32 and seq.tail_logprob.dtype == np.float32
-        np.testing.assert_array_equal(seq.topk_ids, ref.topk_ids)
-        np.testing.assert_allclose(seq.topk_logprobs, ref.topk_logprobs, atol=0.05)  # compact may quantise
+        assert_same_targets(seq, ref)
         if kind == "sampled":
             used = seq.topk_ids >= 0
             assert np.isneginf(seq.tail_logprob).all() and used[:, 0].all()
