@@ -119,7 +119,7 @@ def _build_shard(loaded, writer, shard_windows, first_sequence, opts, manifest, 
             out[schema.SAMPLE_IDS] = out.pop(schema.TOPK_IDS)
         B = len(batch_windows)
         # Narrow on the device (fewer bytes over PCIe); pad to L on the host while writing.
-        device_batch = {name: out[name].to(_DEVICE_DTYPES.get(name, out[name].dtype)) for name in out}
+        device_batch = {name: t.to(_device_dtype(manifest, name, t.dtype)) for name, t in out.items()}
         copied, event = to_host(device_batch)
         stats["teacher_s"] += time.perf_counter() - start
         if longest < opts.max_length:
@@ -132,8 +132,16 @@ def _build_shard(loaded, writer, shard_windows, first_sequence, opts, manifest, 
         bar.update(tokens)
 
 
-_DEVICE_DTYPES = {schema.TOPK_IDS: torch.int32, schema.TOPK_LOGPROBS: torch.float16, schema.SAMPLE_IDS: torch.int32,
-                  schema.SAMPLE_COUNTS: torch.int32, schema.POOLED_HIDDEN: torch.float16}
+def _device_dtype(m: schema.CacheManifest, name: str, dtype: torch.dtype) -> torch.dtype:
+    """What to narrow a teacher output to before the device->host copy: int64 ids/counts -> int32 (ids < 2**31),
+    floats -> the stored dtype when the layout stores that field as a plain array (fp16), else kept (a codec gets
+    fp32)."""
+    if dtype == torch.int64:
+        return torch.int32
+    spec = next((s for s in schema.datasets_for(m) if s.name == name), None)
+    if dtype.is_floating_point and spec is not None and not spec.is_vlen(m):
+        return getattr(torch, spec.dtype(m).name)
+    return dtype
 
 
 class _PadLater:

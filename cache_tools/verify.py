@@ -3,7 +3,10 @@ numbers themselves: every sequence is decoded as the reader would, then checked 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -58,43 +61,73 @@ def _sampled_fault(m: schema.CacheManifest, t: encodings.Targets) -> str | None:
     return None
 
 
-def _targets_fault(m: schema.CacheManifest, t: encodings.Targets) -> str | None:
-    """Checks on the decoded targets of a block of positions (ids [T, K], ...)."""
+def _target_ids_fault(t: encodings.Targets, vocab_size: int) -> str | None:
     used = t.ids >= 0
-    if (t.ids >= m.vocab_size).any():
-        return f"target ids >= vocab_size {m.vocab_size}"
+    if (t.ids >= vocab_size).any():
+        return f"target ids >= vocab_size {vocab_size}"
     if t.ids.shape[-1] > 1:
         ordered = np.sort(np.where(used, t.ids, -1 - np.arange(t.ids.shape[-1])), axis=-1)  # padding never repeats
         if (np.diff(ordered, axis=-1) == 0).any():
             return "duplicate ids within a position's targets"
-    return _topk_fault(m, t) if m.targets.kind == "topk" else _sampled_fault(m, t)
+    return None
+
+
+@dataclass
+class _Block:
+    """Rows [lo, hi) of one shard as the reader sees them: raw per-sequence datasets and decoded targets (all
+    positions of the block concatenated)."""
+
+    raw: list[dict[str, Any]]
+    targets: encodings.Targets
+
+
+def _read_block(f: h5py.File, lo: int, hi: int, m: schema.CacheManifest) -> _Block | str:
+    raw, decoded = [], []
+    for row in range(lo, hi):
+        n = int(f[schema.VALID_LENGTH][row])
+        if not 1 <= n <= m.max_length:  # checked first: every per-token read and decode is cut at n
+            return f"valid_length outside 1..{m.max_length}"
+        try:
+            values = shard_io.read_row(f, m, row)
+            decoded.append(encodings.decode_targets(m, values, int(values[schema.VALID_LENGTH])))
+        except UnicodeDecodeError:
+            return f"row {row}: text is not valid UTF-8"
+        except (ValueError, KeyError, IndexError) as err:  # codec.CodecError is a ValueError
+            return f"row {row}: targets not decodable ({err})"
+        raw.append(values)
+    counts = None if decoded[0].counts is None else np.concatenate([t.counts for t in decoded])
+    joined = [np.concatenate([getattr(t, name) for t in decoded]) for name in ("ids", "logprobs", "tail")]
+    return _Block(raw, encodings.Targets(*joined, counts=counts))
+
+
+def _column(block: _Block, name: str) -> np.ndarray:
+    return np.concatenate([np.atleast_1d(values[name]) for values in block.raw])
+
+
+# What each check name of `schema.DATASETS` means: (manifest, block) -> first fault or None.
+CHECKS: dict[str, Callable[[schema.CacheManifest, _Block], str | None]] = {
+    "length_range": lambda m, b: None,  # checked while reading the block: decoding needs a sane length
+    "ids_below_vocab": lambda m, b: None if (_column(b, schema.INPUT_IDS) < m.vocab_size).all()
+    else f"input ids >= vocab_size {m.vocab_size}",
+    "utf8": lambda m, b: None,  # decoding the text while reading the block is the check
+    "topk_targets": lambda m, b: _target_ids_fault(b.targets, m.vocab_size) or _topk_fault(m, b.targets),
+    "sampled_targets": lambda m, b: _target_ids_fault(b.targets, m.vocab_size) or _sampled_fault(m, b.targets),
+    "pooled_finite": lambda m, b: None if np.isfinite(_column(b, schema.POOLED_HIDDEN).astype(np.float32)).all()
+    else "non-finite pooled_hidden",
+    "token_count": lambda m, b: None,  # checked per shard against the manifest, see verify_shard
+}
 
 
 def _check_rows(f: h5py.File, lo: int, hi: int, m: schema.CacheManifest) -> str | None:
-    """Content checks on rows [lo, hi) of one shard; returns the first fault or None."""
-    valid = f[schema.VALID_LENGTH][lo:hi]
-    if (valid < 1).any() or (valid > m.max_length).any():
-        return f"valid_length outside 1..{m.max_length}"
-    decoded, input_ids = [], []
-    for row in range(lo, hi):
-        try:
-            raw = shard_io.read_row(f, m, row)
-            decoded.append(encodings.decode_targets(m, raw, int(raw[schema.VALID_LENGTH])))
-        except UnicodeDecodeError:
-            return f"row {row}: text is not valid UTF-8"
-        except (ValueError, KeyError, IndexError) as err:
-            return f"row {row}: targets not decodable ({err})"
-        input_ids.append(raw[schema.INPUT_IDS])
-    if (np.concatenate(input_ids) >= m.vocab_size).any():
-        return f"input ids >= vocab_size {m.vocab_size}"
-    block = encodings.Targets(*(np.concatenate([getattr(t, name) for t in decoded])
-                                for name in ("ids", "logprobs", "tail")),
-                              counts=None if decoded[0].counts is None else np.concatenate([t.counts for t in decoded]))
-    fault = _targets_fault(m, block)
-    if fault:
-        return fault
-    if not np.isfinite(f[schema.POOLED_HIDDEN][lo:hi].astype(np.float32)).all():
-        return "non-finite pooled_hidden"
+    """Content checks on rows [lo, hi) of one shard, as the table declares them; returns the first fault or None."""
+    block = _read_block(f, lo, hi, m)
+    if isinstance(block, str):
+        return block
+    names = dict.fromkeys(check for spec in schema.datasets_for(m) for check in spec.checks)
+    for name in names:
+        fault = CHECKS[name](m, block)
+        if fault:
+            return fault
     return None
 
 

@@ -146,3 +146,10 @@ def test_shard_attrs_and_layout_follow_the_table(make_cache):
     with shard_io.open_shard(cache / schema.shard_name(0)) as f:
         assert sorted(f.keys()) == sorted(schema.dataset_names(m))
         assert schema.TOPK_IDS not in f and schema.SAMPLE_COUNTS not in f
+
+
+def test_every_check_the_table_names_exists():
+    from cache_tools.verify import CHECKS
+
+    named = {check for spec in schema.DATASETS for check in spec.checks}
+    assert named and named <= set(CHECKS), named - set(CHECKS)
