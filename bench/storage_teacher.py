@@ -66,7 +66,8 @@ def build_teacher(root: Path, tokens: int) -> dict[str, Any]:
     cluster, logp = _distributions(train_ids, len(tok), np.random.default_rng(0))
     held = corpus[cut:]
     enc = tok(held, return_offsets_mapping=True)
-    held = held[: enc["offset_mapping"][min(tokens, len(enc["input_ids"])) - 1][1]]
+    # A margin of 16 tokens: re-tokenising at the cut may merge differently, and one token too many is a new window.
+    held = held[: enc["offset_mapping"][min(tokens, len(enc["input_ids"])) - 16][1]]
     text.write_text(held + "\n", encoding="utf-8")
     if not (teacher / "config.json").is_file():
         config = Qwen3Config(vocab_size=HEAD_ROWS, hidden_size=CLUSTERS, intermediate_size=2 * CLUSTERS,
