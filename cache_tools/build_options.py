@@ -20,7 +20,7 @@ class BuildOptions:
     teacher: str = field(metadata={"help": "hub id or local model folder"})
     dataset: str = field(metadata={"help": "local file/folder, save_to_disk folder or hub name[:config]"})
     output: str = field(metadata={"help": "cache folder to write"})
-    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer source (default: the teacher's)"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer source; None = the teacher's"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model/tokenizer code"})
     split: str = field(default="train", metadata={"help": "dataset split"})
     text_column: str = field(default="text", metadata={"help": "column holding the text"})
