@@ -123,3 +123,15 @@ def test_text_with_nul_bytes_round_trips(tmp_path, teacher_dir, corpus):
     texts = [reader[i].text for i in range(len(reader))]
     assert "\x00after a NUL\x00\x00" in "".join(texts)
     assert texts[0].startswith(docs[0]) and verify_cache(out) == []
+
+
+def test_writer_thread_passes_os_errors_through_for_the_one_line_boundary(tmp_path):
+    from cache_tools.writer_thread import BackgroundShardWriter
+
+    m = schema.CacheManifest(tokenizer=schema.TokenizerInfo(vocab_size=10, content_hash="x"),
+                             targets=schema.TargetsInfo(top_k=2), max_length=4)
+    writer = BackgroundShardWriter(tmp_path / "missing-folder", m)
+    writer.open_shard(0, 0, 2)
+    with pytest.raises(OSError) as info:  # not RuntimeError: run_cli turns an OSError into one line naming the file
+        writer.close()
+    assert "missing-folder" in str(info.value)
