@@ -136,7 +136,7 @@ def test_topk_corrupt_blobs_raise_codec_error():
     rng = np.random.default_rng(5)
     ids, lp = random_topk(rng, 9, 32, QWEN_ROWS)
     blob = encode_topk(ids, lp, QWEN_ROWS)
-    for name, bad in corrupt_variants(blob).items():
+    for _name, bad in corrupt_variants(blob).items():
         with pytest.raises(CodecError):
             decode_topk(bad, 9, 32, QWEN_ROWS)
         with pytest.raises(CodecError):
@@ -219,7 +219,7 @@ def test_sampled_encode_refuses_bad_input(mutate, match):
 def test_sampled_corrupt_blobs_raise_codec_error():
     ids, counts = random_sampled(np.random.default_rng(1), 6, 64, QWEN_ROWS)
     blob = encode_sampled(ids, counts, 64, QWEN_ROWS)
-    for name, bad in corrupt_variants(blob).items():
+    for _name, bad in corrupt_variants(blob).items():
         with pytest.raises(CodecError):
             decode_sampled(bad, 6, 64, QWEN_ROWS)
     with pytest.raises(CodecError):
