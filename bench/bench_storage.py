@@ -32,8 +32,10 @@ VARIANTS = {
                                   "--compression", "lzf"],
 }
 GOALS = {"topk compact k=256": 600.0, "sampled compact N=64": 64.0}
-QUICK_VARIANTS = {"topk fp16 k=32": ["--top-k", "32"], "topk compact k=32": ["--top-k", "32", "--encoding", "compact"],
-                  "sampled compact N=16": ["--targets", "sampled", "--samples", "16", "--encoding", "compact"]}
+QUICK = ["--max-samples", "24"]
+QUICK_VARIANTS = {"topk fp16 k=32": ["--top-k", "32", *QUICK],
+                  "topk compact k=32": ["--top-k", "32", "--encoding", "compact", *QUICK],
+                  "sampled compact N=16": ["--targets", "sampled", "--samples", "16", "--encoding", "compact", *QUICK]}
 
 
 def build(teacher: Path, text: Path, out: Path, flags: list[str], max_length: int, shard_size: int) -> None:
