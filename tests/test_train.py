@@ -280,3 +280,17 @@ def built_history(out: Path) -> list[dict]:
 
     last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     return json.loads((last / "trainer_state.json").read_text())["log_history"]
+
+
+def test_sampled_cache_trains_with_its_target_kind(tmp_path, student_dir, tokenizer, corpus):
+    """A sampled (RS-KD) cache: the model's KDConfig carries targets="sampled" (no tail bucket, counts/N as the
+    teacher), KD is computed and finite."""
+    from cache_tools import schema
+
+    targets = schema.TargetsInfo(kind="sampled", encoding="fp16", top_k=0, num_samples=16, sample_temperature=1.0)
+    cache = write_synthetic_cache(tmp_path / "c", tokenizer, corpus, num_sequences=8, targets=targets)
+    built = _build(_argv(student_dir, cache, tmp_path / "o", "--max_steps", 2, "--logging_steps", 1))
+    assert built.model.kd_config.targets == "sampled"
+    built.trainer.train()
+    kd = _losses(built.trainer.state.log_history, "loss/kd")
+    assert sorted(kd) == [1, 2] and all(torch.isfinite(torch.tensor(v)) and v > 0 for v in kd.values())

@@ -18,6 +18,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from cache_tools.errors import UserError
 from cache_tools.fsutil import atomic_write_text
+from distill.data.xtok.vocab_map import RULES as XTOK_RULES
 from distill.losses import DEFAULT_CHUNK_SIZE, KD_KINDS, KDConfig
 from distill.losses.schedules import parse_ramp
 from distill.training.components import COMPONENTS
@@ -239,8 +240,8 @@ def validate(cfg: DistillConfig) -> None:
         problems.append("--eval_cache/--eval_fraction need --cache (LM-only mode has no held-out targets)")
     if not 0.0 <= d.eval_fraction < 1.0:
         problems.append(f"--eval_fraction must be in [0, 1), got {d.eval_fraction}")
-    if d.xtok_rule not in ("first_token", "tail"):
-        problems.append(f"--xtok_rule {d.xtok_rule}: use first_token or tail")
+    if d.xtok_rule not in XTOK_RULES:
+        problems.append(f"--xtok_rule {d.xtok_rule}: use {' or '.join(XTOK_RULES)}")
     if d.eval_cache and d.eval_fraction:
         problems.append("give --eval_cache or --eval_fraction, not both")
     if d.max_length < 2:

@@ -197,3 +197,22 @@ def test_cache_truncated_while_training(tmp_path, student_dir, cache_dir):
     proc = _run(_argv(student_dir, cache, out, "--max_steps", 6), harness=harness, env={"TRUNCATE_CACHE": str(cache)})
     _assert_one_line_error(proc, "shard-")
     _assert_nothing_half_written(out)
+
+
+@pytest.fixture(scope="module")
+def sampled_cache(tmp_path_factory, tokenizer, corpus):
+    from cache_tools import schema
+
+    targets = schema.TargetsInfo(kind="sampled", encoding="fp16", top_k=0, num_samples=16, sample_temperature=1.0)
+    return write_synthetic_cache(tmp_path_factory.mktemp("sampled") / "c", tokenizer, corpus, num_sequences=8,
+                                 targets=targets)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("flags, needles", [(("--kd_kind", "reverse_kl"), ("reverse_kl", "--kd_kind")),
+                                            (("--temperature", "2"), ("--temperature 2", "set --temperature 1"))])
+def test_sampled_cache_refuses_kd_it_cannot_serve(tmp_path, student_dir, sampled_cache, flags, needles):
+    out = tmp_path / "out"
+    line = _assert_one_line_error(_run(_argv(student_dir, sampled_cache, out, *flags)), *needles)
+    assert str(sampled_cache / "manifest.json") in line and "sampled targets" in line
+    assert not out.exists()
