@@ -6,8 +6,6 @@ import argparse
 import json
 import sys
 
-from cache_tools import schema
-
 
 def _pool_layers(text: str) -> list[int]:
     try:
@@ -86,19 +84,20 @@ def _verify(args: argparse.Namespace) -> int:
     if faults:
         for fault in faults:
             print(f"cache_tools verify: {args.cache_dir}: {fault}", file=sys.stderr)
-        return 1
+        return 2  # the one exit status of every expected failure
     print(f"cache_tools verify: {args.cache_dir}: OK")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from cache_tools.errors import UserError
     from cache_tools.teacher import BuildError
 
     handlers = {"build-cache": _build, "inspect": _inspect, "verify": _verify}
     try:
         return handlers[args.command](args)
-    except (BuildError, schema.CacheError, ValueError) as err:
+    except (BuildError, UserError, ValueError) as err:
         print(f"cache_tools {args.command}: error: {err}", file=sys.stderr)
         return 2
     except (OSError, RuntimeError) as err:  # disk full, permissions, a path that is a file: one line, not a traceback

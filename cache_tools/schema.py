@@ -136,6 +136,8 @@ class ShardInfo:
     num_tokens: int
     bytes: int
     sha256: str
+    # Which build wrote the shard (`CacheManifest.build_id`); --resume keeps only shards of its own build.
+    build_id: str = ""
 
 
 @dataclass
@@ -167,6 +169,8 @@ class CacheManifest:
     num_tokens: int = 0
     shards: list[ShardInfo] = field(default_factory=list)
     created_at: str = ""
+    # "<settings hash>-<random>", fixed when a build starts and kept across resumes (see cache_tools.output_dir).
+    build_id: str = ""
 
     @property
     def vocab_size(self) -> int:
@@ -219,6 +223,6 @@ def load_manifest(cache_dir: str | os.PathLike) -> CacheManifest:
         raise CacheError(f"{path}: unreadable manifest ({err}); rebuild the cache with --overwrite") from err
     if manifest.format_version != FORMAT_VERSION:
         raise CacheError(
-            f"{path}: format version {manifest.format_version}, this tool reads {FORMAT_VERSION}; rebuild the cache"
+            f"{path}: format version {manifest.format_version!r}, this tool reads {FORMAT_VERSION}; rebuild the cache"
         )
     return manifest

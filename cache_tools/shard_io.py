@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 
 from cache_tools import schema
+from cache_tools.faults import fault_point
 
 
 class ShardWriter:
@@ -32,7 +33,9 @@ class ShardWriter:
         pooled_shape: tuple[int, int],
         compression: str = "none",
         pool_layers: list[int] | None = None,
+        build_id: str = "",
     ) -> None:
+        self.build_id = build_id
         self.cache_dir = Path(cache_dir)
         self.index = index
         self.first_sequence = first_sequence
@@ -88,6 +91,7 @@ class ShardWriter:
             self._file[name][lo:hi] = batch[name]
         self.count = hi
         self.num_tokens += int(np.asarray(batch[schema.VALID_LENGTH]).sum())
+        fault_point("shard.mid")
 
     def finish(self) -> schema.ShardInfo:
         """Trim to the windows written, write attributes, fsync, rename into place, write the sidecar."""
@@ -101,9 +105,12 @@ class ShardWriter:
             self._file.attrs[key] = value
         self._file.flush()
         self._file.close()
+        fault_point("shard.closed")
         with open(self.tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        fault_point("shard.rename")
         os.replace(self.tmp_path, self.final_path)
+        fault_point("shard.renamed")
         info = schema.ShardInfo(
             file=self.final_path.name,
             index=self.index,
@@ -112,16 +119,36 @@ class ShardWriter:
             num_tokens=self.num_tokens,
             bytes=self.final_path.stat().st_size,
             sha256=schema.file_sha256(self.final_path),
+            build_id=self.build_id,
         )
         write_sidecar(self.cache_dir, info)
+        fault_point("shard.sidecar")
         return info
 
     def abort(self) -> None:
-        """Close and delete the temp file (nothing half-written is left behind)."""
+        """Close and delete the temp file (nothing half-written is left behind).
+
+        The file is discarded, so its descriptor is first pointed at /dev/null: after a failed write (disk full,
+        file-size limit) HDF5's flush on close fails again, and h5py then crashes the process (SIGSEGV) while
+        deallocating; writing the final flush to /dev/null lets the close succeed."""
         try:
-            self._file.close()
+            if self._file.id.valid:
+                _discard_writes(self._file)
+                self._file.close()
         finally:
             self.tmp_path.unlink(missing_ok=True)
+
+
+def _discard_writes(f: h5py.File) -> None:
+    try:
+        fd = f.id.get_vfd_handle()
+    except Exception:  # noqa: BLE001 - drivers without a POSIX descriptor: close as is
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 def write_sidecar(cache_dir: str | os.PathLike, info: schema.ShardInfo) -> None:

@@ -5,6 +5,7 @@ back-pressure instead of letting host memory grow."""
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from cache_tools import schema
+from cache_tools.errors import UserError, describe_os_error
 from cache_tools.shard_io import ShardWriter
 
 _STOP = object()
@@ -45,6 +47,7 @@ class BackgroundShardWriter:
         self.wait_s = 0.0  # time the producer spent blocked on a full queue (writer-bound time)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
+        self._error_path: Path = self.cache_dir
         self._writer: ShardWriter | None = None
         self._thread = threading.Thread(target=self._run, name="cache-shard-writer", daemon=True)
         self._thread.start()
@@ -59,6 +62,9 @@ class BackgroundShardWriter:
         self.wait_s += time.perf_counter() - start
 
     def _raise_if_failed(self) -> None:
+        if isinstance(self._error, OSError):  # disk full, file-size limit, permissions: one line naming the shard
+            err = OSError(self._error.errno, os.strerror(self._error.errno or 5), str(self._error_path))
+            raise UserError(describe_os_error(err, "writing the shard")) from self._error
         if self._error is not None:
             raise RuntimeError(f"shard writer failed: {self._error}") from self._error
 
@@ -98,6 +104,7 @@ class BackgroundShardWriter:
             except BaseException as err:  # noqa: B036 - reported to the producer, which re-raises it
                 self._error = err
                 if self._writer is not None:
+                    self._error_path = self._writer.tmp_path
                     self._writer.abort()
                     self._writer = None
 
