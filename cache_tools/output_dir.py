@@ -27,6 +27,7 @@ from cache_tools import schema
 from cache_tools.errors import UserError, describe_os_error
 from cache_tools.shard_io import write_sidecar
 from cache_tools.teacher import BuildError
+from cache_tools.verify import verify_cache, verify_shard
 
 LOCK_NAME = ".build-cache.lock"  # exists (and is flock-ed) only while a build runs
 _SHARD = re.compile(rf"^{re.escape(schema.SHARD_PREFIX)}(\d+)\.(h5|json)$")
@@ -101,8 +102,12 @@ def settings_key(manifest: schema.CacheManifest) -> str:
 
 
 def _read_manifest(output: Path) -> schema.CacheManifest | None:
+    """The manifest in `output`, or None when it is missing, unreadable or lacks a key (then only sidecars count)."""
     try:
-        return schema.CacheManifest.from_dict(json.loads((output / schema.MANIFEST_NAME).read_text(encoding="utf-8")))
+        data = json.loads((output / schema.MANIFEST_NAME).read_text(encoding="utf-8"))
+        if not set(schema.CacheManifest().settings()) <= set(data):
+            return None
+        return schema.CacheManifest.from_dict(data)
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
 
@@ -148,14 +153,9 @@ def plan_output(output: Path, manifest: schema.CacheManifest, *, resume: bool, o
                          "keep it or --overwrite to rebuild")
     listed = {s.file for s in old.shards}
     extra = [name for name in shard_files if name.endswith(".h5") and name not in listed]
-    if old.complete and not extra and all(_matches(output / s.file, s) for s in old.shards):
+    if old.complete and not extra and not verify_cache(output):  # checksums AND contents: never keep bad data
         return "done"
     return "resume"  # unfinished, or a finished cache with a shard deleted, damaged or added since: repair it
-
-
-def _matches(path: Path, record: schema.ShardInfo) -> bool:
-    return (path.is_file() and path.stat().st_size == record.bytes
-            and schema.file_sha256(path) == record.sha256)
 
 
 def clear_cache_files(output: Path, *, temp_only: bool) -> None:
@@ -195,8 +195,10 @@ def _pick_build_id(output: Path, old: schema.CacheManifest | None, key: str) -> 
     return ids.most_common(1)[0][0] if ids else f"{key}-{uuid.uuid4().hex[:16]}"
 
 
-def _screen(output: Path, build_id: str, records: dict[int, schema.ShardInfo], shard_size: int) -> None:
-    """Keep each shard only if it matches a record of this build; discard (and say so) every other one."""
+def _screen(output: Path, manifest: schema.CacheManifest, records: dict[int, schema.ShardInfo]) -> None:
+    """Keep each shard only if it matches a record of this build and passes `verify`'s content checks (a shard
+    written by a faulty earlier run must not survive a resume); discard (and say so) every other one."""
+    build_id, shard_size = manifest.build_id, manifest.shard_size
     sidecars = _sidecars(output)
     for name in sorted(os.listdir(output)):
         m = _SHARD.match(name)
@@ -209,8 +211,8 @@ def _screen(output: Path, build_id: str, records: dict[int, schema.ShardInfo], s
             reason = "not written by this build (copied from another cache, or built with other settings)"
         elif record.file != name or record.index != index or record.first_sequence != index * shard_size:
             reason = f"its record describes {record.file} (sequence {record.first_sequence}), not this shard"
-        elif not _matches(path, record):
-            reason = "size or sha256 differs from what this build recorded (damaged or replaced since)"
+        elif faults := verify_shard(output, manifest, record):  # size + sha256 against the record, then contents
+            reason = f"differs from what this build recorded or fails verification ({faults[0].split(';')[0]})"
         else:
             if record is not side:  # a record of the manifest only: give the shard this build's sidecar
                 record.build_id = build_id
@@ -237,7 +239,7 @@ def start_build(output: Path, manifest: schema.CacheManifest, plan: str) -> None
     manifest.build_id = _pick_build_id(output, old, settings_key(manifest)) if plan == "resume" else \
         f"{settings_key(manifest)}-{uuid.uuid4().hex[:16]}"
     if plan == "resume":
-        _screen(output, manifest.build_id, {s.index: s for s in old.shards} if old else {}, manifest.shard_size)
+        _screen(output, manifest, {s.index: s for s in old.shards} if old else {})
     manifest.save(output)  # complete=false: a partial folder records its settings and build id
 
 

@@ -218,9 +218,14 @@ def load_manifest(cache_dir: str | os.PathLike) -> CacheManifest:
     if not path.is_file():
         raise CacheError(f"{path}: missing; this is not a finished cache (rerun `cache_tools build-cache --resume`)")
     try:
-        manifest = CacheManifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, TypeError, KeyError) as err:
-        raise CacheError(f"{path}: unreadable manifest ({err}); rebuild the cache with --overwrite") from err
+        data = json.loads(path.read_text(encoding="utf-8"))
+        missing = sorted(set(CacheManifest().settings()) - set(data))
+        if missing:
+            raise KeyError(f"missing key {missing[0]!r}")
+        manifest = CacheManifest.from_dict(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as err:
+        raise CacheError(f"{path}: unreadable manifest ({err}); rerun the same build-cache command with --resume "
+                         "(it rebuilds the manifest from the shards' sidecars) or rebuild with --overwrite") from err
     if manifest.format_version != FORMAT_VERSION:
         raise CacheError(
             f"{path}: format version {manifest.format_version!r}, this tool reads {FORMAT_VERSION}; rebuild the cache"
