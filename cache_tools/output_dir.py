@@ -263,8 +263,15 @@ def save_tokenizer(output: Path, tokenizer) -> None:
     try:
         tokenizer.save_pretrained(tmp)
         tmp.rename(target)
-    except OSError as err:  # disk full / quota: one line, and no half-saved tokenizer left behind
+    except Exception as err:  # disk full / quota: one line, and no half-saved tokenizer left behind
         shutil.rmtree(tmp, ignore_errors=True)
-        if not err.filename:
-            err.filename = str(tmp)
-        raise UserError(describe_os_error(err, "saving the tokenizer")) from err
+        # The Rust `tokenizers` library reports I/O failures as a plain Exception "... (os error 28)".
+        code = err.errno if isinstance(err, OSError) else _rust_os_errno(str(err))
+        if code is None:
+            raise
+        raise UserError(describe_os_error(OSError(code, os.strerror(code), str(tmp)), "saving the tokenizer")) from err
+
+
+def _rust_os_errno(message: str) -> int | None:
+    found = re.search(r"\(os error (\d+)\)", message)
+    return int(found.group(1)) if found else None

@@ -3,6 +3,7 @@ its attributes, fsyncs, renames it into place and writes the sidecar. An unfinis
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -69,10 +70,13 @@ class ShardWriter:
             schema.TAIL_LOGPROB: ((L,), schema.TAIL_DTYPE),
             schema.POOLED_HIDDEN: ((P, H), schema.POOLED_DTYPE),
         }
+        self._datasets: dict[str, h5py.Dataset] = {}
         for name, (tail_shape, dtype) in specs.items():
             # Scalars per sequence are chunked in runs so the small datasets don't explode into tiny chunks.
             chunks = (1, *tail_shape) if tail_shape else (min(capacity, 1024),)
-            self._file.create_dataset(
+            # Handles stay open for the writer's life: a temporary handle per write would be closed (and its chunk
+            # cache flushed) right after a failed write, and HDF5 cannot close it then (see `abort`).
+            self._datasets[name] = self._file.create_dataset(
                 name,
                 shape=(capacity, *tail_shape),
                 maxshape=(capacity, *tail_shape),
@@ -88,7 +92,7 @@ class ShardWriter:
             raise ValueError(f"shard {self.index}: {self.count} + {n} windows exceed capacity {self.capacity}")
         lo, hi = self.count, self.count + n
         for name in schema.ALL_DATASETS:
-            self._file[name][lo:hi] = batch[name]
+            self._datasets[name][lo:hi] = batch[name]
         self.count = hi
         self.num_tokens += int(np.asarray(batch[schema.VALID_LENGTH]).sum())
         fault_point("shard.mid")
@@ -96,7 +100,7 @@ class ShardWriter:
     def finish(self) -> schema.ShardInfo:
         """Trim to the windows written, write attributes, fsync, rename into place, write the sidecar."""
         for name in schema.ALL_DATASETS:
-            ds = self._file[name]
+            ds = self._datasets[name]
             ds.resize(self.count, axis=0)
         attrs = dict(self._attrs)
         attrs[schema.ATTR_NUM_SEQUENCES] = self.count
@@ -134,7 +138,9 @@ class ShardWriter:
         try:
             if self._file.id.valid:
                 _discard_writes(self._file)
-                self._file.close()
+                # After a failed write HDF5 may still refuse to release some ids; the file is deleted anyway.
+                with contextlib.suppress(Exception):
+                    self._file.close()
         finally:
             self.tmp_path.unlink(missing_ok=True)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,11 @@ def to_host(device_batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return host, event
 
 
+def _errno_in(message: str) -> int | None:
+    found = re.search(r"errno = (\d+)", message)
+    return int(found.group(1)) if found else None
+
+
 class BackgroundShardWriter:
     """Owns at most one open `ShardWriter` at a time; all calls are queued and run in order on the writer thread."""
 
@@ -62,8 +68,11 @@ class BackgroundShardWriter:
         self.wait_s += time.perf_counter() - start
 
     def _raise_if_failed(self) -> None:
-        if isinstance(self._error, OSError):  # disk full, file-size limit, permissions: one line naming the shard
-            err = OSError(self._error.errno, os.strerror(self._error.errno or 5), str(self._error_path))
+        # Disk full, file-size limit, permissions: one line naming the shard. HDF5 raises OSError on a failed write
+        # but RuntimeError on a failed close, with the errno only in its (multi-line) message.
+        code = getattr(self._error, "errno", None) or _errno_in(str(self._error))
+        if code:
+            err = OSError(code, os.strerror(code), str(self._error_path))
             raise UserError(describe_os_error(err, "writing the shard")) from self._error
         if self._error is not None:
             raise RuntimeError(f"shard writer failed: {self._error}") from self._error

@@ -6,13 +6,14 @@ child runs exactly the CLI entry point a user runs and dies by SIGKILL exactly a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import resource
+import select
 import signal
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -65,17 +66,17 @@ def run_forked(argv: list[str], *, fault: str | None = None, fsize: int | None =
 
 
 def start_forked(argv: list[str], *, fault: str | None = None, fsize: int | None = None,
-                 before: Callable[[], None] | None = None) -> tuple[int, str]:
-    """Start `run_forked`'s child and return (pid, stderr log path) at once; `wait_child` collects it."""
-    with tempfile.NamedTemporaryFile("w+", suffix=".stderr", delete=False) as log:
-        log_path = log.name
+                 before: Callable[[], None] | None = None) -> tuple[int, int]:
+    """Start `run_forked`'s child and return (pid, read end of its stderr pipe) at once; `wait_child` collects it.
+    stderr goes through a pipe, not a file: a pipe is not subject to the child's file-size limit."""
+    read_fd, write_fd = os.pipe()
     pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
+    if pid == 0:  # child: whatever happens, it ends in os._exit and never returns into pytest
         code = 1
         try:
-            fd = os.open(log_path, os.O_WRONLY | os.O_TRUNC)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
+            os.close(read_fd)
+            os.dup2(write_fd, 1)
+            os.dup2(write_fd, 2)
             sys.stdout = sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
             if fault:
                 os.environ["DISTILL_FAULT"] = fault
@@ -88,26 +89,37 @@ def start_forked(argv: list[str], *, fault: str | None = None, fsize: int | None
 
             code = main(argv)
         except BaseException:  # noqa: BLE001 - report anything the CLI let escape, as a real process would
-            traceback.print_exc()
+            with contextlib.suppress(BaseException):
+                traceback.print_exc()
         finally:
-            sys.stderr.flush()
+            with contextlib.suppress(BaseException):
+                sys.stderr.flush()
             os._exit(code)
-    return pid, log_path
+    os.close(write_fd)
+    return pid, read_fd
 
 
-def wait_child(pid: int, log_path: str, timeout: float) -> Outcome:
+def wait_child(pid: int, read_fd: int, timeout: float) -> Outcome:
     deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise TimeoutError(f"forked command did not end within {timeout}s")
-        time.sleep(0.05)
-    text = Path(log_path).read_text(encoding="utf-8", errors="replace")
-    os.unlink(log_path)
+    chunks: list[bytes] = []
+    with os.fdopen(read_fd, "rb") as pipe:
+        while True:
+            ready, _, _ = select.select([pipe], [], [], 0.05)
+            if ready:
+                block = os.read(pipe.fileno(), 1 << 16)
+                if block:
+                    chunks.append(block)
+                    continue
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                while block := os.read(pipe.fileno(), 1 << 16):
+                    chunks.append(block)
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise TimeoutError(f"forked command did not end within {timeout}s")
+    text = b"".join(chunks).decode("utf-8", errors="replace")
     if os.WIFSIGNALED(status):
         return Outcome(None, os.WTERMSIG(status), _lines(text))
     return Outcome(os.WEXITSTATUS(status), None, _lines(text))
