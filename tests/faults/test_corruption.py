@@ -133,6 +133,11 @@ DAMAGES = [
     Damage("valid_length_zero", _content(schema.VALID_LENGTH, _set(0, 0)), (S1, "token count"), "repaired", S1),
 ]
 IDS = [d.name for d in DAMAGES]
+# One repair per family in the fast subset (a resume costs ~2 s); the rest run under -m faults (faults_full).
+FAST_RESUMES = {"shard_truncated", "foreign_shard_with_sidecar", "manifest_deleted", "manifest_wrong_version",
+                "nan_logprob", "id_ge_vocab"}
+RESUME_CASES = [pytest.param(d, id=d.name, marks=() if d.name in FAST_RESUMES else pytest.mark.faults_full)
+                for d in DAMAGES]
 
 
 @pytest.mark.parametrize("damage", DAMAGES, ids=IDS)
@@ -148,7 +153,7 @@ def test_verify_catches(damage, cache_copy, request, capsys):
     assert any(word in first for word in FIX_WORDS), f"no fix in {first!r}"
 
 
-@pytest.mark.parametrize("damage", DAMAGES, ids=IDS)
+@pytest.mark.parametrize("damage", RESUME_CASES)
 def test_resume_repairs_or_refuses(damage, cache_copy, clean_cache, build_args, request, capsys):
     damage.apply(cache_copy, request)
     before = folder_state(cache_copy)
