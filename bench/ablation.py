@@ -1,14 +1,15 @@
 """Quality ablation on the demo's real text: the same student (same config, initial weights, batches, steps, seed)
-trained as LM-only; cached KD with k in {8, 32, 256}, each with and without the tail bucket; online full-logit KD.
-Prints a markdown table of held-out loss / perplexity (pasted into docs/RESULTS.md) and writes it as JSON.
+trained as LM-only; KD from cached top-k targets (k in {8, 32, 256}, tail bucket on; `_notail` variants drop it);
+KD from cached SAMPLED targets (RS-KD, N in {16, 64}); online full-logit KD. Several seeds; prints a markdown table of
+held-out loss (mean +- std and standard error over seeds) with each cache's bytes/token, and writes it as JSON.
 
-    python -m bench.ablation --demo-dir demo_out [--steps 300] [--out bench/.work/ablation.json]
+    python -m bench.ablation --demo-dir demo_out [--seeds 0 1 2] [--steps 300] [--out bench/.work/ablation.json]
 
-Needs a finished demo folder (its tokenizer, teacher, student config and text). The k = 256 cache is built from the
-demo's teacher with `cache_tools build-cache`; k = 8 and 32 are its first k columns with the tail re-summed
-(log(exp(tail_256) + sum of the dropped probabilities)), which is what a top-k build would store, up to fp16
-rounding. The training loop is in-process so that all eight runs see bit-identical batches; the loss is the
-product's `distill.losses.fused_ce_kd_loss`.
+Needs a finished demo folder made with ONE shared tokenizer (`--student-vocab-size 0`): its teacher, student config
+and text. The k = 256 cache and the sampled caches are built from the demo's teacher with `cache_tools build-cache`;
+k = 8 and 32 are the k = 256 cache's first k columns with the dropped mass added to the tail (what a top-k build
+would store, up to fp16 rounding). The training loop is in-process so that every variant sees bit-identical batches;
+the loss is the product's `distill.losses.fused_ce_kd_loss`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -24,41 +26,50 @@ import torch
 
 from bench.common import WORK_ROOT, apply_offline_env, build_cache
 from bench.online_kd import full_logit_kd_loss
-from cache_tools.schema import atomic_write_text
+from cache_tools.fsutil import atomic_write_text
 
-VARIANTS = ["lm_only", *[f"kd_k{k}_{t}" for k in (8, 32, 256) for t in ("tail", "notail")], "online_full_kd"]
+TOPK_VARIANTS = [f"kd_k{k}_{t}" for k in (8, 32, 256) for t in ("tail", "notail")]
+SAMPLED_VARIANTS = ["kd_sampled16", "kd_sampled64"]
+VARIANTS = ["lm_only", *TOPK_VARIANTS, *SAMPLED_VARIANTS, "online_full_kd"]
+DEFAULT_VARIANTS = ["lm_only", "kd_k8_tail", "kd_k32_tail", "kd_k256_tail", *SAMPLED_VARIANTS, "online_full_kd"]
 
 
-def batch_targets(reader: Any, indices: list[int], top_k: int) -> dict[str, torch.Tensor]:
-    """Stack full-length cached windows -> input_ids/labels [B, L], topk_ids/topk_logprobs [B*L, k], tail [B*L]."""
+def batch_targets(reader: Any, indices: list[int], top_k: int | None) -> dict[str, torch.Tensor]:
+    """Stack full-length cached windows -> input_ids/labels [B, L], topk_ids/topk_logprobs [B*L, k], tail [B*L].
+    `top_k` keeps the first k columns of a top-k cache (None: every column, as stored; sampled caches)."""
     seqs = [reader[i] for i in indices]
     ids = torch.stack([torch.as_tensor(s.input_ids) for s in seqs])
     labels = torch.full_like(ids, -100)
     labels[:, :-1] = ids[:, 1:]
     lp = torch.stack([torch.as_tensor(s.topk_logprobs.astype("float32")) for s in seqs]).flatten(0, 1)
-    tk = torch.stack([torch.as_tensor(s.topk_ids) for s in seqs]).flatten(0, 1)
-    tail = torch.stack([torch.as_tensor(s.tail_logprob) for s in seqs]).flatten().double()
-    # Mass dropped from the top-k moves into the tail, exactly as a smaller-k build would have measured it.
-    dropped = lp[:, top_k:].double().exp().sum(-1)
-    tail = torch.log(tail.exp() + dropped).clamp_min(-100.0).float()
-    return {"input_ids": ids, "labels": labels, "topk_ids": tk[:, :top_k].long(),
-            "topk_logprobs": lp[:, :top_k].contiguous(), "tail_logprob": tail}
+    tk = torch.stack([torch.as_tensor(s.topk_ids) for s in seqs]).flatten(0, 1).long()
+    tail = torch.stack([torch.as_tensor(s.tail_logprob) for s in seqs]).flatten().float()
+    if top_k is not None and top_k < tk.shape[1]:
+        # Mass dropped from the top-k moves into the tail, exactly as a smaller-k build would have measured it.
+        dropped = lp[:, top_k:].double().exp().sum(-1)
+        tail = torch.log(tail.double().exp() + dropped).clamp_min(-100.0).float()
+        tk, lp = tk[:, :top_k], lp[:, :top_k].contiguous()
+    return {"input_ids": ids, "labels": labels, "topk_ids": tk, "topk_logprobs": lp, "tail_logprob": tail}
 
 
-def train_variant(variant: str, student_cfg: Path, reader: Any, order: list[list[int]], teacher: Any,
-                  args: argparse.Namespace) -> torch.nn.Module:
+def train_variant(variant: str, student_cfg: Path, readers: dict[str, Any], order: list[list[int]], teacher: Any,
+                  args: argparse.Namespace, seed: int) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from distill.losses import KDConfig, fused_ce_kd_loss
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student_cfg.parent)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warmup = max(1, int(0.05 * args.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
-    top_k = int(variant.split("_k")[1].split("_")[0]) if variant.startswith("kd_k") else reader.top_k
-    kd_config = KDConfig(use_tail=variant.endswith("_tail"), temperature=args.temperature)
+    reader, top_k = readers["topk"], None
+    if variant.startswith("kd_k"):
+        top_k = int(variant.split("_k")[1].split("_")[0])
+    elif variant.startswith("kd_sampled"):
+        reader = readers[variant]
+    kd_config = KDConfig(use_tail=not variant.endswith("_notail"), temperature=args.temperature)
     for step in range(args.steps):
         b = batch_targets(reader, order[step], top_k)
         if variant == "online_full_kd":
@@ -81,16 +92,76 @@ def train_variant(variant: str, student_cfg: Path, reader: Any, order: list[list
     return model
 
 
+def batch_order(windows: list[int], steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """`steps` batches of window indices: epochs of a seeded permutation (the seed also sets initial weights)."""
+    gen = torch.Generator().manual_seed(seed)
+    order, pool = [], []
+    for _ in range(steps):
+        if len(pool) < batch_size:
+            pool += [windows[i] for i in torch.randperm(len(windows), generator=gen).tolist()]
+        order.append(pool[:batch_size])
+        pool = pool[batch_size:]
+    return order
+
+
+def build_caches(demo: Path, variants: list[str], max_length: int, sample_seed: int) -> dict[str, Path]:
+    """The k = 256 cache (always: it fixes the windows and serves every top-k variant) and one cache per sampled
+    variant, all from the same text and windows, through the real `cache_tools build-cache`."""
+    text, teacher_dir = demo / "data" / "train.jsonl", demo / "teacher" / "student"
+    caches = {"topk": WORK_ROOT / "ablation_cache_k256"}
+    build_cache(teacher_dir, text, caches["topk"], top_k=256, max_length=max_length, extra=["--no-progress"])
+    for variant in variants:
+        if variant in SAMPLED_VARIANTS:
+            n = variant.removeprefix("kd_sampled")
+            caches[variant] = WORK_ROOT / f"ablation_cache_sampled{n}"
+            build_cache(teacher_dir, text, caches[variant], top_k=None, max_length=max_length,
+                        extra=["--no-progress", "--targets", "sampled", "--samples", n, "--seed", str(sample_seed)])
+    return caches
+
+
+def bytes_per_token(cache: Path) -> float:
+    from cache_tools.schema import load_manifest
+
+    manifest = load_manifest(cache)
+    return sum(s.bytes for s in manifest.shards) / max(1, manifest.num_tokens)
+
+
+def summarise(losses: dict[str, list[float]], cache_bytes: dict[str, float]) -> list[dict[str, Any]]:
+    """Per variant: mean, std and standard error of the held-out loss over seeds, and the gap to LM-only / online KD."""
+    rows = []
+    base = statistics.mean(losses["lm_only"]) if "lm_only" in losses else None
+    online = statistics.mean(losses["online_full_kd"]) if "online_full_kd" in losses else None
+    for name, values in losses.items():
+        mean = statistics.mean(values)
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append({"variant": name, "losses": values, "mean": mean, "std": std, "sem": std / math.sqrt(len(values)),
+                     "vs_lm_only": (mean - base) / base if base and name != "teacher" else None,
+                     "vs_online_kd": (mean - online) / online if online and name != "teacher" else None,
+                     "bytes_per_token": cache_bytes.get(name)})
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    pct = lambda x: "-" if x is None else f"{100 * x:+.2f}%"  # noqa: E731
+    print("\n| variant | held-out loss, mean +- std (sem) | vs LM-only | vs online KD | cache bytes/token |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        size = "-" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.1f}"
+        print(f"| {r['variant']} | {r['mean']:.4f} +- {r['std']:.4f} ({r['sem']:.4f}) | {pct(r['vs_lm_only'])} | "
+              f"{pct(r['vs_online_kd'])} | {size} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ablation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo-dir", type=Path, default=Path("demo_out"))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=1.0, help="KD temperature (= the sampling temperature)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sample-seed", type=int, default=0, help="--seed of the sampled caches")
     parser.add_argument("--eval-windows", type=int, default=64)
-    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=VARIANTS)
     parser.add_argument("--out", type=Path, default=WORK_ROOT / "ablation.json")
     args = parser.parse_args(argv)
     apply_offline_env()
@@ -106,38 +177,29 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--demo-dir {demo}: {needed} missing; run `python -m examples.demo --out {demo}` first")
     if (demo / "student_tokenizer").exists():
         raise SystemExit(f"--demo-dir {demo}: made with --student-vocab-size (two tokenizers); the ablation compares "
-                         "losses on the teacher's tokens, so run it on a demo with the shared tokenizer")
+                         "losses on the teacher's tokens, so run it on a demo with --student-vocab-size 0")
     max_length = json.loads((demo / "report.json").read_text())["info"]["settings"]["max_length"]
-    cache = WORK_ROOT / "ablation_cache_k256"
-    build_cache(teacher_dir, demo / "data" / "train.jsonl", cache, top_k=256, max_length=max_length,
-                extra=["--no-progress"])
-    reader = TeacherCacheReader(cache)
-    full = [i for i in range(len(reader)) if reader[i].length == max_length]  # equal-length batches
-    gen = torch.Generator().manual_seed(args.seed)
-    order, pool = [], []
-    for _ in range(args.steps):
-        if len(pool) < args.batch_size:
-            pool += [full[i] for i in torch.randperm(len(full), generator=gen).tolist()]
-        order.append(pool[: args.batch_size])
-        pool = pool[args.batch_size :]
+    caches = build_caches(demo, args.variants, max_length, args.sample_seed)
+    readers = {name: TeacherCacheReader(path) for name, path in caches.items()}
+    cache_bytes = {v: bytes_per_token(caches[v]) for v in args.variants if v in caches}
+    cache_bytes.update({v: bytes_per_token(caches["topk"]) for v in args.variants if v.startswith("kd_k")})
+    full = [i for i in range(len(readers["topk"])) if readers["topk"][i].length == max_length]  # equal lengths
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     windows = held_out_windows(demo / "tokenizer", demo / "data" / "eval.jsonl", max_length, args.eval_windows)
-    teacher_loss, _ = evaluate_model(teacher, windows)
-    rows: dict[str, Any] = {"teacher": {"val_loss": teacher_loss, "perplexity": math.exp(teacher_loss)}}
-    for variant in args.variants:
-        t0 = time.perf_counter()
-        model = train_variant(variant, student_cfg, reader, order, teacher, args)
-        loss, _ = evaluate_model(model, windows)
-        rows[variant] = {"val_loss": loss, "perplexity": math.exp(loss), "train_s": time.perf_counter() - t0}
-        print(f"[ablation] {variant}: held-out loss {loss:.4f} ({rows[variant]['train_s']:.0f} s)", flush=True)
-    base = rows.get("lm_only", {}).get("val_loss")
-    print("\n| variant | held-out loss | perplexity | vs LM-only |\n|---|---:|---:|---:|")
-    for name, r in rows.items():
-        rel = f"{100 * (r['val_loss'] - base) / base:+.1f}%" if base and name != "teacher" else "-"
-        print(f"| {name} | {r['val_loss']:.4f} | {r['perplexity']:.2f} | {rel} |")
+    losses: dict[str, list[float]] = {"teacher": [evaluate_model(teacher, windows)[0]]}
+    for seed in args.seeds:
+        order = batch_order(full, args.steps, args.batch_size, seed)
+        for variant in args.variants:
+            t0 = time.perf_counter()
+            model = train_variant(variant, student_cfg, readers, order, teacher, args, seed)
+            losses.setdefault(variant, []).append(evaluate_model(model, windows)[0])
+            print(f"[ablation] seed {seed} {variant}: held-out loss {losses[variant][-1]:.4f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    rows = summarise(losses, cache_bytes)
+    print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-                                    "train_sequences": len(full)}, indent=2) + "\n")
+                                            "train_sequences": len(full)}, indent=2) + "\n")
     return 0
 
 

@@ -157,12 +157,14 @@ def tiny_assets(root: Path, *, vocab: int = 512, teacher_hidden: int = 64, stude
     return paths
 
 
-def build_cache(teacher: Path, text: Path, out: Path, *, top_k: int, max_length: int, compression: str = "none",
+def build_cache(teacher: Path, text: Path, out: Path, *, top_k: int | None, max_length: int, compression: str = "none",
                 max_samples: int | None = None, extra: list[str] | None = None) -> float:
-    """`cache_tools build-cache` through its real CLI (subprocess); returns wall seconds."""
+    """`cache_tools build-cache` through its real CLI (subprocess); returns wall seconds. `top_k=None` leaves the
+    flag out (sampled targets refuse it)."""
     args = ["cache_tools", "build-cache", "--teacher", str(teacher), "--dataset", str(text), "--output", str(out),
-            "--top-k", str(top_k), "--max-length", str(max_length), "--compression", compression, "--overwrite",
-            "--dtype", "fp32"]
+            "--max-length", str(max_length), "--compression", compression, "--overwrite", "--dtype", "fp32"]
+    if top_k is not None:
+        args += ["--top-k", str(top_k)]
     if max_samples is not None:
         args += ["--max-samples", str(max_samples)]
     return run_cli(args + (extra or []), log_path=out.parent / f"{out.name}.log")

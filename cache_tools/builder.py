@@ -121,7 +121,7 @@ def _pad(windows: list[text_data.Window], length: int) -> dict[str, np.ndarray]:
     }
 
 
-def _build_shard(loaded, writer, shard_windows, opts, pool_layers, device, bar, stats) -> None:
+def _build_shard(loaded, writer, shard_windows, first, opts, pool_layers, device, bar, stats) -> None:
     """Forward every batch of one shard; results go to the writer thread while the next batch runs."""
     L, K = opts.max_length, opts.top_k
     for lo in range(0, len(shard_windows), opts.batch_size):
@@ -131,7 +131,7 @@ def _build_shard(loaded, writer, shard_windows, opts, pool_layers, device, bar, 
         ids = torch.from_numpy(host[schema.INPUT_IDS][:, :longest]).to(device)
         mask = (torch.arange(longest)[None, :] < torch.from_numpy(host[schema.VALID_LENGTH])[:, None]).to(device)
         start = time.perf_counter()
-        out = teacher.teacher_batch(loaded, ids, mask.long(), pool_layers, K)
+        out = teacher.teacher_batch(loaded, ids, mask.long(), pool_layers, K, first_sequence=first + lo)
         B = len(batch_windows)
         # Narrow on the device (fewer bytes over PCIe); pad to L on the host while writing.
         device_batch = {
@@ -227,7 +227,8 @@ def _build(opts: BuildOptions, info: dist.DistInfo, wall_start: float) -> dict[s
                 stats["kept_shards"] += 1
                 continue
             writer.open_shard(shard_index, shard_index * opts.shard_size, opts.shard_size)
-            _build_shard(loaded, writer, shard_windows, opts, pool_layers, device, bar, stats)
+            _build_shard(loaded, writer, shard_windows, shard_index * opts.shard_size, opts, pool_layers, device, bar,
+                         stats)
             writer.finish_shard()
         writer.close()
     except BaseException:

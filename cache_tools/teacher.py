@@ -6,18 +6,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from cache_tools import schema
+from cache_tools.errors import UserError
+from cache_tools.head import sampled_targets, topk_targets
+from cache_tools.sampling import NonFiniteLogits, sample_targets, sequence_uniforms  # noqa: F401 - re-exported
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# fp32 logits per chunk are at most this many bytes (x3 for the temporaries of topk/logsumexp/scatter).
-_CHUNK_LOGIT_BYTES = 1 << 27
+# Key of the sampled counts in `teacher_batch`'s result (format v2 may map it to a schema dataset name).
+SAMPLE_COUNTS = "sample_counts"
 
 
-class BuildError(Exception):
+class BuildError(UserError):
     """Bad input to a build: a one-line message naming the flag/file and the fix."""
 
 
@@ -141,42 +144,21 @@ def _final_logit_transform(config: Any):
     return apply
 
 
-@torch.inference_mode()
-def topk_targets(
-    hidden: torch.Tensor, lm_head: torch.nn.Module, vocab_size: int, top_k: int, transform=None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden [N, H] final states of N valid tokens -> (ids [N, K] int64, logprobs [N, K] fp32, tail [N] fp32).
+def check_finite(bad_tokens: torch.Tensor, token_rows: torch.Tensor, first_sequence: int, what: str) -> None:
+    """Stop the build at once when a teacher output of this batch is NaN/inf, before anything of it is written.
 
-    Rows are processed in chunks so only [chunk, V] fp32 logits exist at once; head rows >= vocab_size are sliced
-    off before the softmax, so padded rows are never candidates and never take probability mass."""
-    n = hidden.shape[0]
-    chunk = max(1, _CHUNK_LOGIT_BYTES // (4 * vocab_size))
-    ids = torch.empty((n, top_k), dtype=torch.int64, device=hidden.device)
-    logprobs = torch.empty((n, top_k), dtype=torch.float32, device=hidden.device)
-    tail = torch.empty((n,), dtype=torch.float32, device=hidden.device)
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        logits = lm_head(hidden[lo:hi])[:, :vocab_size].float()
-        if transform is not None:
-            logits = transform(logits)
-        if top_k == vocab_size:  # nothing outside the top-k: the tail is empty
-            top_vals, top_ids = torch.topk(logits, top_k, dim=-1, sorted=True)
-            total = torch.logsumexp(top_vals, dim=-1)
-            rest = torch.full_like(total, float("-inf"))
-        else:
-            # One pass over [chunk, V] after the top-k: the (k+1)-th logit is the largest one outside the top-k, so
-            # shifting by it makes logsumexp over the rest exact and underflow-free (each term <= 1, one term == 1).
-            # Summing exp(rest) directly avoids log(1 - sum p), which cancels catastrophically as the top-k mass -> 1.
-            vals, top_ids = torch.topk(logits, top_k + 1, dim=-1, sorted=True)
-            top_vals, top_ids, shift = vals[:, :top_k], top_ids[:, :top_k], vals[:, top_k : top_k + 1]
-            shifted = logits.sub_(shift).exp_()  # in place: top-k entries may overflow to inf, zeroed next
-            rest = shifted.scatter_(1, top_ids, 0.0).sum(dim=-1).log_() + shift[:, 0]
-            total = torch.logaddexp(rest, torch.logsumexp(top_vals, dim=-1))
-            rest = rest - total
-        ids[lo:hi] = top_ids
-        logprobs[lo:hi] = top_vals - total[:, None]
-        tail[lo:hi] = torch.nan_to_num(rest, neginf=schema.TAIL_LOGPROB_FLOOR).clamp_min(schema.TAIL_LOGPROB_FLOOR)
-    return ids, logprobs, tail
+    bad_tokens [N] bool over the batch's valid tokens, token_rows [N] = each token's row in the batch, first_sequence
+    = global index of row 0. One device->host sync per batch: the price of never writing a cache that the reader
+    would refuse only at training time (fp16 teachers of the Qwen family overflow)."""
+    if bool(bad_tokens.any()):
+        _stop_non_finite(token_rows[bad_tokens].unique().tolist(), first_sequence, what)
+
+
+def _stop_non_finite(rows: list[int], first_sequence: int, what: str) -> NoReturn:
+    raise BuildError(f"teacher {what} are not finite (NaN/inf) in sequence {first_sequence + rows[0]} (global index; "
+                     f"{len(rows)} sequence(s) of this batch); nothing from this batch was written. An fp16 teacher "
+                     "overflows: rebuild with --dtype bf16 (GPUs with bf16) or --dtype fp32, plus --overwrite (the "
+                     "dtype is a cache setting); in fp32 already, check the model's weights")
 
 
 @torch.inference_mode()
@@ -196,28 +178,57 @@ def _check_head_reproduced(model: Any, teacher: str) -> None:
                          f"reproduce (model type {kind!r}); please report it")
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Sampled targets for `teacher_batch`: uniforms [B, T, S] float64 (row i from `sequence_uniforms` of the
+    batch's i-th sequence, any values on padding) and the temperature the S draws are taken at."""
+
+    uniforms: torch.Tensor
+    temperature: float = 1.0
+
+
 @torch.inference_mode()
 def teacher_batch(
-    teacher: LoadedTeacher, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_layers: list[int], top_k: int
+    teacher: LoadedTeacher, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_layers: list[int], top_k: int,
+    *, first_sequence: int = 0, sampling: Sampling | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One forward. input_ids/attention_mask [B, T] (right-padded) on the model's device. Returns device tensors:
-    topk_ids [B, T, K] (0 on padding), topk_logprobs [B, T, K], tail_logprob [B, T], pooled_hidden [B, P, H] fp32."""
+    """One forward. input_ids/attention_mask [B, T] (right-padded) on the model's device; first_sequence = global
+    index of row 0 (named when an output is not finite). Returns device tensors: pooled_hidden [B, P, H] fp32 and
+    top-k: topk_ids [B, T, K] (0 on padding), topk_logprobs [B, T, K], tail_logprob [B, T]; or with `sampling`:
+    topk_ids [B, T, S] distinct sampled ids (-1 padded, -1 on padding) and SAMPLE_COUNTS [B, T, S] int32."""
     model = teacher.model
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                            use_cache=False)
     mask = attention_mask.bool()
     flat = out.last_hidden_state[mask]  # [N, H] valid tokens only: padding never reaches the head
-    transform = _final_logit_transform(model.config.get_text_config())
-    ids, logprobs, tail = topk_targets(flat, model.get_output_embeddings(), teacher.vocab_size, top_k, transform)
-    B, T = input_ids.shape
-    full_ids = torch.zeros((B, T, top_k), dtype=torch.int64, device=input_ids.device)
-    full_lp = torch.zeros((B, T, top_k), dtype=torch.float32, device=input_ids.device)
-    full_tail = torch.zeros((B, T), dtype=torch.float32, device=input_ids.device)
-    full_ids[mask], full_lp[mask], full_tail[mask] = ids, logprobs, tail
     weights = mask.float().unsqueeze(-1)  # [B, T, 1]
     counts = weights.sum(dim=1).clamp_min(1.0)  # [B, 1]
     pooled = torch.stack(
         [(out.hidden_states[layer].float() * weights).sum(dim=1) / counts for layer in pool_layers], dim=1
     )
+    # The last layer is checked per token, pooled layers per sequence (a masked sum keeps any NaN/inf of its tokens).
+    token_rows = torch.nonzero(mask)[:, 0]  # [N] batch row of each valid token
+    bad = ~torch.isfinite(flat).all(-1) | ~torch.isfinite(pooled).flatten(1).all(-1)[token_rows]
+    check_finite(bad, token_rows, first_sequence, "hidden states")
+    transform = _final_logit_transform(model.config.get_text_config())
+    head, B, T = model.get_output_embeddings(), *input_ids.shape
+    if sampling is not None:
+        try:
+            uniforms = sampling.uniforms.to(mask.device)[mask]  # [N, S]
+            ids, sample_counts = sampled_targets(flat, head, teacher.vocab_size, uniforms, sampling.temperature,
+                                                 transform)
+        except NonFiniteLogits as err:
+            _stop_non_finite(token_rows[err.rows].unique().tolist(), first_sequence, "logits")
+        num_samples = sampling.uniforms.shape[-1]
+        full_ids = torch.full((B, T, num_samples), -1, dtype=torch.int64, device=input_ids.device)
+        full_counts = torch.zeros((B, T, num_samples), dtype=torch.int32, device=input_ids.device)
+        full_ids[mask], full_counts[mask] = ids, sample_counts
+        return {schema.TOPK_IDS: full_ids, SAMPLE_COUNTS: full_counts, schema.POOLED_HIDDEN: pooled}
+    ids, logprobs, tail = topk_targets(flat, head, teacher.vocab_size, top_k, transform)
+    check_finite(torch.isnan(logprobs).any(-1) | torch.isnan(tail), token_rows, first_sequence, "logits")
+    full_ids = torch.zeros((B, T, top_k), dtype=torch.int64, device=input_ids.device)
+    full_lp = torch.zeros((B, T, top_k), dtype=torch.float32, device=input_ids.device)
+    full_tail = torch.zeros((B, T), dtype=torch.float32, device=input_ids.device)
+    full_ids[mask], full_lp[mask], full_tail[mask] = ids, logprobs, tail
     return {schema.TOPK_IDS: full_ids, schema.TOPK_LOGPROBS: full_lp, schema.TAIL_LOGPROB: full_tail,
             schema.POOLED_HIDDEN: pooled}
