@@ -69,7 +69,8 @@ def train_variant(variant: str, student_cfg: Path, readers: dict[str, Any], orde
         top_k = int(variant.split("_k")[1].split("_")[0])
     elif variant.startswith("kd_sampled"):
         reader = readers[variant]
-    kd_config = KDConfig(use_tail=not variant.endswith("_notail"), temperature=args.temperature)
+    kd_config = KDConfig(use_tail=not variant.endswith("_notail"), temperature=args.temperature,
+                         targets="sampled" if variant in SAMPLED_VARIANTS else "topk")
     for step in range(args.steps):
         b = batch_targets(reader, order[step], top_k)
         if variant == "online_full_kd":

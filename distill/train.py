@@ -102,6 +102,7 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
         OneLineProgressCallback,
         SkipNonFiniteCallback,
     )
+    from distill.training.checkpoints import CheckpointCompleteCallback
     from distill.training.config import student_pool_layers
     from distill.training.modeling import AuxSettings, DistillModel, head_rows
     from distill.training.trainer import DistillTrainer
@@ -131,18 +132,21 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
         aux = AuxSettings(teacher_hidden=int(m.pooling["hidden_size"]), teacher_pool_layers=list(m.pooling["layers"]),
                           teacher_num_layers=int(m.teacher["num_hidden_layers"]),
                           contrastive_temperature=loss.contrastive_temperature)
-    kd_config = KDConfig(kind=loss.kd_kind, temperature=loss.temperature, jsd_beta=loss.jsd_beta,
-                         use_tail=loss.use_tail, chunk_size=loss.loss_chunk_size)
+    kd_config = KDConfig.from_args(loss)  # kd_kind, temperature, use_tail, loss_chunk_size, divergence parameters
     set_seed(cfg.training.seed)  # projection heads: the same initial values on every rank and every run
     model = DistillModel(student, kd_config, aux, student_pool_layers(cfg.model.pool_student_layers))
     trainer = DistillTrainer(
         model=model, args=cfg.training, data_collator=DistillCollator(tokenizer.pad_token_id),
         train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer, loss_args=loss,
     )
+    from distill.training.precision import install_fp16
+
+    install_fp16(trainer)  # --fp16 on CPU: real fp16 autocast + loss scaling, as on a GPU; skipped-step bookkeeping
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(OneLinePrinterCallback() if cfg.training.disable_tqdm else OneLineProgressCallback())
     trainer.add_callback(SkipNonFiniteCallback(trainer))
+    trainer.add_callback(CheckpointCompleteCallback())  # marks each checkpoint once fully written (resume skips others)
     run = cfg.run
     if run.early_stopping_patience > 0:
         trainer.add_callback(DistillEarlyStoppingCallback(run.early_stopping_patience, run.early_stopping_min_delta,
@@ -179,8 +183,10 @@ def one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     from cache_tools.schema import CacheError
     from distill.data.xtok.token_bytes import TokenizerError
+    from distill.training.checkpoints import resolve_resume
     from distill.training.config import ConfigError, parse_config, validate, write_resolved_config
     from distill.training.export import export_student
+    from distill.training.preflight import verify_caches
     from distill.training.trainer import NonFiniteLossError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -192,12 +198,17 @@ def main(argv: list[str] | None = None) -> int:
         HfArgumentParser(ARG_CLASSES).print_help()
         return 0
     try:
+        from distill.training.distributed import enable_cpu_deepspeed
+
+        enable_cpu_deepspeed()  # before parse_config: the TrainingArguments create the distributed state
         cfg = parse_config(argv)
         validate(cfg)
+        resume = resolve_resume(cfg.training.resume_from_checkpoint, cfg.training.output_dir)  # complete ones only
+        verify_caches(cfg.data)  # --verify_cache: every shard's checksum and values, before loading anything
         built = build_trainer(cfg)
         if is_main_process():
             write_resolved_config(cfg, cfg.training.output_dir)
-        built.trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint)
+        built.trainer.train(resume_from_checkpoint=resume)
         export_student(built.trainer, built.tokenizer, Path(cfg.training.output_dir))
         finish_distributed()
     except (ConfigError, CacheError, NonFiniteLossError, TokenizerError) as err:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from distill.losses import IGNORE_INDEX, KDConfig, fused_ce_kd_loss, naive_ce_kd_loss
 
 N, H, V = 23, 12, 40
-KINDS = ("forward_kl", "reverse_kl", "jsd")
+KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl")
 
 
 def _full_vocab_batch(seed: int = 0):
@@ -36,6 +36,8 @@ def _plain_loss(hidden, weight, labels, teacher_logits, kd_mask, kind, temperatu
         rows = kl(log_p, log_q)
     elif kind == "reverse_kl":
         rows = kl(log_q, log_p)
+    elif kind == "skew_kl":  # KL(p || beta p + (1 - beta) q)
+        rows = kl(log_p, torch.log(beta * log_p.exp() + (1 - beta) * log_q.exp()))
     else:
         log_m = torch.log(beta * log_p.exp() + (1 - beta) * log_q.exp())
         rows = beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
@@ -57,7 +59,7 @@ def _grads(fn, hidden, weight, *args, **kwargs):
 def test_fused_equals_plain_full_vocabulary(kind, chunk_size):
     temperature = 1.0 if chunk_size in (1, 64) else 2.0
     hidden, weight, labels, ids, logprobs, tail, kd_mask, teacher_logits = _full_vocab_batch()
-    cfg = KDConfig(kind=kind, temperature=temperature, jsd_beta=0.3, chunk_size=chunk_size)
+    cfg = KDConfig(kind=kind, temperature=temperature, jsd_beta=0.3, skew_alpha=0.3, chunk_size=chunk_size)
     out, gh, gw = _grads(
         fused_ce_kd_loss, hidden, weight, labels, ids, logprobs, tail, kd_mask, ce_weight=0.6, kd_weight=1.7, config=cfg
     )

@@ -111,7 +111,7 @@ def _self_teacher(k: int, seed: int):
 
 
 @pytest.mark.parametrize("k", [5, 30])
-@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "skew_kl"])
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 def test_zero_kd_for_identical_distributions(k, kind, temperature):
     hidden, weight, *targets = _self_teacher(k, seed=k)

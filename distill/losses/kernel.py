@@ -6,6 +6,7 @@ there, the gradient of the loss with respect to those logits, which it folds int
 O(C x V + V x H), never [N, V].
 
 Shapes: N rows, H hidden, V vocabulary (LM-head rows), K teacher slots, C chunk rows, B = K + 1 buckets.
+Sampled targets at T != 1 need one more [C, V] buffer per chunk (the tail's softmax at T, see `tail_temperature`).
 """
 
 from __future__ import annotations
@@ -13,62 +14,12 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
+
+from distill.losses.buckets import bucket_kd_and_grad, kd_slots, tail_temperature, teacher_top1
+from distill.losses.divergences import KDConfig
 
 IGNORE_INDEX = -100
-# Stand-in log-value for buckets that do not exist (empty slots, a missing tail): exp(FILL / T) is exactly 0 in fp32
-# for any sane T, while staying finite keeps 0 * log(0)-style terms and their gradients at 0 instead of NaN.
-BUCKET_FILL = -1.0e9
-KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
-
-
-def bucket_kd(
-    student_logits: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    valid: torch.Tensor,
-    *,
-    kind: str,
-    temperature: float,
-    jsd_beta: float,
-) -> torch.Tensor:
-    """Per-row divergence between teacher and student over B buckets (the listed ids, then the tail), times T^2.
-
-    Args:
-        student_logits: [R, B] fp32 student logits of the buckets (a token's logit; for the tail the logsumexp of the
-            logits outside the support). Only differences matter, so these need not be normalised.
-        teacher_logprobs: [R, B] fp32 teacher log-masses of the same buckets (need not sum to exactly 1: they are
-            renormalised, which absorbs the fp16 rounding of the cache).
-        valid: [R, B] bool; invalid buckets get zero mass on both sides.
-    Returns:
-        [R] fp32, differentiable w.r.t. `student_logits`.
-
-    Temperature: both bucket distributions are softmax(log-mass / T). A listed token is tempered exactly as in
-    full-vocabulary KD; the tail bucket is tempered as ONE token (its total log-mass / T). So KD is zero for
-    identical distributions at every T, and equals full-vocabulary tempered KD when the support covers the vocabulary.
-    For T > 1 this gives the tail less weight than tempering each tail token would (sum p^(1/T) >= (sum p)^(1/T)).
-    """
-    student = torch.where(valid, student_logits, BUCKET_FILL) / temperature
-    teacher = torch.where(valid, teacher_logprobs, BUCKET_FILL) / temperature
-    log_q = torch.log_softmax(student, dim=-1)
-    log_p = torch.log_softmax(teacher, dim=-1)
-    if kind == "forward_kl":
-        rows = (log_p.exp() * (log_p - log_q)).sum(-1)
-    elif kind == "reverse_kl":
-        rows = (log_q.exp() * (log_q - log_p)).sum(-1)
-    elif kind == "jsd":
-        # Generalised JSD: beta * KL(p || m) + (1 - beta) * KL(q || m), m = beta * p + (1 - beta) * q; <= H(beta).
-        log_m = torch.logaddexp(log_p + math.log(jsd_beta), log_q + math.log1p(-jsd_beta))
-        rows = jsd_beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1 - jsd_beta) * (
-            log_q.exp() * (log_q - log_m)
-        ).sum(-1)
-    else:
-        raise ValueError(f"KDConfig.kind={kind!r} is not one of {', '.join(KD_KINDS)}; pick one of those")
-    return rows * temperature**2
-
-
-def teacher_top1(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, slot_valid: torch.Tensor) -> torch.Tensor:
-    """[R] the teacher's most likely listed id (the best valid slot, so -1 padding anywhere is skipped)."""
-    best = torch.where(slot_valid, topk_logprobs.float(), -math.inf).argmax(-1, keepdim=True)
-    return topk_ids.gather(1, best).squeeze(1)
 
 
 class FusedCEKD(torch.autograd.Function):
@@ -77,19 +28,11 @@ class FusedCEKD(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        labels: torch.Tensor,
-        topk_ids: torch.Tensor,
-        topk_logprobs: torch.Tensor,
-        tail_logprob: torch.Tensor,
-        kd_row: torch.Tensor,
-        ce_scale: torch.Tensor,
-        kd_scale: torch.Tensor,
-        options: tuple[str, float, float, bool, int],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        kind, temperature, jsd_beta, use_tail, chunk_size = options
+        ctx, hidden: Tensor, weight: Tensor, labels: Tensor, topk_ids: Tensor, topk_logprobs: Tensor,
+        tail_logprob: Tensor, kd_row: Tensor, ce_scale: Tensor, kd_scale: Tensor, config: KDConfig,
+    ) -> tuple[Tensor, Tensor]:
+        """hidden [N, H], weight [V, H], labels [N] int64, topk_ids / topk_logprobs [N, K] (int64 / float),
+        tail_logprob [N], kd_row [N] bool (`buckets.kd_slots`), ce_scale / kd_scale scalars (weight / denominator)."""
         device = hidden.device
         # One fp32 copy of the head for the whole call (a no-op for fp32 weights): fp16 logits would keep ~3 digits.
         weight32 = weight.float()
@@ -99,11 +42,11 @@ class FusedCEKD(torch.autograd.Function):
         stats = torch.zeros(4, dtype=torch.float32, device=device)
 
         has_label = labels != IGNORE_INDEX
-        slot_valid = (topk_ids >= 0) & kd_row[:, None]
+        _, slot_valid = kd_slots(topk_ids, kd_row)
         # Rows with neither a label nor KD (padding) cost nothing.
         active = (has_label | kd_row).nonzero().squeeze(1)
-        for start in range(0, active.numel(), chunk_size):
-            rows = active[start : start + chunk_size]
+        for start in range(0, active.numel(), config.chunk_size):
+            rows = active[start : start + config.chunk_size]
             hidden32 = hidden[rows].float()
             logits = hidden32 @ weight32.t()  # [C, V]; becomes the gradient buffer in place below
             ids, valid = topk_ids[rows], slot_valid[rows]
@@ -131,22 +74,29 @@ class FusedCEKD(torch.autograd.Function):
             ce_rows = torch.where(row_has_label, lse_all - label_logits, 0.0)
             tail_mass = torch.exp(lse_tail - lse_all)
 
-            teacher = torch.cat([topk_logprobs[rows].float(), tail_logprob[rows].float()[:, None]], dim=1)
-            bucket_valid = torch.cat([valid, (row_kd & tail_exists & use_tail)[:, None]], dim=1)
-            student = torch.cat([support_logits, lse_tail[:, None]], dim=1).detach().requires_grad_(True)
-            with torch.enable_grad():
-                kd_rows = bucket_kd(
-                    student, teacher, bucket_valid, kind=kind, temperature=temperature, jsd_beta=jsd_beta
-                ) * row_kd
-                (grad_buckets,) = torch.autograd.grad(kd_rows.sum(), student)
-            kd_rows = kd_rows.detach()
-            grad_buckets = grad_buckets * kd_scale
+            # KD's tail bucket: its logit and how its gradient spreads over the tail tokens (softmax at t_tail).
+            t_tail = tail_temperature(config)
+            kd_share = grad_logits if t_tail == 1 else grad_logits.pow(1 / t_tail)  # exp((z - max) / t_tail)
+            kd_share_sum = tail_sum if t_tail == 1 else kd_share.sum(dim=1)
+            kd_tail_logit = lse_tail if t_tail == 1 else tail_shift + t_tail * torch.log(kd_share_sum)
 
-            # d loss / d logits = ce_s * (softmax - onehot) + kd grads on the support + tail grad * softmax_tail.
+            teacher = torch.cat([topk_logprobs[rows].float(), tail_logprob[rows].float()[:, None]], dim=1)
+            bucket_valid = torch.cat([valid, (row_kd & tail_exists & config.use_tail)[:, None]], dim=1)
+            student = torch.cat([support_logits, kd_tail_logit[:, None]], dim=1)
+            kd_rows, grad_buckets = bucket_kd_and_grad(student, teacher, bucket_valid, config)
+            kd_rows = kd_rows * row_kd
+            grad_buckets = grad_buckets * (row_kd[:, None] * kd_scale)
+
+            # d loss / d logits = ce_s * (softmax - onehot) + kd grads on the support + tail grad * kd share.
             # softmax = tail_mass * softmax_tail on the tail, exp(z_S - lse_all) on the support.
             row_ce_scale = row_has_label * ce_scale
-            tail_coef = (row_ce_scale * tail_mass + grad_buckets[:, -1]) / torch.where(tail_exists, tail_sum, 1.0)
-            grad_logits.mul_(tail_coef[:, None])  # now: tail coefficient x softmax over the tail
+            ce_coef = row_ce_scale * tail_mass / torch.where(tail_exists, tail_sum, 1.0)
+            kd_coef = grad_buckets[:, -1] / torch.where(tail_exists, kd_share_sum, 1.0)
+            if t_tail == 1:
+                grad_logits.mul_((ce_coef + kd_coef)[:, None])
+            else:
+                grad_logits.mul_(ce_coef[:, None]).add_(kd_share.mul_(kd_coef[:, None]))
+            del kd_share
             support_prob = torch.exp(support_logits - lse_all[:, None])
             support_grad = row_ce_scale[:, None] * support_prob + grad_buckets[:, :-1]
             grad_logits.scatter_add_(1, ids0, torch.where(valid, support_grad, 0.0))

@@ -56,7 +56,7 @@ class SkipNonFiniteCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.trainer._skip_this_step:
+        if self.trainer._skip_this_step and self.trainer.accelerator.scaler is None:  # a scaler skips by itself
             for param in self.trainer.model.parameters():
                 param.grad = None
 

@@ -16,10 +16,9 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from distill.losses import DEFAULT_CHUNK_SIZE
+from distill.losses import DEFAULT_CHUNK_SIZE, KD_KINDS, KDConfig
 from distill.losses.schedules import parse_ramp
 
-KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
 LOSS_COMPONENTS = ("ce", "kd", "feature", "contrastive")
 RESOLVED_CONFIG_NAME = "distill_config.yaml"
 
@@ -59,6 +58,11 @@ class DataArguments:
         metadata={"help": "Hold out this fraction of the cache's shards (the last ones) for evaluation."},
     )
     max_eval_sequences: int | None = field(default=None, metadata={"help": "Cap on evaluation sequences."})
+    verify_cache: bool = field(
+        default=False,
+        metadata={"help": "Before training, verify --cache and --eval_cache (`cache_tools verify`: sha256 of every "
+                          "shard + value checks; reads every shard once) and stop at the first fault."},
+    )
     dataset: str | None = field(
         default=None,
         metadata={"help": "LM-only mode without a cache: a text dataset spec (local file/folder or hub name)."},
@@ -91,6 +95,7 @@ class LossArguments:
     kd_kind: str = field(default="forward_kl", metadata={"help": "KD divergence: " + "|".join(KD_KINDS)})
     temperature: float = field(default=1.0, metadata={"help": "KD temperature T (loss scaled by T^2)."})
     jsd_beta: float = field(default=0.5, metadata={"help": "Mixture weight of JSD(beta)."})
+    skew_alpha: float = field(default=0.1, metadata={"help": "Skew of skew_kl: KL(p || alpha p + (1 - alpha) q)."})
     use_tail: bool = field(default=True, metadata={"help": "Tail bucket for the mass outside the teacher's top-k."})
     loss_chunk_size: int = field(
         default=DEFAULT_CHUNK_SIZE,
@@ -251,14 +256,7 @@ def validate(cfg: DistillConfig) -> None:
                         "--contrastive_weight 0")
     if all(getattr(loss, f"{name}_weight") == 0 for name in LOSS_COMPONENTS):
         problems.append("every loss weight is 0: nothing to train")
-    if loss.kd_kind not in KD_KINDS:
-        problems.append(f"--kd_kind must be one of {'|'.join(KD_KINDS)}, got {loss.kd_kind!r}")
-    if not (loss.temperature > 0 and math.isfinite(loss.temperature)):
-        problems.append(f"--temperature must be a finite number > 0, got {loss.temperature}")
-    if not 0.0 < loss.jsd_beta < 1.0:
-        problems.append(f"--jsd_beta must be in (0, 1), got {loss.jsd_beta}")
-    if loss.loss_chunk_size < 1:
-        problems.append(f"--loss_chunk_size must be >= 1, got {loss.loss_chunk_size}")
+    problems += KDConfig.from_args(loss).problems(flags=True)  # --kd_kind, --temperature, --jsd_beta, ...
     if not loss.contrastive_temperature > 0:
         problems.append(f"--contrastive_temperature must be > 0, got {loss.contrastive_temperature}")
     if loss.max_nonfinite_steps < 1:

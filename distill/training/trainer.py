@@ -98,6 +98,10 @@ class DistillTrainer(Trainer):
                 # micro-step count and leak this window's gradients into the next. Hand it the loss instead: with
                 # fp16 its dynamic loss scaler sees the overflow and skips the step (bf16/fp32 engines do not check).
                 self.accelerator.backward(loss, scale_wrt_gas=False)
+            elif self.accelerator.scaler is not None:
+                # fp16 AMP: the GradScaler must see this window's overflow (with no gradients at all its update()
+                # asserts); the inf gradients make it skip the step and back off the scale.
+                self.accelerator.backward(loss)
             return torch.zeros((), device=loss.device)
         self.nonfinite_in_a_row = 0
         self._train_metrics.add_train(outputs, weights)
