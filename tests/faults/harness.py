@@ -99,6 +99,29 @@ def start_forked(argv: list[str], *, fault: str | None = None, fsize: int | None
     return pid, read_fd
 
 
+def hold_after_manifest(ready: Path):
+    """`before` hook for a forked build: once the unfinished manifest is saved, say so and wait (holding the lock)."""
+    def before() -> None:
+        from cache_tools import output_dir
+
+        original = output_dir.save_tokenizer
+
+        def save_and_wait(output, tokenizer):
+            original(output, tokenizer)
+            ready.write_text("ready")
+            time.sleep(600)
+
+        output_dir.save_tokenizer = save_and_wait
+    return before
+
+
+def wait_for(path: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared (the forked build did not get that far)"
+        time.sleep(0.05)
+
+
 def wait_child(pid: int, read_fd: int, timeout: float) -> Outcome:
     deadline = time.monotonic() + timeout
     chunks: list[bytes] = []

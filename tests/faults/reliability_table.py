@@ -25,6 +25,7 @@ ROWS = [
     ("test_corruption.test_reader_refuses", "corruption matrix: reader (`TeacherCacheReader`)", False),
     ("test_kill_resume.test_kill_and_resume", "SIGKILL at an injected point, then --resume", True),
     ("test_kill_resume.test_resume_killed_again", "SIGKILL, resume SIGKILLed too, resume again", True),
+    ("test_kill_resume.test_interrupted_build_resumes", "SIGINT (exit 130, one line) / SIGTERM, then --resume", True),
     ("test_kill_resume.test_killed_build_is_reported", "killed folder seen by verify / reader / plain rerun", False),
     ("test_concurrency_diskfull.test_second_build", "second build (plain, --resume, --overwrite) while one runs",
      True),

@@ -5,42 +5,30 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 from cache_testing import assert_same_cache
 
 from cache_tools import schema
-from faults.harness import assert_one_line_error, run_cli, run_forked, start_forked, wait_child
+from faults.harness import (
+    assert_one_line_error,
+    hold_after_manifest,
+    run_cli,
+    run_forked,
+    start_forked,
+    wait_child,
+    wait_for,
+)
 
 pytestmark = pytest.mark.faults
 
 
-def _hold_after_manifest(ready: Path):
-    """`before` hook for a forked build: once the unfinished manifest is saved, say so and wait (holding the lock)."""
-    def before() -> None:
-        from cache_tools import output_dir
-
-        original = output_dir.save_tokenizer
-
-        def save_and_wait(output, tokenizer):
-            original(output, tokenizer)
-            ready.write_text("ready")
-            time.sleep(600)
-
-        output_dir.save_tokenizer = save_and_wait
-    return before
-
-
 def test_second_build_refused_while_first_runs(tmp_path, clean_cache, build_args, capsys):
     out, ready = tmp_path / "cache", tmp_path / "ready"
-    pid, log = start_forked(build_args(out), before=_hold_after_manifest(ready))
+    pid, log = start_forked(build_args(out), before=hold_after_manifest(ready))
     try:
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            assert time.monotonic() < deadline, "first build never reached its manifest"
-            time.sleep(0.05)
+        wait_for(ready)
         before = sorted(p.name for p in out.iterdir())
         for extra in ((), ("--resume",), ("--overwrite",)):  # following any advice must not break the running build
             outcome = run_cli(build_args(out, *extra), capsys)

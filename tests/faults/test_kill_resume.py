@@ -3,13 +3,14 @@ command with --resume: the result must be byte-identical to a clean build, and n
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
 from cache_testing import assert_same_cache
 
 from cache_tools import schema
-from faults.harness import run_cli, run_forked
+from faults.harness import hold_after_manifest, run_cli, run_forked, start_forked, wait_child, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -61,6 +62,24 @@ def test_resume_killed_again(tmp_path, clean_cache, build_args, capsys):
     assert_same_cache(clean_cache, out)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_build_resumes(sig, tmp_path, clean_cache, build_args, capsys):
+    """Ctrl-C: one line and exit 130; SIGTERM (a scheduler's stop): the default action. Either way the lock is gone
+    and --resume ends byte-identical."""
+    out, ready = tmp_path / "cache", tmp_path / "ready"
+    pid, pipe = start_forked(build_args(out), before=hold_after_manifest(ready))
+    wait_for(ready)
+    os.kill(pid, sig)
+    stopped = wait_child(pid, pipe, 60)
+    if sig == signal.SIGINT:
+        assert stopped.code == 130 and stopped.error_line.startswith("cache_tools build-cache: interrupted"), stopped
+        assert "--resume" in stopped.error_line and "Traceback" not in "\n".join(stopped.stderr)
+    else:
+        assert stopped.signal == signal.SIGTERM
+    assert run_cli(build_args(out, "--resume"), capsys).code == 0
+    assert_same_cache(clean_cache, out)
+
+
 def test_killed_build_is_reported_by_verify_and_reader(tmp_path, build_args, capsys):
     """A killed build's folder is not mistaken for a cache: verify exits 2 naming the fix, the reader refuses."""
     from cache_tools.reader import TeacherCacheReader
@@ -77,8 +96,6 @@ def test_killed_build_is_reported_by_verify_and_reader(tmp_path, build_args, cap
 
 def test_fault_point_parsing(monkeypatch):
     """`name@N` fires at the N-th hit only; other names and no variable are no-ops."""
-    import os
-
     from cache_tools import faults
 
     kills = []
