@@ -83,6 +83,7 @@ def run(quick: bool, device: str) -> dict[str, Any]:
 
     from cache_tools.reader import TeacherCacheReader
     from distill.data.dataset import CacheDataset, DirectTargets, DistillCollator
+    from distill.data.validation import SequenceValidator
     from distill.data.xtok.pipeline import CrossTokenizerTargets, aggregate_stats
     from examples.tiny_models import stdlib_docstrings, train_bpe_tokenizer
 
@@ -98,17 +99,23 @@ def run(quick: bool, device: str) -> dict[str, Any]:
     student_tok = train_bpe_tokenizer(stdlib_docstrings(max_docs=300), 384, split_digits=True)
     reader = TeacherCacheReader(cache)
     indices = np.arange(len(reader))
-    cross = CrossTokenizerTargets(reader, teacher_tok, student_tok)
+    cross = CrossTokenizerTargets(reader, teacher_tok, student_tok)  # validates every sequence
+    direct = DirectTargets(SequenceValidator(reader))  # the trainer's direct builder validates too
     stats = aggregate_stats([cross(reader[int(i)])["stats"] for i in indices[:32]])
 
-    # Single-process cost of the target builders alone (no loader), for the record.
-    seq = reader[0]
-    builder_ms = {name: 1e3 * time_fn(lambda b=b: b(seq), "cpu", warmup=2, iters=20)["median_s"]
-                  for name, b in (("direct", DirectTargets()), ("cross", cross))}
-    direct_tps, direct_tokens = loader_tokens_per_s(CacheDataset(reader, indices, DirectTargets()), shape["batch"],
+    # Single-process cost of the target builders alone (no loader), for the record: mean over 16 windows.
+    seqs = [reader[int(i)] for i in indices[:16]]
+    builders = {"direct": direct, "cross": cross, "direct, no validation": DirectTargets(),
+                "cross, no validation": CrossTokenizerTargets(reader, teacher_tok, student_tok, validate=False)}
+    builder_ms = {name: 1e3 * time_fn(lambda b=b: [b(s) for s in seqs], "cpu", warmup=1, iters=5)["median_s"]
+                  / len(seqs) for name, b in builders.items()}
+    direct_tps, direct_tokens = loader_tokens_per_s(CacheDataset(reader, indices, direct), shape["batch"],
                                                     shape["epochs"], teacher_tok.pad_token_id)
     cross_tps, cross_tokens = loader_tokens_per_s(CacheDataset(reader, indices, cross), shape["batch"],
                                                   shape["epochs"], student_tok.pad_token_id)
+    # Printed before the (long, memory-hungry) trainer step, so a killed run still leaves the loader figures.
+    print(f"[loader] direct {direct_tps:.0f} tokens/s, cross {cross_tps:.0f} tokens/s, cross/direct "
+          f"{cross_tps / direct_tps:.3f}; builder ms/window {json.dumps(builder_ms)}", flush=True)
     batch = DistillCollator(student_tok.pad_token_id)([cross(reader[int(i)]) for i in indices[: shape["batch"]]])
     trainer_tps = trainer_tokens_per_s(batch, shape["student"], device, iters=2 if quick else 3)
     return {
@@ -120,11 +127,13 @@ def run(quick: bool, device: str) -> dict[str, Any]:
         "tokens_per_s": {"cross_loader": cross_tps, "direct_loader": direct_tps, "trainer": trainer_tps},
         "builder_ms_per_window": builder_ms,
         "tokens": {"cross": cross_tokens, "direct": direct_tokens},
-        "coverage": {k: stats[k] for k in ("aligned_fraction", "mapped_mass_fraction", "exact_mass_fraction")},
+        "coverage": {k: stats[k] for k in ("aligned_fraction", "mapped_mass_fraction", "exact_mass_fraction",
+                                            "truncated", "student_tokens")},
         "shapes": {**shape, "windows": len(reader), "student_dims": STUDENTS[shape["student"]],
                    "teacher_vocab": len(teacher_tok), "student_vocab": len(student_tok)},
         "dtype": "fp32",
-        "notes": ["loader: torch DataLoader, 2 workers, distill.data.CacheDataset + DistillCollator",
+        "notes": ["loader: torch DataLoader, 2 workers, distill.data.CacheDataset + DistillCollator; both builders "
+                  "validate each sequence (distill.data.validation); cross windows capped at the cache's max_length",
                   "trainer: one AdamW step with distill.losses.fused_ce_kd_loss on a collated cross-tokenizer batch",
                   "on CPU the trainer is slow, so the ratio flatters the loader; rerun with --device cuda"],
     }

@@ -34,14 +34,15 @@ def row_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     main = num_blocks * block
     blocks = logits[:, :main].view(rows, num_blocks, block)  # a view: the last dim of the logits is contiguous
     _, best = torch.topk(blocks.amax(dim=-1), k, dim=-1, sorted=False)  # [r, k] block indices
-    offsets = torch.arange(block, device=logits.device)
-    candidates = blocks.gather(1, best[:, :, None].expand(-1, -1, block)).flatten(1)  # [r, k * b]
-    candidate_ids = (best[:, :, None] * block + offsets).flatten(1)
+    row_index = torch.arange(rows, device=logits.device)[:, None]
+    candidates = blocks[row_index, best].flatten(1)  # [r, k * b]: whole blocks copied (cheaper than gather)
     if main < vocab:
         candidates = torch.cat([candidates, logits[:, main:]], dim=1)
-        candidate_ids = torch.cat([candidate_ids, torch.arange(main, vocab, device=logits.device).expand(rows, -1)], 1)
     values, where = torch.topk(candidates, k, dim=-1, sorted=True)
-    return values, candidate_ids.gather(1, where)
+    # Candidate position -> vocabulary id: within the k chosen blocks, or past them in the remainder.
+    in_blocks = where < k * block
+    block_ids = best.gather(1, (where // block).clamp_max(k - 1)) * block + where % block
+    return values, torch.where(in_blocks, block_ids, where - k * block + main)
 
 
 def _head_logits(hidden: torch.Tensor, lm_head: torch.nn.Module, vocab_size: int, transform) -> torch.Tensor:

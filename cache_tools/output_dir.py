@@ -102,13 +102,12 @@ def settings_key(manifest: schema.CacheManifest) -> str:
 
 
 def _read_manifest(output: Path) -> schema.CacheManifest | None:
-    """The manifest in `output`, or None when it is missing, unreadable or lacks a key (then only sidecars count)."""
+    """The manifest in `output`, or None when it is missing, unreadable, of an unreadable version or lacks a key
+    (then only the sidecars count: they say which shards this build's settings wrote)."""
+    path = output / schema.MANIFEST_NAME
     try:
-        data = json.loads((output / schema.MANIFEST_NAME).read_text(encoding="utf-8"))
-        if not set(schema.CacheManifest().settings()) <= set(data):
-            return None
-        return schema.CacheManifest.from_dict(data)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return schema.CacheManifest.from_dict(json.loads(path.read_text(encoding="utf-8")), str(path))
+    except (OSError, ValueError, schema.CacheError):
         return None
 
 
@@ -175,14 +174,17 @@ def clear_cache_files(output: Path, *, temp_only: bool) -> None:
             path.unlink(missing_ok=True)
 
 
-def _read_sidecar(path: Path) -> schema.ShardInfo | None:
+def _read_sidecar(path: Path) -> tuple[schema.ShardInfo, str] | None:
+    """(the shard's record, the id of the build that wrote it) from a sidecar; None when unreadable."""
     try:
-        return schema.ShardInfo(**json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        build_id = data.pop("build_id", "")
+        return schema.ShardInfo(**data), str(build_id)
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
 
 
-def _sidecars(output: Path) -> dict[int, schema.ShardInfo | None]:
+def _sidecars(output: Path) -> dict[int, tuple[schema.ShardInfo, str] | None]:
     return {int(m.group(1)): _read_sidecar(output / m.group(0))
             for m in map(_SHARD.match, sorted(os.listdir(output))) if m and m.group(2) == "json"}
 
@@ -191,7 +193,7 @@ def _pick_build_id(output: Path, old: schema.CacheManifest | None, key: str) -> 
     """This build's id: the previous run's (manifest, else the commonest among sidecars of these settings), or new."""
     if old is not None and old.build_id.startswith(key + "-"):
         return old.build_id
-    ids = collections.Counter(s.build_id for s in _sidecars(output).values() if s and s.build_id.startswith(key + "-"))
+    ids = collections.Counter(s[1] for s in _sidecars(output).values() if s and s[1].startswith(key + "-"))
     return ids.most_common(1)[0][0] if ids else f"{key}-{uuid.uuid4().hex[:16]}"
 
 
@@ -206,7 +208,8 @@ def _screen(output: Path, manifest: schema.CacheManifest, records: dict[int, sch
             continue
         index, path = int(m.group(1)), output / name
         side = sidecars.get(index)
-        record = side if side is not None and side.build_id == build_id else records.get(index)
+        ours = side[0] if side is not None and side[1] == build_id else None
+        record = ours or records.get(index)
         if record is None:
             reason = "not written by this build (copied from another cache, or built with other settings)"
         elif record.file != name or record.index != index or record.first_sequence != index * shard_size:
@@ -214,9 +217,8 @@ def _screen(output: Path, manifest: schema.CacheManifest, records: dict[int, sch
         elif faults := verify_shard(output, manifest, record):  # size + sha256 against the record, then contents
             reason = f"differs from what this build recorded or fails verification ({faults[0].split(';')[0]})"
         else:
-            if record is not side:  # a record of the manifest only: give the shard this build's sidecar
-                record.build_id = build_id
-                write_sidecar(output, record)
+            if ours is None:  # a record of the manifest only: give the shard this build's sidecar
+                write_sidecar(output, record, build_id)
             continue
         _say(f"{path}: {reason}; discarding it, --resume rebuilds it")
         path.unlink()
@@ -245,11 +247,11 @@ def start_build(output: Path, manifest: schema.CacheManifest, plan: str) -> None
 
 def finished_shard(output: Path, index: int, build_id: str) -> schema.ShardInfo | None:
     """The ShardInfo of a shard this build finished (screened at start, or written since), else None."""
-    info = _read_sidecar(output / schema.shard_sidecar_name(index))
+    side = _read_sidecar(output / schema.shard_sidecar_name(index))
     path = output / schema.shard_name(index)
-    if info is None or info.build_id != build_id or not path.is_file() or path.stat().st_size != info.bytes:
+    if side is None or side[1] != build_id or not path.is_file() or path.stat().st_size != side[0].bytes:
         return None
-    return info
+    return side[0]
 
 
 def save_tokenizer(output: Path, tokenizer) -> None:

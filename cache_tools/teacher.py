@@ -11,13 +11,13 @@ from typing import Any, NoReturn
 import torch
 
 from cache_tools import schema
-from cache_tools.errors import UserError
+from cache_tools.errors import UserError, one_line
 from cache_tools.head import sampled_targets, topk_targets
 from cache_tools.sampling import NonFiniteLogits, sample_targets, sequence_uniforms  # noqa: F401 - re-exported
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Key of the sampled counts in `teacher_batch`'s result (format v2 may map it to a schema dataset name).
-SAMPLE_COUNTS = "sample_counts"
+SAMPLE_COUNTS = schema.SAMPLE_COUNTS
 
 
 class BuildError(UserError):
@@ -48,11 +48,6 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     return "fp32"
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def load_config_and_tokenizer(teacher: str, tokenizer_src: str | None, trust_remote_code: bool) -> tuple[Any, Any]:
     """Config + tokenizer only (cheap), so flag errors surface before the weights are read."""
     from transformers import AutoConfig, AutoTokenizer
@@ -64,14 +59,14 @@ def load_config_and_tokenizer(teacher: str, tokenizer_src: str | None, trust_rem
     try:
         config = AutoConfig.from_pretrained(teacher, trust_remote_code=trust_remote_code)
     except Exception as err:  # OSError/ValueError from the hub client or a broken config.json
-        raise BuildError(f"--teacher {teacher}: cannot load the config ({_one_line(err)}); pass a model folder or "
+        raise BuildError(f"--teacher {teacher}: cannot load the config ({one_line(err)}); pass a model folder or "
                          "hub id (custom code needs --trust-remote-code)") from err
     src = tokenizer_src or teacher
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
     except Exception as err:
         flag = "--tokenizer" if tokenizer_src else "--teacher"
-        raise BuildError(f"{flag} {src}: cannot load the tokenizer ({_one_line(err)}); pass --tokenizer") from err
+        raise BuildError(f"{flag} {src}: cannot load the tokenizer ({one_line(err)}); pass --tokenizer") from err
     return config, tokenizer
 
 
@@ -109,7 +104,7 @@ def load_teacher(
             teacher, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
         )
     except Exception as err:
-        raise BuildError(f"--teacher {teacher}: cannot load the weights ({_one_line(err)}); check the folder") from err
+        raise BuildError(f"--teacher {teacher}: cannot load the weights ({one_line(err)}); check the folder") from err
     model.to(device).eval()
     _check_head_reproduced(model, teacher)
     text_config = model.config.get_text_config()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from xtok_fixtures import trained_tokenizer
@@ -55,7 +57,8 @@ def test_first_token_rule_credits_a_prefix_token(pair):
 def test_map_saved_beside_cache_and_reused(pair, tmp_path, monkeypatch):
     teacher, student, tb, sb = pair
     vmap, path = vm.load_or_build_vocab_map(tmp_path, teacher, student, tb, sb, "first_token", "a" * 64, "b" * 64)
-    assert path == tmp_path / "vocab_maps" / f"{'a' * 16}-{'b' * 16}-first_token.npz" and path.is_file()
+    assert path == tmp_path / "vocab_maps" / f"{'a' * 16}-{'b' * 16}-{vm.MAP_VERSION}-first_token.npz"
+    assert path.is_file()
     assert not list(path.parent.glob("*.tmp*"))
 
     def must_not_build(*args, **kwargs):
@@ -109,3 +112,26 @@ def test_map_topk_merges_duplicates_and_moves_unmapped_mass_to_tail():
     for row in out.ids:
         kept = row[row >= 0]
         assert len(set(kept.tolist())) == len(kept)
+
+
+def test_maps_from_other_code_are_rebuilt_not_reused(pair, tmp_path, monkeypatch):
+    """The map's version is a fingerprint of the code that decides it: a map saved by other code (another
+    fingerprint) is never picked up, and editing that code changes the fingerprint without a manual bump."""
+    teacher, student, tb, sb = pair
+    assert vm.MAP_VERSION == vm.map_fingerprint() and len(vm.MAP_VERSION) == 16
+    monkeypatch.setattr(vm, "MAP_VERSION", "0123456789abcdef")
+    _, old_path = vm.load_or_build_vocab_map(tmp_path, teacher, student, tb, sb, "first_token", "a" * 64, "b" * 64)
+    monkeypatch.undo()
+    built = []
+    real_build = vm.build_vocab_map
+    monkeypatch.setattr(vm, "build_vocab_map", lambda *a, **k: built.append(1) or real_build(*a, **k))
+    _, new_path = vm.load_or_build_vocab_map(tmp_path, teacher, student, tb, sb, "first_token", "a" * 64, "b" * 64)
+    assert built == [1] and new_path != old_path and old_path.is_file()
+    # Same file name, stale contents (e.g. copied by hand): refused too.
+    new_path.write_bytes(old_path.read_bytes())
+    assert vm.load_vocab_map(new_path, "a" * 64, "b" * 64, "first_token") is None
+    # Editing the map's source changes the fingerprint.
+    edited = tmp_path / "token_bytes.py"
+    edited.write_text(Path(vm.token_bytes.__file__).read_text() + "\n# changed\n")
+    monkeypatch.setattr(vm.token_bytes, "__file__", str(edited))
+    assert vm.map_fingerprint() != vm.MAP_VERSION

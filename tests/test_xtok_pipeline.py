@@ -95,7 +95,7 @@ def test_same_tokenizer_gives_exactly_the_direct_targets(tmp_path, tokenizer, co
 
 def test_text_that_decodes_differently_is_a_counted_logged_skip(tmp_path, tokenizer, student_tok, corpus, caplog):
     reader = TeacherCacheReader(write_text_cache(tmp_path, tokenizer, corpus[:6], max_length=64, max_sequences=3))
-    builder = CrossTokenizerTargets(reader, tokenizer, student_tok)
+    builder = CrossTokenizerTargets(reader, tokenizer, student_tok, max_length=0)  # 0: the whole window
     seq = reader[1]
     seq.text = seq.text.replace("e", "E")  # same length, offsets still "valid", content wrong
     with caplog.at_level(logging.WARNING, logger="distill.data.xtok.pipeline"):

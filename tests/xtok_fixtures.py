@@ -50,11 +50,21 @@ def write_text_cache(cache_dir: str | Path, tokenizer: Any, texts: list[str], *,
     windows = windows[:max_sequences] if max_sequences else windows
     vocab = len(tokenizer)
     P, H = pooled_shape
-    shards: list[schema.ShardInfo] = []
+    roles = ("bos", "eos", "pad", "unk")
+    manifest = schema.CacheManifest(
+        complete=True,
+        teacher=schema.TeacherInfo(name_or_path="synthetic", head_rows=vocab),
+        tokenizer=schema.TokenizerInfo(name_or_path=name_or_path or str(getattr(tokenizer, "name_or_path", "")),
+                                       content_hash=schema.tokenizer_hash(tokenizer), vocab_size=vocab,
+                                       special_ids={r: getattr(tokenizer, f"{r}_token_id", None) for r in roles},
+                                       special_tokens={r: getattr(tokenizer, f"{r}_token", None) for r in roles}),
+        targets=schema.TargetsInfo(kind="topk", encoding="fp16", top_k=top_k), max_length=max_length,
+        id_dtype=str(schema.id_dtype_for(vocab)), pooling=schema.PoolingInfo(layers=list(range(P)), hidden_size=H),
+        shard_size=shard_size, num_sequences=len(windows), num_tokens=int(sum(len(w.input_ids) for w in windows)),
+    )
     for index, first in enumerate(range(0, len(windows), shard_size)):
         chunk = windows[first : first + shard_size]
-        writer = ShardWriter(cache_dir, index, first, len(chunk), max_length=max_length, top_k=top_k,
-                             vocab_size=vocab, pooled_shape=(P, H))
+        writer = ShardWriter(cache_dir, index, first, len(chunk), manifest)
         batch: dict[str, Any] = {
             schema.INPUT_IDS: np.zeros((len(chunk), max_length), np.int64),
             schema.VALID_LENGTH: np.array([len(w.input_ids) for w in chunk], np.int32),
@@ -75,20 +85,7 @@ def write_text_cache(cache_dir: str | Path, tokenizer: Any, texts: list[str], *,
             batch[schema.TOPK_LOGPROBS][row, :n] = lp
             batch[schema.TAIL_LOGPROB][row, :n] = tail
         writer.append(batch)
-        shards.append(writer.finish())
-    roles = ("bos", "eos", "pad", "unk")
-    manifest = schema.CacheManifest(
-        complete=True,
-        teacher={"name_or_path": "synthetic", "head_rows": vocab},
-        tokenizer={"name_or_path": name_or_path or str(getattr(tokenizer, "name_or_path", "")),
-                   "content_hash": schema.tokenizer_hash(tokenizer), "vocab_size": vocab,
-                   "special_ids": {r: getattr(tokenizer, f"{r}_token_id", None) for r in roles},
-                   "special_tokens": {r: getattr(tokenizer, f"{r}_token", None) for r in roles}},
-        top_k=top_k, max_length=max_length, id_dtype=str(schema.id_dtype_for(vocab)),
-        pooling={"method": "masked_mean", "layers": list(range(P)), "hidden_size": H},
-        shard_size=shard_size, num_sequences=len(windows),
-        num_tokens=int(sum(len(w.input_ids) for w in windows)), shards=shards,
-    )
+        manifest.shards.append(writer.finish())
     manifest.save(cache_dir)
     return cache_dir
 
@@ -107,3 +104,20 @@ def trained_tokenizer(corpus: list[str], vocab_size: int, *, split_digits: bool 
                                                extra_special=extra_special)
     return _TOKENIZERS[key]
 
+
+
+def sampled_rows(rng: np.random.Generator, n: int, vocab_size: int, num_samples: int, slots: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sampled targets as the reader gives them (format v2): per row, the distinct ids of `num_samples` draws (any
+    order, -1 padding to `slots`), log(count / N) as float32 (0 in padding), tail -inf. Returns ids [n, slots] int64,
+    logprobs [n, slots] float32, tail [n] float32, counts [n, slots] int64 (0 in padding)."""
+    ids = np.full((n, slots), -1, np.int64)
+    counts = np.zeros((n, slots), np.int64)
+    for row in range(n):
+        support = rng.choice(vocab_size, size=int(rng.integers(1, slots + 1)), replace=False)
+        draws = rng.choice(support, size=num_samples, p=rng.dirichlet(np.ones(support.size)))
+        uniq, cnt = np.unique(draws, return_counts=True)
+        order = rng.permutation(uniq.size)
+        ids[row, : uniq.size], counts[row, : uniq.size] = uniq[order], cnt[order]
+    logprobs = np.where(counts > 0, np.log(np.maximum(counts, 1) / num_samples), 0.0).astype(np.float32)
+    return ids, logprobs, np.full(n, -np.inf, np.float32), counts

@@ -32,9 +32,15 @@ XTOK_STAT_KEYS = ("student_tokens", "aligned", "teacher_mass", "mapped_mass")
 
 
 class DirectTargets:
-    """Target builder for a student that uses the cache's own tokenizer: ids pass through unchanged."""
+    """Target builder for a student that uses the cache's own tokenizer: ids pass through unchanged. `validate`
+    (e.g. `distill.data.validation.SequenceValidator(reader)`) checks each sequence first."""
+
+    def __init__(self, validate: Callable[[CachedSequence], None] | None = None) -> None:
+        self.validate = validate
 
     def __call__(self, seq: CachedSequence) -> dict[str, Any]:
+        if self.validate is not None:
+            self.validate(seq)
         n = seq.length
         return {
             "input_ids": seq.input_ids.astype(np.int64),
@@ -62,7 +68,9 @@ def make_target_builder(reader: TeacherCacheReader, tokenizer: Any, student_voca
     pipeline (re-tokenise the window text, align by consumed text, map ids through the saved vocabulary map)."""
     if schema.tokenizer_hash(tokenizer) == reader.manifest.tokenizer_hash:
         check_student_compatible(reader, tokenizer, student_vocab_rows)
-        return DirectTargets()
+        from distill.data.validation import SequenceValidator
+
+        return DirectTargets(SequenceValidator(reader))
     from distill.data.xtok.pipeline import CrossTokenizerTargets
 
     return CrossTokenizerTargets(reader, None, tokenizer, rule=xtok_rule)

@@ -86,8 +86,6 @@ def test_nul_bytes_pass_through_text_data(tmp_path):
     assert [t for _, t in docs] == ["before\x00after", "\x00"]
 
 
-@pytest.mark.xfail(strict=True, reason="needs the format helper's lossless text storage (today: 'VLEN strings do not "
-                   "support embedded NULLs', exit 2); remove this marker when it lands")
 def test_nul_bytes_round_trip_through_the_cache(tmp_path, build_args, capsys):
     """Web text contains NULs: the build stores them and the reader returns the exact text (lossless storage is the
     format helper's; this checks the whole path)."""

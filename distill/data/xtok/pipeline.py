@@ -16,6 +16,7 @@ import numpy as np
 
 from cache_tools import schema
 from cache_tools.reader import CachedSequence, TeacherCacheReader
+from distill.data.validation import SequenceValidator, check_mapped
 from distill.data.xtok.align import (
     align,
     char_to_byte_table,
@@ -25,7 +26,7 @@ from distill.data.xtok.align import (
     student_consumed,
 )
 from distill.data.xtok.token_bytes import TokenizerError, plain_backend, token_bytes_table, tokenizer_label
-from distill.data.xtok.topk_map import map_topk
+from distill.data.xtok.topk_map import TopKMapper
 from distill.data.xtok.vocab_map import load_or_build_vocab_map, require_student_eos, special_pairs
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def load_tokenizer(spec: Any, role: str) -> Any:
 def load_teacher_tokenizer(cache_dir: str | os.PathLike, manifest: schema.CacheManifest) -> Any:
     """The cache's tokenizer: `DIR/tokenizer/` if the builder saved one, else the manifest's name_or_path."""
     local = Path(cache_dir) / schema.TOKENIZER_DIR
-    spec = local if local.is_dir() else manifest.tokenizer.get("name_or_path")
+    spec = local if local.is_dir() else manifest.tokenizer.name_or_path
     if not spec:
         raise TokenizerError(f"{Path(cache_dir) / schema.MANIFEST_NAME}: no teacher tokenizer recorded; pass the "
                              "teacher tokenizer explicitly")
@@ -65,12 +66,16 @@ class CrossTokenizerTargets:
         student_tokenizer: the student's tokenizer (object or path).
         rule: "first_token" or "tail" for teacher tokens without an exact student twin.
         cache_dir: where `vocab_maps/` lives (defaults to the reader's directory).
-        max_length: student tokens kept per window (default: all); the rest is cut and counted in stats.
+        max_length: student tokens kept per window (default: the cache's window length, `manifest.max_length`, so
+            a student whose tokenizer splits the text finer never gets longer sequences than the teacher saw; 0 keeps
+            them all). The cut is at the end: every kept position keeps its target; the rest is counted in stats.
+        validate: check each sequence (ids in range, finite log-probs; `distill.data.validation`) before mapping.
     """
 
     def __init__(self, reader_or_manifest: TeacherCacheReader | schema.CacheManifest, teacher_tokenizer: Any = None,
                  student_tokenizer: Any = None, *, rule: str = "first_token",
-                 cache_dir: str | os.PathLike | None = None, max_length: int | None = None) -> None:
+                 cache_dir: str | os.PathLike | None = None, max_length: int | None = None,
+                 validate: bool = True) -> None:
         if isinstance(reader_or_manifest, TeacherCacheReader):
             manifest = reader_or_manifest.manifest
             cache_dir = cache_dir if cache_dir is not None else reader_or_manifest.cache_dir
@@ -89,7 +94,7 @@ class CrossTokenizerTargets:
         if self.teacher_hash != manifest.tokenizer_hash:
             raise TokenizerError(
                 f"{where}: teacher tokenizer {tokenizer_label(self.teacher_tok)!r} is not the one the cache was built "
-                f"with ({manifest.tokenizer.get('name_or_path')!r}); pass the cache's own tokenizer"
+                f"with ({manifest.tokenizer.name_or_path!r}); pass the cache's own tokenizer"
             )
         self.student_hash = schema.tokenizer_hash(self.student_tok)
         self.teacher_bytes = token_bytes_table(self.teacher_tok, "teacher")
@@ -99,7 +104,7 @@ class CrossTokenizerTargets:
             cache_dir, self.teacher_tok, self.student_tok, self.teacher_bytes, self.student_bytes, rule,
             self.teacher_hash, self.student_hash)
         self.specials = special_pairs(self.teacher_tok, self.student_tok, self.teacher_bytes, self.student_bytes)
-        teacher_eos = manifest.tokenizer.get("special_ids", {}).get("eos", self.teacher_tok.eos_token_id)
+        teacher_eos = manifest.tokenizer.special_ids.get("eos", self.teacher_tok.eos_token_id)
         self.student_eos = require_student_eos(self.student_tok, self.specials, teacher_eos)
         if teacher_eos is not None:
             self.specials[int(teacher_eos)] = self.student_eos
@@ -109,14 +114,21 @@ class CrossTokenizerTargets:
             log.warning("student tokenizer %s lacks the teacher's special tokens %s: their text is tokenised as "
                         "ordinary text and their probability goes to the tail", tokenizer_label(self.student_tok),
                         missing[:8])
+        if max_length is None:
+            max_length = manifest.max_length
         self.max_length = int(max_length) if max_length else None
         self.top_k = manifest.top_k
+        self._mapper = TopKMapper(self.vocab_map.ids, self.vocab_map.exact)
+        self._validator = SequenceValidator(manifest, cache_dir) if validate else None
+        self._student_rows = self.student_bytes.size
         self._teacher_norm = _normalizer(self.teacher_tok)
         self._student_norm = _normalizer(self.student_tok)
         self._student_backend = plain_backend(self.student_tok)
         self._skips = 0
 
     def __call__(self, seq: CachedSequence) -> dict[str, Any]:
+        if self._validator is not None:
+            self._validator(seq)
         text = seq.text
         text_bytes = text.encode("utf-8")
         c2b = char_to_byte_table(text)
@@ -150,14 +162,17 @@ class CrossTokenizerTargets:
         teacher_pos = align(t_cons, s_cons)[:n]
         aligned = np.flatnonzero(teacher_pos >= 0)
         rows = teacher_pos[aligned]
-        mapped = map_topk(seq.topk_ids[rows], seq.topk_logprobs[rows], seq.tail_logprob[rows], self.vocab_map.ids,
-                          self.vocab_map.exact)
+        mapped = self._mapper(seq.topk_ids[rows], seq.topk_logprobs[rows], seq.tail_logprob[rows])
         out["topk_ids"][aligned] = mapped.ids
         out["topk_logprobs"][aligned] = mapped.logprobs
         out["tail_logprob"][aligned] = mapped.tail
         out["kd_mask"][aligned] = True
         stats.update(aligned=int(aligned.shape[0]), teacher_mass=mapped.teacher_mass,
                      mapped_mass=mapped.mapped_mass, exact_mass=mapped.exact_mass)
+        if self._validator is not None:
+            problem = check_mapped(out, self._student_rows)
+            if problem:
+                self._validator.fail(seq.index, problem)
         return out
 
 

@@ -8,6 +8,7 @@ Special tokens map only to special tokens (teacher EOS -> student EOS, others by
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -17,12 +18,30 @@ from typing import Any
 import numpy as np
 
 from cache_tools import schema
+from cache_tools.fsutil import atomic_path, file_sha256
+from distill.data.xtok import token_bytes
 from distill.data.xtok.token_bytes import TokenBytes, TokenizerError, plain_backend, tokenizer_label
 
 log = logging.getLogger(__name__)
 
 RULES = ("first_token", "tail")
-MAP_VERSION = 1
+
+
+def map_fingerprint() -> str:
+    """16 hex digits naming everything that decides a map besides the two tokenizers and the rule: the source of
+    this module and of `token_bytes` (byte decoding, special-token handling) and the `tokenizers` version (its
+    encoder runs the first_token rule). Saved maps carry it in their name and contents, so a map built by other
+    code is rebuilt, never reused silently; nobody has to remember to bump a version number."""
+    import tokenizers
+
+    digest = hashlib.sha256()
+    for source in (__file__, token_bytes.__file__):
+        digest.update(file_sha256(source).encode())
+    digest.update(tokenizers.__version__.encode())
+    return digest.hexdigest()[:16]
+
+
+MAP_VERSION = map_fingerprint()
 
 
 @dataclass
@@ -113,7 +132,9 @@ def _fill_first_token(ids: np.ndarray, student_tok: Any, teacher: TokenBytes, st
 
 
 def map_path(cache_dir: str | os.PathLike, teacher_hash: str, student_hash: str, rule: str) -> Path:
-    return Path(cache_dir) / schema.VOCAB_MAP_DIR / f"{teacher_hash[:16]}-{student_hash[:16]}-{rule}.npz"
+    """`DIR/vocab_maps/<teacher16>-<student16>-<code fingerprint>-<rule>.npz`."""
+    name = f"{teacher_hash[:16]}-{student_hash[:16]}-{MAP_VERSION}-{rule}.npz"
+    return Path(cache_dir) / schema.VOCAB_MAP_DIR / name
 
 
 def user_map_path(teacher_hash: str, student_hash: str, rule: str) -> Path:
@@ -125,13 +146,9 @@ def user_map_path(teacher_hash: str, student_hash: str, rule: str) -> Path:
 def save_vocab_map(vmap: VocabMap, path: Path) -> None:
     """temp + rename: a concurrent reader (another rank) sees no file or a whole one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}{schema.TMP_SUFFIX}.npz")
-    try:
-        np.savez(tmp, ids=vmap.ids, exact=vmap.exact, rule=np.str_(vmap.rule), version=np.int64(MAP_VERSION),
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, ids=vmap.ids, exact=vmap.exact, rule=np.str_(vmap.rule), version=np.str_(MAP_VERSION),
                  teacher_hash=np.str_(vmap.teacher_hash), student_hash=np.str_(vmap.student_hash))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_vocab_map(path: Path, teacher_hash: str, student_hash: str, rule: str) -> VocabMap | None:
@@ -140,7 +157,7 @@ def load_vocab_map(path: Path, teacher_hash: str, student_hash: str, rule: str) 
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
-            meta = (str(data["teacher_hash"]), str(data["student_hash"]), str(data["rule"]), int(data["version"]))
+            meta = (str(data["teacher_hash"]), str(data["student_hash"]), str(data["rule"]), str(data["version"]))
             if meta != (teacher_hash, student_hash, rule, MAP_VERSION):
                 return None
             return VocabMap(data["ids"].astype(np.int64), data["exact"].astype(bool), rule, teacher_hash, student_hash)
@@ -152,7 +169,8 @@ def load_vocab_map(path: Path, teacher_hash: str, student_hash: str, rule: str) 
 def load_or_build_vocab_map(cache_dir: str | os.PathLike | None, teacher_tok: Any, student_tok: Any,
                             teacher: TokenBytes, student: TokenBytes, rule: str, teacher_hash: str,
                             student_hash: str) -> tuple[VocabMap, Path | None]:
-    """Reuse `DIR/vocab_maps/<t16>-<s16>-<rule>.npz` (or the user-cache copy); build and save it otherwise."""
+    """Reuse `DIR/vocab_maps/<t16>-<s16>-<fingerprint>-<rule>.npz` (or the user-cache copy); build and save it
+    otherwise."""
     candidates = [user_map_path(teacher_hash, student_hash, rule)]
     if cache_dir is not None:
         candidates.insert(0, map_path(cache_dir, teacher_hash, student_hash, rule))
