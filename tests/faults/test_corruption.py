@@ -34,7 +34,7 @@ from faults.harness import (
 pytestmark = pytest.mark.faults
 
 S1 = schema.shard_name(1)
-FIX_WORDS = ("--resume", "--overwrite", "rebuild", "delete", "build-cache")
+FIX_WORDS = ("--resume", "--overwrite", "rebuild", "delete", "build-cache", "upgrade", "restore")
 
 
 @dataclass(frozen=True)
