@@ -32,23 +32,25 @@ def test_demo_pipeline_runs_and_reports(demo_run):
     out, proc = demo_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     status_lines = [line for line in proc.stdout.splitlines() if line.startswith("[demo ")]
-    assert [line.split("]")[0] for line in status_lines] == [f"[demo {i}/7" for i in range(1, 8)]
+    assert [line.split("]")[0] for line in status_lines] == [f"[demo {i}/8" for i in range(1, 9)]
     report = json.loads((out / "report.json").read_text())
     metrics = report["metrics"]
-    for name in ("teacher", "kd_student", "lm_student"):
+    for name in ("teacher", "kd_student", "rs_student", "lm_student"):
         m = metrics[name]
         assert math.isfinite(m["val_loss"]) and m["val_loss"] > 0
         assert m["perplexity"] == pytest.approx(math.exp(m["val_loss"]))
         assert 0.0 <= m["top1_agreement"] <= 1.0
         assert report["info"]["tokens_per_s"][name] > 0
     assert metrics["teacher"]["top1_agreement"] == 1.0
-    for name in ("teacher", "kd_student", "lm_student"):
+    for name in ("teacher", "kd_student", "rs_student", "lm_student"):
         assert (out / name / "student" / "config.json").is_file()  # save_pretrained exports
-    assert report["info"]["cache_bytes_per_token"] > 0
-    # Same student config, steps and data for both students: the parameter counts must match.
-    assert metrics["kd_student"]["params"] == metrics["lm_student"]["params"]
+    sizes = report["info"]["cache_bytes_per_token"]
+    assert 0 < sizes["sampled_cache"] < sizes["cache"]  # N = 64 samples cost less than the top-256 cache
+    # Same student config, steps and data for every student: the parameter counts must match.
+    assert metrics["kd_student"]["params"] == metrics["rs_student"]["params"] == metrics["lm_student"]["params"]
     md = (out / "report.md").read_text()
-    assert "| Student, distilled from the cache |" in md and "bytes/token" in md
+    assert "| Student, distilled from the top-256 cache (" in md and "sampled N=64 cache" in md
+    assert "B/token" in md
     numbers = re.findall(r"\| Student, LM-only[^|]*\| [\d,]+ \| (\d+\.\d+) \|", md)
     assert numbers and float(numbers[0]) == pytest.approx(metrics["lm_student"]["val_loss"], abs=1e-4)
 
@@ -56,7 +58,7 @@ def test_demo_pipeline_runs_and_reports(demo_run):
 def test_demo_writes_tensorboard_runs_side_by_side(demo_run):
     out, proc = demo_run
     assert proc.returncode == 0
-    for name in ("teacher", "kd_student", "lm_student"):
+    for name in ("teacher", "kd_student", "rs_student", "lm_student"):
         events = list((out / "runs" / name).rglob("events.out.tfevents.*"))
         assert events, f"no TensorBoard event file under runs/{name}"
 

@@ -7,10 +7,14 @@ Stages (one status line each; every subprocess's output goes to OUT/logs/<stage>
   2. tokenizer: byte-level BPE trained locally on the training documents (shared by teacher and student; with
      --student-vocab-size N the student gets its own, smaller tokenizer and learns through the cross-tokenizer path)
   3. teacher: a few-million-parameter Qwen3-MoE pretrained LM-only by `python -m distill.train --dataset ...`
-  4. cache: `cache_tools build-cache` with that teacher (training text, and the held-out text for eval curves)
+  4. caches: `cache_tools build-cache` with that teacher: top-256 (compact encoding) and sampled N=64 (RS-KD), for
+     the training text and the held-out text (eval curves)
   5. KD student: `accelerate launch --config_file launch/accelerate/cpu.yaml -m distill.train --cache ...`
-  6. LM-only student: the same command, same steps/seed/data, with --kd_weight 0
-  7. evaluation on the held-out text -> OUT/report.md, OUT/report.json; TensorBoard runs in OUT/runs/
+  6. RS-KD student: the same command on the sampled cache
+  7. LM-only student: the same command, same steps/seed/data, with --kd_weight 0
+  8. evaluation on the held-out text -> OUT/report.md, OUT/report.json; TensorBoard runs in OUT/runs/
+
+CPU kernels and threads are pinned (see `reproducible_cpu_env`) so a rerun on another machine gives the same numbers.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ import os
 import sys
 from pathlib import Path
 
-from examples.demo.common import QUICK, DemoError, DemoSettings
+from examples.demo.common import QUICK, DemoError, DemoSettings, reproducible_cpu_env
+
+# Before torch loads (ATen reads ATEN_CPU_CAPABILITY once): this process evaluates models itself.
+os.environ.update(reproducible_cpu_env())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -4,6 +4,7 @@ status lines, running a logged subprocess, and the real command lines the demo c
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,9 @@ class DemoSettings:
     student_steps: int = 300
     student_lr: float = 3e-3
     batch_size: int = 16
-    top_k: int = 32
+    top_k: int = 256  # the card's k: the compact encoding makes it cheap
+    encoding: str = "compact"
+    samples: int = 64  # N draws per position for the sampled-target (RS-KD) student's cache
     compression: str = "lzf"
     kd_weight: float = 1.0
     ce_weight: float = 1.0
@@ -44,6 +47,18 @@ class DemoSettings:
 
 QUICK = dict(max_docs=240, min_chars=200, vocab_size=512, student_vocab_size=384, max_length=64, teacher_hidden=64,
              teacher_layers=2, teacher_steps=30, student_hidden=32, student_steps=20, batch_size=8, eval_windows=8)
+
+
+# Bit-reproducible CPU numbers across machines. ATen and MKL choose their SIMD kernels (AVX2, AVX-512) from the host
+# CPU, and the thread count decides how sums are split: either changes float results in the last bits, and 1,000
+# steps of a MoE teacher (discrete expert routing) turn those bits into a different model (measured: the same teacher
+# run twice is bit-identical; with AVX2 kernels forced, or 2 threads instead of 1, it differs after 60 steps).
+# Pinning both makes every x86 machine with AVX2 take the same code path. Values the user set win.
+def reproducible_cpu_env() -> dict[str, str]:
+    env = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        env.update(ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
+    return {key: value for key, value in env.items() if key not in os.environ}
 
 
 class DemoError(RuntimeError):

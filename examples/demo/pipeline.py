@@ -22,7 +22,7 @@ from examples.demo.common import (
     train_args,
 )
 
-TOTAL = 7
+TOTAL = 8
 
 
 def run_pipeline(args: argparse.Namespace, s: DemoSettings) -> Path:
@@ -81,46 +81,55 @@ def run_pipeline(args: argparse.Namespace, s: DemoSettings) -> Path:
     status(3, TOTAL, "teacher", f"Qwen3-MoE, {n_teacher / 1e6:.2f} M params, {s.teacher_steps} steps "
            f"({seconds['teacher']:.1f} s)")
 
-    # 4. teacher caches: training text, and held-out text for the trainer's eval curves
+    # 4. teacher caches: top-k (compact) and sampled (RS-KD), each for the training text and for the held-out text
+    # (the trainer's eval curves). The samples are drawn at the KD temperature: the trainer refuses any other.
     t0 = time.perf_counter()
-    cache_dir, eval_cache_dir = out / "cache", out / "eval_cache"
-    for name, data, folder in (("cache", train_file, cache_dir), ("eval_cache", eval_file, eval_cache_dir)):
-        run_logged([*cache_tools_cmd(), "build-cache", "--teacher", str(teacher_dir), "--dataset", str(data),
-                    "--output", str(folder), "--top-k", str(s.top_k), "--max-length", str(s.max_length),
-                    "--compression", s.compression, "--dtype", "fp32"], logs / f"{name}.log")
+    target_flags = {"cache": ["--top-k", str(s.top_k)],
+                    "sampled_cache": ["--targets", "sampled", "--samples", str(s.samples),
+                                      "--sample-temperature", str(s.temperature), "--seed", str(s.seed)]}
+    for kind, flags in target_flags.items():
+        for name, data in ((kind, train_file), (f"eval_{kind}", eval_file)):
+            run_logged([*cache_tools_cmd(), "build-cache", "--teacher", str(teacher_dir), "--dataset", str(data),
+                        "--output", str(out / name), *flags, "--encoding", s.encoding, "--max-length",
+                        str(s.max_length), "--compression", s.compression, "--dtype", "fp32", "--no-progress"],
+                       logs / f"{name}.log")
     seconds["cache"] = time.perf_counter() - t0
-    bpt = demo_eval.cache_bytes_per_token(cache_dir)
-    status(4, TOTAL, "cache", f"top-{s.top_k}, {bpt:.1f} bytes/token -> {cache_dir} ({seconds['cache']:.1f} s)")
+    bpt = {kind: demo_eval.cache_bytes_per_token(out / kind) for kind in target_flags}
+    status(4, TOTAL, "cache", f"top-{s.top_k} {s.encoding}: {bpt['cache']:.1f} bytes/token; sampled N={s.samples}: "
+           f"{bpt['sampled_cache']:.1f} bytes/token ({seconds['cache']:.1f} s)")
 
-    # 5./6. students: identical command lines except the KD weight
-    students = {"kd_student": s.kd_weight, "lm_student": 0.0}
-    for index, (name, kd_weight) in enumerate(students.items(), start=5):
+    # 5./6./7. students: identical command lines except the cache and the KD weight
+    students = {"kd_student": ("cache", s.kd_weight), "rs_student": ("sampled_cache", s.kd_weight),
+                "lm_student": ("cache", 0.0)}
+    labels = {"kd_student": f"KD student, top-{s.top_k} cache (accelerate, CPU recipe)",
+              "rs_student": f"RS-KD student, sampled N={s.samples} cache (same command)",
+              "lm_student": "LM-only student (same command, kd 0)"}
+    for index, (name, (cache, kd_weight)) in enumerate(students.items(), start=5):
         cmd = [*accelerate_cmd(), "-m", "distill.train", "--student_config", str(student_cfg), "--tokenizer",
-               str(student_tok_dir), "--cache", str(cache_dir), "--eval_cache", str(eval_cache_dir),
+               str(student_tok_dir), "--cache", str(out / cache), "--eval_cache", str(out / f"eval_{cache}"),
                "--max_eval_sequences", str(s.eval_windows), "--eval_strategy", "steps",
                "--eval_steps", str(max(1, s.student_steps // 4)), "--ce_weight", str(s.ce_weight),
                "--kd_weight", str(kd_weight), "--temperature", str(s.temperature),
                *train_args(s, out / name, steps=s.student_steps, lr=s.student_lr)]
         seconds[name] = run_logged(cmd, logs / f"{name}.log", {"TENSORBOARD_LOGGING_DIR": str(runs / name)})
-        label = "KD student (accelerate, CPU recipe)" if kd_weight else "LM-only student (same command, kd 0)"
-        status(index, TOTAL, name, f"{label}, {s.student_steps} steps ({seconds[name]:.1f} s)")
+        status(index, TOTAL, name, f"{labels[name]}, {s.student_steps} steps ({seconds[name]:.1f} s)")
 
-    # 7. evaluation + report
+    # 8. evaluation + report
     t0 = time.perf_counter()
     windows = demo_eval.held_out_windows(tok_dir, eval_file, s.max_length, s.eval_windows)
     student_windows = windows
     if s.student_vocab_size:
         student_windows = demo_eval.held_out_windows(student_tok_dir, eval_file, s.max_length, s.eval_windows)
-    models = {"teacher": (teacher_dir, windows), "kd_student": (out / "kd_student" / "student", student_windows),
-              "lm_student": (out / "lm_student" / "student", student_windows)}
+    models = {"teacher": (teacher_dir, windows),
+              **{name: (out / name / "student", student_windows) for name in students}}
     metrics = demo_eval.evaluate_models(models)
-    for name in ("kd_student", "lm_student"):
+    for name in students:
         if metrics[name]["top1_agreement"] is None:  # different tokenizers: no shared positions on raw windows
             metrics[name]["top1_agreement"] = demo_eval.logged_eval_top1(runs / name)
     seconds["evaluate"] = time.perf_counter() - t0
     from cache_tools.schema import load_manifest
 
-    manifest = load_manifest(cache_dir)
+    manifest = load_manifest(out / "cache")
     info = {
         "tokenizers": (f"teacher {vocab} tokens, student {student_vocab} tokens (cross-tokenizer path)"
                        if s.student_vocab_size else f"one {vocab}-token tokenizer shared by teacher and students"),
@@ -128,7 +137,9 @@ def run_pipeline(args: argparse.Namespace, s: DemoSettings) -> Path:
         "eval_tokens": metrics["teacher"]["eval_tokens"], "cpu_count": os.cpu_count(),
         # The trainer's own throughput (median of its logged tokens/s), so process start-up is not counted.
         "tokens_per_s": {name: demo_eval.logged_tokens_per_s(runs / name) for name in models},
-        "cache_bytes_per_token": bpt, "top_k": s.top_k, "compression": s.compression,
+        "cache_bytes_per_token": bpt, "top_k": s.top_k, "samples": s.samples, "encoding": s.encoding,
+        "compression": s.compression, "cpu_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS",
+                                                                                   "ATEN_CPU_CAPABILITY", "MKL_CBWR")},
         "cache_tokens": manifest.num_tokens, "runs_dir": str(runs), "stage_seconds": seconds,
         "total_s": time.perf_counter() - t_start, "settings": dataclasses.asdict(s),
         "command": " ".join(["python -m examples.demo", *args.argv]), "launch_config": str(CPU_LAUNCH_CONFIG),
@@ -136,7 +147,7 @@ def run_pipeline(args: argparse.Namespace, s: DemoSettings) -> Path:
     report = demo_eval.write_report(out, metrics, info)
     gain = 100 * (metrics["lm_student"]["val_loss"] - metrics["kd_student"]["val_loss"]) / metrics["lm_student"][
         "val_loss"]
-    status(7, TOTAL, "evaluate", f"held-out loss KD {metrics['kd_student']['val_loss']:.4f} vs LM-only "
+    status(8, TOTAL, "evaluate", f"held-out loss KD {metrics['kd_student']['val_loss']:.4f} vs LM-only "
            f"{metrics['lm_student']['val_loss']:.4f} ({gain:+.1f}%) ({seconds['evaluate']:.1f} s)")
     return report
 
