@@ -143,6 +143,11 @@ class CrossTokenizerTargets:
         out = self.store.get(index) if self.store is not None else None
         return out if out is not None else self(reader[index])
 
+    @property
+    def student_rows(self) -> int:
+        """Rows of the student's token table: mapped ids lie in [0, student_rows)."""
+        return self._student_rows
+
     def _check_stored(self, out: dict[str, Any]) -> str | None:
         ids = out["input_ids"]
         if ids.size and not (int(ids.min()) >= 0 and int(ids.max()) < self._student_rows):

@@ -31,7 +31,7 @@ def _compute(task: tuple[int, int, int]) -> tuple[int, list[dict[str, np.ndarray
     parts = []
     for index in range(start, stop):
         seq = reader[index]
-        parts.append(compact(builder(seq), seq.pooled_hidden))
+        parts.append(compact(builder(seq), seq.pooled_hidden, builder.student_rows))
     return pos, parts
 
 

@@ -8,8 +8,8 @@ read arrays. The dict a read returns is bit-identical to `CrossTokenizerTargets.
 One HDF5 file per cache shard (S sequences, T student tokens, A aligned positions, K slots), flattened with offsets:
     seq_offsets [S+1] int64, row_offsets [S+1] int64   token / aligned-row offsets of each sequence
     input_ids [T] int32, kd_mask [T] bool               student ids; which positions hold a KD target
-    topk_ids [A, K] int32, topk_logprobs [A, K] float32, tail_logprob [A] float32   aligned rows only (the others
-                                                        are all -1 / 0 / 0 by construction)
+    topk_ids [A, K] uint16 or int32 (student id + 1: 0 = empty slot; uint16 when the student vocabulary allows),
+    topk_logprobs [A, K] float32, tail_logprob [A] float32   aligned rows only (the others are all -1 / 0 / 0)
     counts [S, 4] int64 (COUNT_KEYS), masses [S, 3] float64 (MASS_KEYS), pooled_hidden [S, P, H] (the cache's dtype)
 Attributes name the key and the cache shard (file, sha256, counts) it was computed from. Files are written to a temp
 name and renamed, so a file is whole or absent; a file whose key, source shard or sizes do not match is never read
@@ -34,7 +34,7 @@ from cache_tools.fsutil import file_sha256
 log = logging.getLogger(__name__)
 
 STORE_DIR = "xtok"
-STORE_FORMAT = 1
+STORE_FORMAT = 2
 STAT_KEYS = ("student_tokens", "aligned", "teacher_mass", "mapped_mass", "exact_mass", "skipped", "truncated")
 COUNT_KEYS = ("student_tokens", "aligned", "skipped", "truncated")
 MASS_KEYS = ("teacher_mass", "mapped_mass", "exact_mass")
@@ -69,15 +69,20 @@ def store_path(cache_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
     return Path(cache_dir) / STORE_DIR / key_name(meta)
 
 
-def compact(out: dict[str, Any], pooled: np.ndarray) -> dict[str, np.ndarray]:
-    """One window's `CrossTokenizerTargets` output -> the arrays stored for it (aligned rows only, int32 ids).
+def id_dtype(student_rows: int) -> np.dtype:
+    """Stored student ids are id + 1 (0 = empty slot): 2 bytes per slot for vocabularies under 65,535 rows."""
+    return np.dtype(np.uint16) if student_rows < 2**16 - 1 else np.dtype(np.int32)
+
+
+def compact(out: dict[str, Any], pooled: np.ndarray, student_rows: int) -> dict[str, np.ndarray]:
+    """One window's `CrossTokenizerTargets` output -> the arrays stored for it (aligned rows only, ids + 1).
     `pooled`: the cache's pooled hidden states in their stored dtype (so the float32 cast on read is the same)."""
     aligned = np.flatnonzero(out["kd_mask"])
     stats = out["stats"]
     return {
         "input_ids": out["input_ids"].astype(np.int32),
         "kd_mask": out["kd_mask"],
-        "topk_ids": out["topk_ids"][aligned].astype(np.int32),
+        "topk_ids": (out["topk_ids"][aligned] + 1).astype(id_dtype(student_rows)),
         "topk_logprobs": out["topk_logprobs"][aligned],
         "tail_logprob": out["tail_logprob"][aligned],
         "counts": np.array([[stats[k] for k in COUNT_KEYS]], dtype=np.int64),
@@ -172,7 +177,9 @@ class TargetStore:
                 f = h5py.File(path, "r") if path.is_file() else None
                 problem = "absent" if f is None else shard_problem(f, self.meta, self.shards[pos])
                 if problem is None:
-                    entry = (f, f["seq_offsets"][:], f["row_offsets"][:], f["counts"][:], f["masses"][:])
+                    # Dataset objects are looked up once: a lookup costs about as much as a small read.
+                    entry = (f, {name: f[name] for name in ARRAYS}, f["seq_offsets"][:], f["row_offsets"][:],
+                             f["counts"][:], f["masses"][:])
                 elif f is not None:
                     f.close()
             except OSError as err:
@@ -188,25 +195,27 @@ class TargetStore:
         entry = self._shard(pos)
         if entry is None:
             return None
-        f, seq, rows, counts, masses = entry
+        f, data, seq, rows, counts, masses = entry
         i = index - self.shards[pos].first_sequence
         t0, t1, a0, a1 = int(seq[i]), int(seq[i + 1]), int(rows[i]), int(rows[i + 1])
         n, K = t1 - t0, self.meta["top_k"]
-        kd_mask = f["kd_mask"][t0:t1]
+        kd_mask = data["kd_mask"][t0:t1]
         aligned = np.flatnonzero(kd_mask)
         out = {
-            "input_ids": f["input_ids"][t0:t1].astype(np.int64),
+            "input_ids": data["input_ids"][t0:t1].astype(np.int64),
             "topk_ids": np.full((n, K), -1, dtype=np.int64),
             "topk_logprobs": np.zeros((n, K), dtype=np.float32),
             "tail_logprob": np.zeros(n, dtype=np.float32),
             "kd_mask": kd_mask,
-            "pooled_hidden": f["pooled_hidden"][i].astype(np.float32),
+            "pooled_hidden": data["pooled_hidden"][i].astype(np.float32),
         }
         problem = None if aligned.shape[0] == a1 - a0 else "kd_mask disagrees with the stored rows"
         if problem is None and a1 > a0:
-            out["topk_ids"][aligned] = f["topk_ids"][a0:a1]
-            out["topk_logprobs"][aligned] = f["topk_logprobs"][a0:a1]
-            out["tail_logprob"][aligned] = f["tail_logprob"][a0:a1]
+            ids = data["topk_ids"][a0:a1].astype(np.int64)
+            ids -= 1
+            out["topk_ids"][aligned] = ids
+            out["topk_logprobs"][aligned] = data["topk_logprobs"][a0:a1]
+            out["tail_logprob"][aligned] = data["tail_logprob"][a0:a1]
         problem = problem or (self.check(out) if self.check is not None else None)
         if problem is not None:
             log.warning("%s: sequence %d: %s: the stored file is damaged; computing this shard's cross-tokenizer "
