@@ -22,7 +22,7 @@ from typing import Any
 
 from bench.common import REPO_ROOT, apply_offline_env, device_info, resolve_device, versions
 
-BENCHMARKS = ("step", "loss", "build", "loader", "storage")
+BENCHMARKS = ("step", "loss", "build", "loader", "storage", "codec")
 DEFAULT_OUT = REPO_ROOT / "bench" / "results.json"
 
 

@@ -1,79 +1,120 @@
-"""Storage benchmark: cache bytes per token for top-k in {32, 64, 128, 256}, with and without lzf compression, each
-cache written by the real `cache_tools build-cache` over the same text with the same tiny teacher.
+"""Storage benchmark: cache bytes per token for each target kind and encoding, at the REAL Qwen vocabulary (151,936
+head rows over `../shared/tokenizers/qwen3`), every cache written by the real `cache_tools build-cache` over the same
+held-out tinyshakespeare text with a teacher whose distributions are realistic (`bench.storage_teacher`: a sharpened
+bigram model in closed form; its entropy and top-1 probability are reported with the table).
 
-Ratios (all measured in this run): each size against the uncompressed k = 256 cache, lzf against none at the same k,
-and each cache against storing the teacher's dense fp16 logits for the same tokens (true vocabulary x 2 bytes, the
-cost the sparse cache avoids). Run alone: `python -m bench.bench_storage [--quick]`.
+Every field is counted (total shard bytes / tokens); the split by dataset is `cache_tools inspect`'s (allocated chunk
+bytes + variable-length payload). Ratios against the fp16 top-256 cache of the same run. Goals (issue 10): compact
+top-256 <= 600 B/token, sampled N = 64 <= 64 B/token. `--quick` (no real vocabulary: a 512-token tiny teacher) only
+exercises the paths. Run alone: `python -m bench.bench_storage [--quick]`.
 """
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Any
 
 from bench.common import WORK_ROOT, ratio, run_standalone, tiny_assets
 
-SETTINGS = {
-    True: dict(top_ks=(32, 256), max_samples=24, max_length=128),
-    False: dict(top_ks=(32, 64, 128, 256), max_samples=300, max_length=256),
+MAX_LENGTH, WINDOWS = 512, 8
+# One full shard of all windows: per-row costs (scalar chunks, blob references) as in a full 1024-window shard.
+SHARD_SIZE = WINDOWS
+# name -> build-cache flags. fp16 = today's layout (the baseline); lzf compresses array datasets only.
+VARIANTS = {
+    "topk fp16 k=256": ["--top-k", "256", "--encoding", "fp16"],
+    "topk fp16 k=256 +lzf": ["--top-k", "256", "--encoding", "fp16", "--compression", "lzf"],
+    "topk compact k=256": ["--top-k", "256", "--encoding", "compact"],
+    "topk compact k=256 +lzf": ["--top-k", "256", "--encoding", "compact", "--compression", "lzf"],
+    "sampled compact N=16": ["--targets", "sampled", "--samples", "16", "--encoding", "compact"],
+    "sampled compact N=64": ["--targets", "sampled", "--samples", "64", "--encoding", "compact"],
+    "sampled compact N=64 +lzf": ["--targets", "sampled", "--samples", "64", "--encoding", "compact",
+                                  "--compression", "lzf"],
 }
+GOALS = {"topk compact k=256": 600.0, "sampled compact N=64": 64.0}
+QUICK = ["--max-samples", "24"]
+QUICK_VARIANTS = {"topk fp16 k=32": ["--top-k", "32", *QUICK],
+                  "topk compact k=32": ["--top-k", "32", "--encoding", "compact", *QUICK],
+                  "sampled compact N=16": ["--targets", "sampled", "--samples", "16", "--encoding", "compact", *QUICK]}
 
 
-def build(teacher: str, text: str, out: str, *, top_k: int, max_length: int, compression: str,
-          max_samples: int) -> None:
+def build(teacher: Path, text: Path, out: Path, flags: list[str], max_length: int, shard_size: int) -> None:
     """One `cache_tools build-cache` run, in-process through the CLI's `main` (same parser and code path as the
-    console script, without paying a Python + torch start-up per size)."""
+    console script, without paying a Python + torch start-up per variant)."""
     from cache_tools.cli import main
 
-    code = main(["build-cache", "--teacher", teacher, "--dataset", text, "--output", out, "--top-k", str(top_k),
-                 "--max-length", str(max_length), "--compression", compression, "--max-samples", str(max_samples),
-                 "--dtype", "fp32", "--overwrite", "--no-progress"])
-    if code not in (0, None):
+    code = main(["build-cache", "--teacher", str(teacher), "--dataset", str(text), "--output", str(out),
+                 "--max-length", str(max_length), "--dtype", "fp32", "--shard-size", str(shard_size),
+                 "--batch-size", "4", "--overwrite", "--no-progress", *flags])
+    if code != 0:
         raise RuntimeError(f"cache_tools build-cache exited with {code} for {out}")
 
 
-def cache_stats(cache_dir: str) -> dict[str, Any]:
-    from cache_tools.schema import load_manifest
+def cache_stats(cache_dir: Path) -> dict[str, Any]:
+    from cache_tools.inspect_cache import cache_summary
 
-    manifest = load_manifest(cache_dir)
-    total = sum(s.bytes for s in manifest.shards)
-    return {"bytes": total, "tokens": manifest.num_tokens, "sequences": manifest.num_sequences,
-            "bytes_per_token": total / max(manifest.num_tokens, 1), "vocab_size": manifest.vocab_size,
-            "id_dtype": manifest.id_dtype}
+    s = cache_summary(cache_dir)
+    split = s["bytes_per_token_by_dataset"]
+    return {"bytes_per_token": s["bytes_per_token"], "tokens": s["num_tokens"], "vocab_size": s["vocab_size"],
+            "by_dataset": {k: round(v, 2) for k, v in split.items()}, "targets": s["targets"]}
+
+
+def _table(sizes: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown rows: variant, B/token total, targets part, the rest (ids, offsets, text, pooled, HDF5 overhead)."""
+    target_names = {"topk_ids", "topk_logprobs", "tail_logprob", "topk_blob", "sample_ids", "sample_counts",
+                    "sample_blob"}
+    rows = ["| cache | bytes/token (all fields) | targets | other datasets | HDF5 overhead |", "|---|---|---|---|---|"]
+    for name, stats in sizes.items():
+        split = stats["by_dataset"]
+        targets = sum(v for k, v in split.items() if k in target_names)
+        other = sum(v for k, v in split.items() if k not in target_names)
+        total = stats["bytes_per_token"]
+        rows.append(f"| {name} | {total:.1f} | {targets:.1f} | {other:.1f} | {total - targets - other:.1f} |")
+    return rows
 
 
 def run(quick: bool, device: str) -> dict[str, Any]:
-    settings = SETTINGS[quick]
-    assets = tiny_assets(WORK_ROOT / "assets")
+    from bench import storage_teacher
+
     root = WORK_ROOT / "storage"
+    if quick:
+        assets = tiny_assets(WORK_ROOT / "assets")
+        teacher, text, variants, max_length = assets["teacher"], assets["text"], QUICK_VARIANTS, 128
+        teacher_stats: dict[str, Any] = {"construction": "tiny random teacher (quick: paths only, not the goals)"}
+    elif not storage_teacher.available():
+        return {"status": "skipped", "reason": f"needs {storage_teacher.QWEN_TOKENIZER} and "
+                                               f"{storage_teacher.SHAKESPEARE} (../shared)"}
+    else:
+        built = storage_teacher.build_teacher(WORK_ROOT / "storage-teacher", tokens=WINDOWS * MAX_LENGTH)
+        teacher, text, variants, max_length = built.pop("teacher"), built.pop("text"), VARIANTS, MAX_LENGTH
+        teacher_stats = built
     sizes: dict[str, dict[str, Any]] = {}
-    for top_k in settings["top_ks"]:
-        for compression in ("none", "lzf"):
-            out = root / f"k{top_k}-{compression}"
-            build(str(assets["teacher"]), str(assets["text"]), str(out), top_k=top_k,
-                  max_length=settings["max_length"], compression=compression, max_samples=settings["max_samples"])
-            sizes[f"k{top_k}-{compression}"] = cache_stats(str(out))
+    for index, (name, flags) in enumerate(variants.items()):
+        out = root / f"v{index}"
+        build(teacher, text, out, flags, max_length, SHARD_SIZE if not quick else 1024)
+        sizes[name] = cache_stats(out)
     shutil.rmtree(root, ignore_errors=True)
 
-    ref = sizes["k256-none"]["bytes_per_token"]
-    dense = sizes["k256-none"]["vocab_size"] * 2  # fp16 logits of the true vocabulary, per token
+    base_name = next(iter(sizes))
+    base = sizes[base_name]["bytes_per_token"]
     ratios: dict[str, Any] = {}
     for name, stats in sizes.items():
         bpt = stats["bytes_per_token"]
-        ratios[f"{name} bytes/token"] = {"value": bpt, "goal": "", "met": None, "baseline": "absolute"}
-        ratios[f"{name} / k256-none"] = ratio(bpt, ref, "", "uncompressed k=256")
-        ratios[f"{name} / dense fp16"] = ratio(bpt, dense, "", f"dense fp16 logits ({dense} B/token)")
-    for top_k in settings["top_ks"]:
-        ratios[f"k{top_k} lzf/none"] = ratio(sizes[f"k{top_k}-lzf"]["bytes_per_token"],
-                                             sizes[f"k{top_k}-none"]["bytes_per_token"], "", "same k, none")
+        goal = GOALS.get(name) if not quick else None
+        ratios[f"{name} bytes/token"] = {"value": bpt, "goal": f"<= {goal:.0f}" if goal else "",
+                                         "met": (bpt <= goal) if goal else None, "baseline": "absolute"}
+        ratios[f"{name} / {base_name}"] = ratio(bpt, base, "", base_name)
     return {
         "ratios": ratios,
         "sizes": sizes,
-        "shapes": {"max_length": settings["max_length"], "max_samples": settings["max_samples"],
-                   "vocab_size": sizes["k256-none"]["vocab_size"]},
-        "dtype": "ids uint16/uint32 by vocab, log-probs fp16, tail fp32, pooled fp16",
-        "notes": ["tiny random teacher: its near-uniform log-probs compress worse than a trained teacher's",
-                  "bytes include every dataset (ids, offsets, text, pooled) and HDF5 overhead"],
+        "table": _table(sizes),
+        "teacher": {k: v for k, v in teacher_stats.items()},
+        "shapes": {"max_length": max_length, "vocab_size": sizes[base_name]["vocab_size"],
+                   "tokens": sizes[base_name]["tokens"]},
+        "dtype": "fp16 layout: ids uint32 (V > 65,536), log-probs fp16, tail fp32; compact: codec blobs; pooled fp16",
+        "notes": ["bytes include every dataset (ids, offsets, text, pooled) and HDF5 overhead",
+                  "lzf never reaches variable-length data (blobs, text): it compresses the array datasets only",
+                  "the teacher's hidden size is 64: pooled_hidden costs P * H * 2 / L B/token (4 B at H = 1024)"],
     }
 
 

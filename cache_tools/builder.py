@@ -12,7 +12,6 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,46 +21,11 @@ import torch
 
 import cache_tools
 from cache_tools import dist, output_dir, schema, teacher, text_data
+from cache_tools.build_options import BuildOptions, check_options
 from cache_tools.teacher import BuildError
 from cache_tools.writer_thread import BackgroundShardWriter, to_host
 
-
-@dataclass
-class BuildOptions:
-    teacher: str
-    dataset: str
-    output: str
-    tokenizer: str | None = None
-    trust_remote_code: bool = False
-    split: str = "train"
-    text_column: str = "text"
-    max_samples: int | None = None
-    streaming: bool = False
-    max_length: int = 512
-    top_k: int = 256
-    pool_layers: list[int] = field(default_factory=lambda: [-1])
-    batch_size: int = 8
-    dtype: str = "auto"
-    shard_size: int = 1024
-    compression: str = "none"
-    resume: bool = False
-    overwrite: bool = False
-    device: str | None = None
-    progress: bool = True
-
-
-def _check_flags(opts: BuildOptions) -> None:
-    for flag, value in (("--batch-size", opts.batch_size), ("--shard-size", opts.shard_size)):
-        if value < 1:
-            raise BuildError(f"{flag} {value}: must be >= 1")
-    if opts.max_samples is not None and opts.max_samples < 1:
-        raise BuildError(f"--max-samples {opts.max_samples}: must be >= 1 (omit it to use every document)")
-    if opts.compression not in ("none", "lzf"):
-        raise BuildError(f"--compression {opts.compression}: use none or lzf")
-    if opts.resume and opts.overwrite:
-        raise BuildError("--resume and --overwrite contradict each other; pass one")
-    if not opts.pool_layers:
-        raise BuildError("--pool-layers: give at least one hidden_states index (default -1 = last layer)")
+__all__ = ["BuildOptions", "build_cache"]
 
 
 def _windows(opts: BuildOptions, tokenizer: Any) -> Iterator[text_data.Window]:
@@ -79,30 +43,43 @@ def _windows(opts: BuildOptions, tokenizer: Any) -> Iterator[text_data.Window]:
     return itertools.chain([first], windows)
 
 
-def _manifest(opts: BuildOptions, loaded: teacher.LoadedTeacher, pool_layers: list[int], dtype: str) -> Any:
+def _manifest(opts: BuildOptions, loaded: teacher.LoadedTeacher, pool_layers: list[int], dtype: str,
+              targets: schema.TargetsInfo) -> schema.CacheManifest:
     tok = loaded.tokenizer
     roles = ("bos", "eos", "pad", "unk")
     return schema.CacheManifest(
         builder_version=cache_tools.__version__,
-        teacher={"name_or_path": opts.teacher, "config_hash": loaded.config_hash, "model_type": loaded.model_type,
-                 "hidden_size": loaded.hidden_size, "num_hidden_layers": loaded.num_layers,
-                 "head_rows": loaded.head_rows},
-        tokenizer={"name_or_path": opts.tokenizer or opts.teacher, "content_hash": schema.tokenizer_hash(tok),
-                   "vocab_size": loaded.vocab_size,
-                   "special_ids": {r: getattr(tok, f"{r}_token_id", None) for r in roles},
-                   "special_tokens": {r: getattr(tok, f"{r}_token", None) for r in roles}},
-        top_k=opts.top_k,
+        teacher=schema.TeacherInfo(name_or_path=opts.teacher, config_hash=loaded.config_hash,
+                                   model_type=loaded.model_type, hidden_size=loaded.hidden_size,
+                                   num_hidden_layers=loaded.num_layers, head_rows=loaded.head_rows),
+        tokenizer=schema.TokenizerInfo(name_or_path=opts.tokenizer or opts.teacher,
+                                       content_hash=schema.tokenizer_hash(tok), vocab_size=loaded.vocab_size,
+                                       special_ids={r: getattr(tok, f"{r}_token_id", None) for r in roles},
+                                       special_tokens={r: getattr(tok, f"{r}_token", None) for r in roles}),
+        targets=targets,
         max_length=opts.max_length,
         id_dtype=str(schema.id_dtype_for(loaded.vocab_size)),
-        pooling={"method": "masked_mean", "layers": pool_layers, "hidden_size": loaded.hidden_size},
-        dataset={"spec": opts.dataset, "split": opts.split, "text_column": opts.text_column,
-                 "max_samples": opts.max_samples, "streaming": opts.streaming,
-                 "fingerprint": text_data.dataset_fingerprint(opts.dataset, split=opts.split)},
+        pooling=schema.PoolingInfo(method="masked_mean", layers=pool_layers, hidden_size=loaded.hidden_size),
+        dataset=schema.DatasetInfo(spec=opts.dataset, split=opts.split, text_column=opts.text_column,
+                                   max_samples=opts.max_samples, streaming=opts.streaming,
+                                   fingerprint=text_data.dataset_fingerprint(opts.dataset, split=opts.split)),
         compute_dtype=dtype,
         batch_size=opts.batch_size,
         shard_size=opts.shard_size,
         compression=opts.compression,
     )
+
+
+def _sampling(targets: schema.TargetsInfo, first_sequence: int, lengths: np.ndarray, longest: int
+              ) -> teacher.Sampling:
+    """Uniforms [B, longest, N] for a batch whose windows are global sequences first_sequence.. with `lengths` valid
+    tokens: row i depends on (seed, global index) and its own length only, so a shard's samples do not depend on
+    ranks, resume or the batch it shares."""
+    N = targets.num_samples
+    uniforms = torch.zeros((len(lengths), longest, N), dtype=torch.float64)
+    for i, n in enumerate(lengths):
+        uniforms[i, : int(n)] = teacher.sequence_uniforms(targets.seed, first_sequence + i, int(n), N)
+    return teacher.Sampling(uniforms=uniforms, temperature=targets.sample_temperature)
 
 
 def _pad(windows: list[text_data.Window], length: int) -> dict[str, np.ndarray]:
@@ -122,34 +99,49 @@ def _pad(windows: list[text_data.Window], length: int) -> dict[str, np.ndarray]:
     }
 
 
-def _build_shard(loaded, writer, shard_windows, first, opts, pool_layers, device, bar, stats) -> None:
+def _build_shard(loaded, writer, shard_windows, first_sequence, opts, manifest, pool_layers, device, bar,
+                 stats) -> None:
     """Forward every batch of one shard; results go to the writer thread while the next batch runs."""
-    L, K = opts.max_length, opts.top_k
+    targets = manifest.targets
     for lo in range(0, len(shard_windows), opts.batch_size):
         batch_windows = shard_windows[lo : lo + opts.batch_size]
-        host = _pad(batch_windows, L)
+        host = _pad(batch_windows, opts.max_length)
         longest = int(host[schema.VALID_LENGTH].max())  # forward only up to the longest window, pad on the host side
         ids = torch.from_numpy(host[schema.INPUT_IDS][:, :longest]).to(device)
         mask = (torch.arange(longest)[None, :] < torch.from_numpy(host[schema.VALID_LENGTH])[:, None]).to(device)
         start = time.perf_counter()
-        out = teacher.teacher_batch(loaded, ids, mask.long(), pool_layers, K, first_sequence=first + lo)
+        sampling = None
+        if targets.kind == "sampled":
+            sampling = _sampling(targets, first_sequence + lo, host[schema.VALID_LENGTH], longest)
+        out = teacher.teacher_batch(loaded, ids, mask.long(), pool_layers, targets.top_k,
+                                    first_sequence=first_sequence + lo, sampling=sampling)
+        if sampling is not None:  # teacher_batch gives the sampled ids under the top-k key
+            out[schema.SAMPLE_IDS] = out.pop(schema.TOPK_IDS)
         B = len(batch_windows)
         # Narrow on the device (fewer bytes over PCIe); pad to L on the host while writing.
-        device_batch = {
-            schema.TOPK_IDS: out[schema.TOPK_IDS].to(torch.int32),
-            schema.TOPK_LOGPROBS: out[schema.TOPK_LOGPROBS].to(torch.float16),
-            schema.TAIL_LOGPROB: out[schema.TAIL_LOGPROB],
-            schema.POOLED_HIDDEN: out[schema.POOLED_HIDDEN].to(torch.float16),
-        }
+        device_batch = {name: t.to(_device_dtype(manifest, name, t.dtype)) for name, t in out.items()}
         copied, event = to_host(device_batch)
         stats["teacher_s"] += time.perf_counter() - start
-        if longest < L:
-            copied = {name: t if name == schema.POOLED_HIDDEN else _PadLater(t, L) for name, t in copied.items()}
+        if longest < opts.max_length:
+            copied = {name: t if name == schema.POOLED_HIDDEN else _PadLater(t, opts.max_length)
+                      for name, t in copied.items()}
         writer.append({**host, **copied}, event)
         tokens = int(host[schema.VALID_LENGTH].sum())
         stats["tokens"] += tokens
         stats["sequences"] += B
         bar.update(tokens)
+
+
+def _device_dtype(m: schema.CacheManifest, name: str, dtype: torch.dtype) -> torch.dtype:
+    """What to narrow a teacher output to before the device->host copy: int64 ids/counts -> int32 (ids < 2**31),
+    floats -> the stored dtype when the layout stores that field as a plain array (fp16), else kept (a codec gets
+    fp32)."""
+    if dtype == torch.int64:
+        return torch.int32
+    spec = next((s for s in schema.datasets_for(m) if s.name == name), None)
+    if dtype.is_floating_point and spec is not None and not spec.is_vlen(m):
+        return getattr(torch, spec.dtype(m).name)
+    return dtype
 
 
 class _PadLater:
@@ -168,7 +160,7 @@ class _PadLater:
 def build_cache(opts: BuildOptions) -> dict[str, Any]:
     """Build (or resume) the cache described by `opts`. Returns summary stats; raises BuildError on bad input."""
     wall_start = time.perf_counter()
-    _check_flags(opts)
+    check_options(opts)
     info = dist.init_distributed()
     try:
         return _build(opts, info, wall_start)
@@ -181,12 +173,13 @@ def _build(opts: BuildOptions, info: dist.DistInfo, wall_start: float) -> dict[s
     device = dist.pick_device(opts.device, info)
     dtype = teacher.resolve_dtype(opts.dtype, device)
     config, tokenizer = teacher.load_config_and_tokenizer(opts.teacher, opts.tokenizer, opts.trust_remote_code)
-    pool_layers = teacher.check_settings(config, tokenizer, top_k=opts.top_k, max_length=opts.max_length,
+    targets = check_options(opts)
+    pool_layers = teacher.check_settings(config, tokenizer, top_k=max(1, targets.top_k), max_length=opts.max_length,
                                          pool_layers=opts.pool_layers)
     windows = _windows(opts, tokenizer)
     loaded = teacher.load_teacher(opts.teacher, opts.tokenizer, trust_remote_code=opts.trust_remote_code,
                                   dtype=dtype, device=device)
-    manifest = _manifest(opts, loaded, pool_layers, dtype)
+    manifest = _manifest(opts, loaded, pool_layers, dtype, targets)
     plan = output_dir.plan_output(out_dir, manifest, resume=opts.resume, overwrite=opts.overwrite)
     dist.barrier(info)  # every rank has decided before rank 0 changes the folder
     if plan == "done":
@@ -204,10 +197,7 @@ def _build(opts: BuildOptions, info: dist.DistInfo, wall_start: float) -> dict[s
     dist.barrier(info)
     load_s = time.perf_counter() - wall_start
 
-    shard_kwargs = {"max_length": opts.max_length, "top_k": opts.top_k, "vocab_size": loaded.vocab_size,
-                    "pooled_shape": (len(pool_layers), loaded.hidden_size), "compression": opts.compression,
-                    "pool_layers": pool_layers}
-    writer = BackgroundShardWriter(out_dir, shard_kwargs)
+    writer = BackgroundShardWriter(out_dir, manifest)
     stats = {"teacher_s": 0.0, "tokens": 0, "sequences": 0, "kept_shards": 0}
     from tqdm.auto import tqdm
 
@@ -226,8 +216,8 @@ def _build(opts: BuildOptions, info: dist.DistInfo, wall_start: float) -> dict[s
                 stats["kept_shards"] += 1
                 continue
             writer.open_shard(shard_index, shard_index * opts.shard_size, opts.shard_size)
-            _build_shard(loaded, writer, shard_windows, shard_index * opts.shard_size, opts, pool_layers, device, bar,
-                         stats)
+            _build_shard(loaded, writer, shard_windows, shard_index * opts.shard_size, opts, manifest, pool_layers,
+                         device, bar, stats)
             writer.finish_shard()
         writer.close()
     except BaseException:

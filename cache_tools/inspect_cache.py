@@ -1,37 +1,73 @@
-"""`cache_tools inspect`: a summary of a cache directory (text or JSON)."""
+"""`cache_tools inspect`: a summary of a cache directory (text or JSON): targets kind / encoding, bytes per token
+split by dataset (measured on the shards), and the state of every shard (present, size as recorded, readable)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
-from cache_tools import schema
+from cache_tools import schema, shard_io
+
+
+def _shard_storage(cache_dir: Path, m: schema.CacheManifest) -> tuple[dict[str, int], list[str]]:
+    """Bytes per dataset summed over the shards, and one line per missing / resized / unreadable shard."""
+    per_dataset = dict.fromkeys(schema.dataset_names(m), 0)
+    problems = []
+    for shard in m.shards:
+        path = cache_dir / shard.file
+        if not path.is_file():
+            problems.append(f"{shard.file}: missing")
+            continue
+        if path.stat().st_size != shard.bytes:
+            problems.append(f"{shard.file}: {path.stat().st_size} bytes, manifest says {shard.bytes}")
+            continue
+        try:
+            with shard_io.open_shard(path) as f:
+                for name, size in shard_io.storage_bytes(f, m).items():
+                    per_dataset[name] += size
+        except (OSError, KeyError, schema.CacheError) as err:
+            problems.append(f"{shard.file}: unreadable ({type(err).__name__})")
+    return per_dataset, problems
 
 
 def cache_summary(cache_dir: str | Path) -> dict[str, Any]:
     m = schema.load_manifest(cache_dir)
     total_bytes = sum(s.bytes for s in m.shards)
+    per_dataset, problems = _shard_storage(Path(cache_dir), m)
+    tokens = max(m.num_tokens, 1)
+    if not m.complete:
+        state = "incomplete (build not finished; rerun build-cache --resume)"
+    elif problems:
+        state = f"DAMAGED: {len(problems)} shard(s) missing or damaged ({problems[0]}); run `cache_tools verify`"
+    else:
+        state = "complete"
     return {
         "path": str(cache_dir),
+        "state": state,
         "format_version": m.format_version,
         "builder_version": m.builder_version,
-        "complete": m.complete,
-        "teacher": m.teacher.get("name_or_path"),
-        "teacher_model_type": m.teacher.get("model_type"),
-        "tokenizer": m.tokenizer.get("name_or_path"),
+        "complete": m.complete and not problems,
+        "teacher": m.teacher.name_or_path,
+        "teacher_model_type": m.teacher.model_type,
+        "tokenizer": m.tokenizer.name_or_path,
         "vocab_size": m.vocab_size,
-        "head_rows": m.teacher.get("head_rows"),
+        "head_rows": m.teacher.head_rows,
+        "targets": dataclasses.asdict(m.targets),
         "top_k": m.top_k,
         "max_length": m.max_length,
-        "pool_layers": m.pooling.get("layers"),
-        "hidden_size": m.pooling.get("hidden_size"),
+        "pool_layers": m.pooling.layers,
+        "hidden_size": m.pooling.hidden_size,
         "compute_dtype": m.compute_dtype,
-        "dataset": m.dataset.get("spec"),
+        "compression": m.compression,
+        "dataset": m.dataset.spec,
         "num_shards": len(m.shards),
         "num_sequences": m.num_sequences,
         "num_tokens": m.num_tokens,
         "total_bytes": total_bytes,
-        "bytes_per_token": total_bytes / m.num_tokens if m.num_tokens else 0.0,
+        "bytes_per_token": total_bytes / tokens if m.num_tokens else 0.0,
+        "bytes_per_token_by_dataset": {name: size / tokens for name, size in per_dataset.items()},
+        "shard_problems": problems,
         "created_at": m.created_at,
     }
 
@@ -42,5 +78,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     for key, value in summary.items():
         if key == "bytes_per_token":
             value = f"{value:.1f}"
+        elif key == "targets":
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        elif key == "bytes_per_token_by_dataset":
+            value = ", ".join(f"{k} {v:.1f}" for k, v in value.items())
+        elif key == "shard_problems":
+            value = "; ".join(value) or "none"
         lines.append(f"{key:<{width}}  {value}")
     return "\n".join(lines)

@@ -8,10 +8,8 @@ import re
 import shutil
 from pathlib import Path
 
-import h5py
-
 from cache_tools import schema
-from cache_tools.shard_io import write_sidecar
+from cache_tools.shard_io import read_attrs, write_sidecar
 from cache_tools.teacher import BuildError
 
 # Names a build writes: the manifest, shards, sidecars, and any *.tmp (temp files of all of them).
@@ -47,8 +45,8 @@ def plan_output(output: Path, manifest: schema.CacheManifest, *, resume: bool, o
                              "; pass --overwrite to rebuild or pick another --output")
         return "fresh"  # only temp files of a build killed before its first manifest: nothing to keep
     try:
-        old = schema.CacheManifest.from_dict(json.loads(manifest_path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, TypeError, KeyError) as err:
+        old = schema.CacheManifest.from_dict(json.loads(manifest_path.read_text(encoding="utf-8")), str(manifest_path))
+    except json.JSONDecodeError as err:
         raise BuildError(f"{manifest_path}: unreadable ({err}); pass --overwrite to rebuild") from err
     differing = _diff_keys(old.settings(), manifest.settings())
     if differing:
@@ -112,17 +110,16 @@ def finished_shard(output: Path, index: int) -> schema.ShardInfo | None:
             path.unlink()
             sidecar.unlink(missing_ok=True)
             return None
-    with h5py.File(path, "r") as f:
-        attrs = f.attrs
-        info = schema.ShardInfo(
-            file=path.name,
-            index=int(attrs[schema.ATTR_SHARD_INDEX]),
-            first_sequence=int(attrs[schema.ATTR_FIRST_SEQUENCE]),
-            num_sequences=int(attrs[schema.ATTR_NUM_SEQUENCES]),
-            num_tokens=int(attrs[schema.ATTR_NUM_TOKENS]),
-            bytes=0,
-            sha256="",
-        )
+    attrs = read_attrs(path)
+    info = schema.ShardInfo(
+        file=path.name,
+        index=int(attrs[schema.ATTR_SHARD_INDEX]),
+        first_sequence=int(attrs[schema.ATTR_FIRST_SEQUENCE]),
+        num_sequences=int(attrs[schema.ATTR_NUM_SEQUENCES]),
+        num_tokens=int(attrs[schema.ATTR_NUM_TOKENS]),
+        bytes=0,
+        sha256="",
+    )
     info.bytes = path.stat().st_size
     info.sha256 = schema.file_sha256(path)
     write_sidecar(output, info)

@@ -14,18 +14,20 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache_tools import schema
+from cache_tools import encodings, schema, shard_io
 
 
 @dataclass
 class CachedSequence:
-    """One window, trimmed to its valid length n (K = top_k, P = pooled layers, H = teacher hidden size)."""
+    """One window, trimmed to its valid length n (K = `reader.top_k` slots, P = pooled layers, H = teacher hidden
+    size). The same fields for every target kind and encoding: a sampled cache gives the distinct sampled ids
+    (-1 padding), log(count / N) and a tail of -inf (see `encodings.Targets`)."""
 
     index: int
     input_ids: np.ndarray  # [n] int64
     offsets: np.ndarray  # [n, 2] int32
-    topk_ids: np.ndarray  # [n, K] int64
-    topk_logprobs: np.ndarray  # [n, K] float16
+    topk_ids: np.ndarray  # [n, K] int64, -1 = empty slot
+    topk_logprobs: np.ndarray  # [n, K] float32
     tail_logprob: np.ndarray  # [n] float32
     pooled_hidden: np.ndarray  # [P, H] float16
     text: str
@@ -76,11 +78,7 @@ class TeacherCacheReader:
             self._pid = os.getpid()
         handle = self._handles.get(shard_pos)
         if handle is None:
-            path = self.cache_dir / self.shards[shard_pos].file
-            try:
-                handle = h5py.File(path, "r")
-            except OSError as err:
-                raise CacheError(f"{path}: cannot open shard ({err}); run `cache_tools verify`") from err
+            handle = shard_io.open_shard(self.cache_dir / self.shards[shard_pos].file)
             self._handles[shard_pos] = handle
         return handle
 
@@ -119,44 +117,51 @@ class TeacherCacheReader:
 
     def __getitem__(self, index: int) -> CachedSequence:
         pos, row = self.locate(int(index))
-        f = self._file(pos)
-        n = int(f[schema.VALID_LENGTH][row])
+        shard_file = self.shards[pos].file
+        try:
+            raw = shard_io.read_row(self._file(pos), self.manifest, row)
+            n = int(raw[schema.VALID_LENGTH])
+            targets = encodings.decode_targets(self.manifest, raw, n)
+        except (OSError, ValueError, KeyError) as err:  # truncated file, damaged blob, dataset missing
+            raise CacheError(f"{self.cache_dir / shard_file}: sequence {index} (row {row}) unreadable ({err}); run "
+                             "`cache_tools verify` and rebuild that shard") from err
         seq = CachedSequence(
             index=int(index),
-            input_ids=f[schema.INPUT_IDS][row, :n].astype(np.int64),
-            offsets=f[schema.OFFSETS][row, :n],
-            topk_ids=f[schema.TOPK_IDS][row, :n].astype(np.int64),
-            topk_logprobs=f[schema.TOPK_LOGPROBS][row, :n],
-            tail_logprob=f[schema.TAIL_LOGPROB][row, :n],
-            pooled_hidden=f[schema.POOLED_HIDDEN][row],
-            text=f[schema.TEXT].asstr()[row],
-            doc_index=int(f[schema.DOC_INDEX][row]),
+            input_ids=raw[schema.INPUT_IDS].astype(np.int64),
+            offsets=raw[schema.OFFSETS],
+            topk_ids=targets.ids,
+            topk_logprobs=targets.logprobs,
+            tail_logprob=targets.tail,
+            pooled_hidden=raw[schema.POOLED_HIDDEN],
+            text=raw[schema.TEXT],
+            doc_index=int(raw[schema.DOC_INDEX]),
         )
         if self.check_finite:
-            self._check_finite(seq, self.shards[pos].file, row)
+            self._check_finite(seq, shard_file, row, sampled=self.manifest.targets.kind == "sampled")
         return seq
 
     def read_slice(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Contiguous run [start, stop) as padded arrays (leading dim stop-start), reading whole chunks per shard."""
+        """Contiguous run [start, stop) of every STORED dataset (padded, leading dim stop-start; text as str),
+        reading whole chunks per shard. Compact caches give their blobs here; `reader[i]` decodes."""
         if not 0 <= start <= stop <= self.num_sequences:
             raise IndexError(f"slice [{start}, {stop}) out of range [0, {self.num_sequences}]")
-        parts: dict[str, list] = {name: [] for name in schema.ALL_DATASETS}
+        names = schema.dataset_names(self.manifest)
+        if start == stop:
+            return {name: np.empty((0,)) for name in names}
+        parts: dict[str, list] = {name: [] for name in names}
         i = start
         while i < stop:
             pos, row = self.locate(i)
             take = min(stop - i, self.shards[pos].num_sequences - row)
-            f = self._file(pos)
-            for name in schema.ALL_DATASETS:
-                ds = f[name].asstr() if name == schema.TEXT else f[name]
-                parts[name].append(np.asarray(ds[row : row + take]))
+            for name, values in shard_io.read_rows(self._file(pos), self.manifest, row, row + take).items():
+                parts[name].append(values)
             i += take
-        if start == stop:
-            return {name: np.empty((0,)) for name in schema.ALL_DATASETS}
         return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
     @staticmethod
-    def _check_finite(seq: CachedSequence, shard_file: str, row: int) -> None:
-        if not np.isfinite(seq.topk_logprobs).all() or not np.isfinite(seq.tail_logprob).all():
+    def _check_finite(seq: CachedSequence, shard_file: str, row: int, *, sampled: bool) -> None:
+        tail_ok = sampled or np.isfinite(seq.tail_logprob).all()  # a sampled tail is -inf by definition
+        if not np.isfinite(seq.topk_logprobs).all() or not tail_ok:
             raise CacheError(
                 f"{shard_file}: sequence {seq.index} (row {row}) holds NaN/Inf teacher log-probs; "
                 "run `cache_tools verify` and rebuild that shard"

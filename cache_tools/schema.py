@@ -1,8 +1,10 @@
 """The teacher-cache contract: the ONE module both the teacher side (`cache_tools`) and the student side (`distill`)
-import. Everything about the on-disk layout lives here: file names, dataset names and shapes, dtypes, attribute names,
-the manifest, and the format version. Change the layout only together with `FORMAT_VERSION`.
+import. Everything about the on-disk layout lives here as data: file names, the table of datasets (`DATASETS`: shape,
+dtype, chunking, compression, which target kinds/encodings store it, what `verify` checks), attribute names, the
+manifest (typed, in `cache_tools.manifest`, re-exported here) and the format version. Writer, reader, verifier,
+inspector and test fixtures derive from `DATASETS`; change the layout only together with `FORMAT_VERSION`.
 
-Layout of a cache directory (format version 1)::
+Layout of a cache directory (format version 2)::
 
     DIR/manifest.json          written last, atomically; ``complete`` is true only when every shard is present
     DIR/shard-00000.h5         shards hold contiguous runs of global sequence indices
@@ -11,45 +13,47 @@ Layout of a cache directory (format version 1)::
     DIR/vocab_maps/            cross-tokenizer vocabulary maps, one per (teacher, student) tokenizer pair
     DIR/*.tmp                  partial files of an interrupted build; never read, removed by ``--resume``
 
-Datasets in each shard (S = sequences in the shard, L = max_length, K = top_k, P = pooled layers, H = teacher hidden):
-
-    input_ids      [S, L]     id dtype   teacher token ids; 0 past ``valid_length``
-    valid_length   [S]        int32      number of real tokens in the window (1..L)
-    doc_index      [S]        int64      index of the source document of the window's first token
-    text           [S]        utf-8 str  the window's text; teacher offsets index into it
-    offsets        [S, L, 2]  int32      (start, end) character offsets of each teacher token in ``text``
-    topk_ids       [S, L, K]  id dtype   teacher top-k token ids, sorted by log-probability, descending
-    topk_logprobs  [S, L, K]  float16    log-probabilities normalised over the TRUE tokenizer vocabulary
-    tail_logprob   [S, L]     float32    log(1 - sum exp(topk)) computed exactly from the logits (logsumexp of the
-                                          non-top-k logits), floored at `TAIL_LOGPROB_FLOOR`
-    pooled_hidden  [S, P, H]  float16    masked mean of each pooled layer over valid tokens, computed in fp32
-
-Position t of a window holds the teacher's distribution over the token that FOLLOWS token t.
+Datasets in each shard: see `DATASETS` (S = sequences in the shard, L = max_length, K = top_k, N = num_samples,
+P = pooled layers, H = teacher hidden). Position t of a window holds the teacher's distribution over the token that
+FOLLOWS token t. Version 1 (read, never written) = version 2 with kind "topk", encoding "fp16", text stored as a
+variable-length UTF-8 string instead of bytes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import h5py
 import numpy as np
 
-from cache_tools.errors import UserError
 from cache_tools.fsutil import atomic_write_text, file_sha256  # noqa: F401 - re-exported for the rest of the package
+from cache_tools.manifest import (  # noqa: F401 - the manifest is part of this contract; import it from here
+    ENCODINGS,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    READABLE_VERSIONS,
+    TARGET_KINDS,
+    CacheError,
+    CacheManifest,
+    DatasetInfo,
+    PoolingInfo,
+    ShardInfo,
+    TargetsInfo,
+    TeacherInfo,
+    TokenizerInfo,
+    load_manifest,
+)
 
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 SHARD_PREFIX = "shard-"
 TMP_SUFFIX = ".tmp"
 VOCAB_MAP_DIR = "vocab_maps"  # cross-tokenizer maps saved beside the cache, keyed by both tokenizer hashes
 TOKENIZER_DIR = "tokenizer"  # the teacher tokenizer, saved with the cache so students never need the teacher's path
 
-# Dataset names.
+# Dataset names (stored) and target field names (what the builder produces and the reader returns).
 INPUT_IDS = "input_ids"
 VALID_LENGTH = "valid_length"
 DOC_INDEX = "doc_index"
@@ -59,16 +63,24 @@ TOPK_IDS = "topk_ids"
 TOPK_LOGPROBS = "topk_logprobs"
 TAIL_LOGPROB = "tail_logprob"
 POOLED_HIDDEN = "pooled_hidden"
-ALL_DATASETS = (INPUT_IDS, VALID_LENGTH, DOC_INDEX, TEXT, OFFSETS, TOPK_IDS, TOPK_LOGPROBS, TAIL_LOGPROB, POOLED_HIDDEN)
+SAMPLE_IDS = "sample_ids"
+SAMPLE_COUNTS = "sample_counts"
+TOPK_BLOB = "topk_blob"
+SAMPLE_BLOB = "sample_blob"
 
 LOGPROB_DTYPE = np.float16
 TAIL_DTYPE = np.float32
 POOLED_DTYPE = np.float16
 OFFSET_DTYPE = np.int32
+SAMPLE_COUNT_DTYPE = np.uint16  # counts of one id among N draws: N must fit
+MAX_SAMPLES = int(np.iinfo(SAMPLE_COUNT_DTYPE).max)
+VLEN_BYTES = h5py.vlen_dtype(np.dtype(np.uint8))  # one variable-length uint8 array per sequence
+TEXT_V1_DTYPE = h5py.string_dtype("utf-8")  # version 1 text (cannot hold NUL); version 2 stores UTF-8 bytes
 # exp(-100) is 0 in every float format we use; the floor keeps every stored value finite (k = vocab gives the floor).
 TAIL_LOGPROB_FLOOR = -100.0
 # Tolerance for "probabilities sum to at most 1": fp16 rounding of 256 log-probs can push the sum slightly past 1.
 PROB_SUM_EPS = 2e-2
+SCALAR_CHUNK_ROWS = 1024  # per-sequence scalars and blob references are chunked in runs (no tiny chunks)
 
 # Shard attribute names.
 ATTR_FORMAT_VERSION = "format_version"
@@ -76,14 +88,116 @@ ATTR_SHARD_INDEX = "shard_index"
 ATTR_FIRST_SEQUENCE = "first_sequence"
 ATTR_NUM_SEQUENCES = "num_sequences"
 ATTR_NUM_TOKENS = "num_tokens"
-ATTR_TOP_K = "top_k"
+ATTR_TOP_K = "top_k"  # K slots per position (top_k, or N for sampled)
 ATTR_MAX_LENGTH = "max_length"
 ATTR_VOCAB_SIZE = "vocab_size"
 ATTR_POOL_LAYERS = "pool_layers"
+ATTR_TARGET_KIND = "target_kind"
+ATTR_ENCODING = "target_encoding"
+ATTR_NUM_SAMPLES = "num_samples"
 
 
-class CacheError(UserError):
-    """A problem with a cache directory or its contents. The message is one line naming the file and the fix."""
+def _ids(m: CacheManifest) -> np.dtype:
+    return id_dtype_for(m.vocab_size)
+
+
+def _fixed(dtype: Any) -> Callable[[CacheManifest], np.dtype]:
+    return lambda m: np.dtype(dtype)
+
+
+def _text_dtype(m: CacheManifest) -> np.dtype:
+    return VLEN_BYTES if m.format_version >= 2 else TEXT_V1_DTYPE
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset of a shard. Stored shape is [S, *shape(m)]; `per_token` datasets have L as their first
+    per-sequence axis (the reader trims them to the window's valid length); `vlen` ones hold one uint8 array per
+    sequence. `kinds` / `encodings` say which caches store it. `checks` name what `verify` checks on it."""
+
+    name: str
+    shape: Callable[[CacheManifest], tuple[int, ...]]
+    dtype: Callable[[CacheManifest], np.dtype]
+    per_token: bool
+    doc: str
+    kinds: tuple[str, ...] = TARGET_KINDS
+    encodings: tuple[str, ...] = ENCODINGS
+    checks: tuple[str, ...] = ()
+
+    def stored_in(self, m: CacheManifest) -> bool:
+        return m.targets.kind in self.kinds and m.targets.encoding in self.encodings
+
+    def is_vlen(self, m: CacheManifest) -> bool:
+        return h5py.check_vlen_dtype(self.dtype(m)) is not None or h5py.check_string_dtype(self.dtype(m)) is not None
+
+    def chunks(self, m: CacheManifest, capacity: int) -> tuple[int, ...]:
+        """One sequence per chunk for arrays (a reader fetching a sequence touches exactly its chunks); runs of
+        sequences for scalars and blob references."""
+        shape = self.shape(m)
+        return (1, *shape) if shape else (max(1, min(capacity, SCALAR_CHUNK_ROWS)),)
+
+    def compressed(self, m: CacheManifest) -> bool:
+        """--compression applies to array datasets; HDF5 filters never reach variable-length heap data."""
+        return bool(self.shape(m))
+
+
+DATASETS: tuple[DatasetSpec, ...] = (
+    DatasetSpec(INPUT_IDS, lambda m: (m.max_length,), _ids, True, "teacher token ids; 0 past valid_length",
+                checks=("ids_below_vocab",)),
+    DatasetSpec(VALID_LENGTH, lambda m: (), _fixed(np.int32), False, "real tokens in the window (1..L)",
+                checks=("length_range", "token_count")),
+    DatasetSpec(DOC_INDEX, lambda m: (), _fixed(np.int64), False, "source document of the window's first token"),
+    DatasetSpec(TEXT, lambda m: (), _text_dtype, False, "the window's text as UTF-8 bytes (NUL-safe); offsets index "
+                "its characters", checks=("utf8",)),
+    DatasetSpec(OFFSETS, lambda m: (m.max_length, 2), _fixed(OFFSET_DTYPE), True,
+                "(start, end) character offsets of each teacher token in text"),
+    DatasetSpec(TOPK_IDS, lambda m: (m.max_length, m.targets.top_k), _ids, True,
+                "top-k ids, sorted by log-prob descending", kinds=("topk",), encodings=("fp16",),
+                checks=("topk_targets",)),
+    DatasetSpec(TOPK_LOGPROBS, lambda m: (m.max_length, m.targets.top_k), _fixed(LOGPROB_DTYPE), True,
+                "log-probs over the TRUE vocabulary", kinds=("topk",), encodings=("fp16",), checks=("topk_targets",)),
+    DatasetSpec(TOPK_BLOB, lambda m: (), lambda m: VLEN_BYTES, False,
+                "codec.encode_topk of the valid positions' ids + log-probs", kinds=("topk",), encodings=("compact",),
+                checks=("topk_targets",)),
+    DatasetSpec(TAIL_LOGPROB, lambda m: (m.max_length,), _fixed(TAIL_DTYPE), True,
+                "log(1 - sum exp(topk)) computed exactly from the logits, floored at TAIL_LOGPROB_FLOOR",
+                kinds=("topk",), checks=("topk_targets",)),
+    DatasetSpec(SAMPLE_IDS, lambda m: (m.max_length, m.targets.num_samples), _ids, True,
+                "distinct sampled ids (0 where the count is 0)", kinds=("sampled",), encodings=("fp16",),
+                checks=("sampled_targets",)),
+    DatasetSpec(SAMPLE_COUNTS, lambda m: (m.max_length, m.targets.num_samples), _fixed(SAMPLE_COUNT_DTYPE), True,
+                "draws of each id among N (sum N per position)", kinds=("sampled",), encodings=("fp16",),
+                checks=("sampled_targets",)),
+    DatasetSpec(SAMPLE_BLOB, lambda m: (), lambda m: VLEN_BYTES, False,
+                "codec.encode_sampled of the valid positions' ids + counts", kinds=("sampled",),
+                encodings=("compact",), checks=("sampled_targets",)),
+    DatasetSpec(POOLED_HIDDEN, lambda m: (len(m.pooling.layers), m.pooling.hidden_size), _fixed(POOLED_DTYPE),
+                False, "masked mean of each pooled layer over valid tokens, computed in fp32",
+                checks=("pooled_finite",)),
+)
+
+
+def datasets_for(m: CacheManifest) -> tuple[DatasetSpec, ...]:
+    """The datasets a shard of this cache holds, in table order."""
+    return tuple(spec for spec in DATASETS if spec.stored_in(m))
+
+
+def dataset_names(m: CacheManifest) -> tuple[str, ...]:
+    return tuple(spec.name for spec in datasets_for(m))
+
+
+def shard_attrs(m: CacheManifest) -> dict[str, Any]:
+    """Attributes every shard of this cache carries (plus index / first sequence / counts written by the writer)."""
+    return {
+        ATTR_FORMAT_VERSION: m.format_version,
+        ATTR_TARGET_KIND: m.targets.kind,
+        ATTR_ENCODING: m.targets.encoding,
+        ATTR_TOP_K: m.targets.slots,
+        ATTR_NUM_SAMPLES: m.targets.num_samples,
+        ATTR_MAX_LENGTH: m.max_length,
+        ATTR_VOCAB_SIZE: m.vocab_size,
+        ATTR_POOL_LAYERS: np.asarray(m.pooling.layers, dtype=np.int64),
+    }
 
 
 def shard_name(index: int) -> str:
@@ -123,102 +237,3 @@ def tokenizer_hash(tokenizer: Any) -> str:
             spec.pop(key, None)
         payload["backend"] = spec
     return stable_hash(payload)
-
-
-@dataclass
-class ShardInfo:
-    """One shard's entry in the manifest (and its sidecar JSON)."""
-
-    file: str
-    index: int
-    first_sequence: int
-    num_sequences: int
-    num_tokens: int
-    bytes: int
-    sha256: str
-
-
-@dataclass
-class CacheManifest:
-    """`manifest.json`. `settings()` is what must match for `--resume` and what a student run depends on."""
-
-    format_version: int = FORMAT_VERSION
-    builder_version: str = ""
-    complete: bool = False
-    # {name_or_path, config_hash, model_type, hidden_size, num_hidden_layers, head_rows}
-    teacher: dict[str, Any] = field(default_factory=dict)
-    # {name_or_path, content_hash, vocab_size (true size = len(tokenizer)), special_ids {bos,eos,pad,unk},
-    #  special_tokens {bos,eos,pad,unk: str}}
-    tokenizer: dict[str, Any] = field(default_factory=dict)
-    top_k: int = 256
-    max_length: int = 512
-    id_dtype: str = "uint32"
-    # {method: "masked_mean", layers: [hidden_states indices, 0 = embeddings], hidden_size}
-    pooling: dict[str, Any] = field(default_factory=dict)
-    # {spec, split, text_column, max_samples, streaming, fingerprint}
-    dataset: dict[str, Any] = field(default_factory=dict)
-    compute_dtype: str = "fp32"
-    # Windows per teacher batch: padding to each batch's longest window changes results in the last bits, so a
-    # resumed build must use the same value to equal an uninterrupted one.
-    batch_size: int = 0
-    shard_size: int = 1024
-    compression: str = "none"
-    num_sequences: int = 0
-    num_tokens: int = 0
-    shards: list[ShardInfo] = field(default_factory=list)
-    created_at: str = ""
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.tokenizer["vocab_size"])
-
-    @property
-    def tokenizer_hash(self) -> str:
-        return str(self.tokenizer["content_hash"])
-
-    def settings(self) -> dict[str, Any]:
-        """Everything that decides the cache's contents (a resumed build must match it exactly)."""
-        return {
-            "format_version": self.format_version,
-            "teacher": self.teacher,
-            "tokenizer": self.tokenizer,
-            "top_k": self.top_k,
-            "max_length": self.max_length,
-            "pooling": self.pooling,
-            "dataset": self.dataset,
-            "compute_dtype": self.compute_dtype,
-            "batch_size": self.batch_size,
-            "shard_size": self.shard_size,
-            "compression": self.compression,
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CacheManifest:
-        data = dict(data)
-        data["shards"] = [ShardInfo(**s) for s in data.get("shards", [])]
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def save(self, cache_dir: str | os.PathLike) -> None:
-        atomic_write_text(Path(cache_dir) / MANIFEST_NAME, self.to_json())
-
-
-def load_manifest(cache_dir: str | os.PathLike) -> CacheManifest:
-    """Read `DIR/manifest.json`; raises `CacheError` (one line, naming the file and the fix) on any problem."""
-    path = Path(cache_dir) / MANIFEST_NAME
-    if not Path(cache_dir).is_dir():
-        raise CacheError(f"{cache_dir}: no such cache directory; build one with `cache_tools build-cache`")
-    if not path.is_file():
-        raise CacheError(f"{path}: missing; this is not a finished cache (rerun `cache_tools build-cache --resume`)")
-    try:
-        manifest = CacheManifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, TypeError, KeyError) as err:
-        raise CacheError(f"{path}: unreadable manifest ({err}); rebuild the cache with --overwrite") from err
-    if manifest.format_version != FORMAT_VERSION:
-        raise CacheError(
-            f"{path}: format version {manifest.format_version}, this tool reads {FORMAT_VERSION}; rebuild the cache"
-        )
-    return manifest

@@ -1,102 +1,71 @@
-"""Writing one shard: `ShardWriter` appends batches of windows to a temp file and, on `finish()`, trims it, writes
-its attributes, fsyncs, renames it into place and writes the sidecar. An unfinished shard is only ever a `*.tmp`."""
+"""The only code that touches shard files (with the reader, which reads through the helpers here).
+
+`ShardWriter` appends batches of windows to a temp file and, on `finish()`, trims it, writes its attributes, fsyncs,
+renames it into place and writes the sidecar: an unfinished shard is only ever a `*.tmp`. Every dataset, shape,
+dtype and chunking comes from `schema.DATASETS`; fields become stored datasets through `encodings.encode_batch`."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 
-from cache_tools import schema
+from cache_tools import encodings, schema
 
 
 class ShardWriter:
-    """Append-only writer of one shard (see `cache_tools.schema` for the layout).
+    """Append-only writer of one shard of the cache described by `manifest` (its targets, max_length, vocabulary,
+    pooling and compression decide the layout; see `schema.DATASETS`)."""
 
-    Chunks are one sequence each for the per-token datasets, so a reader fetching a sequence (or a contiguous run of
-    them) touches exactly the chunks it needs.
-    """
-
-    def __init__(
-        self,
-        cache_dir: str | os.PathLike,
-        index: int,
-        first_sequence: int,
-        capacity: int,
-        *,
-        max_length: int,
-        top_k: int,
-        vocab_size: int,
-        pooled_shape: tuple[int, int],
-        compression: str = "none",
-        pool_layers: list[int] | None = None,
-    ) -> None:
+    def __init__(self, cache_dir: str | os.PathLike, index: int, first_sequence: int, capacity: int,
+                 manifest: schema.CacheManifest) -> None:
         self.cache_dir = Path(cache_dir)
         self.index = index
         self.first_sequence = first_sequence
         self.capacity = capacity
+        self.manifest = manifest
         self.final_path = self.cache_dir / schema.shard_name(index)
         self.tmp_path = self.final_path.with_name(self.final_path.name + schema.TMP_SUFFIX)
         self.count = 0
         self.num_tokens = 0
-        id_dtype = schema.id_dtype_for(vocab_size)
-        comp = None if compression == "none" else compression
-        L, K = max_length, top_k
-        P, H = pooled_shape
+        self.specs = schema.datasets_for(manifest)
+        comp = None if manifest.compression == "none" else manifest.compression
         self._file = h5py.File(self.tmp_path, "w")
-        self._attrs = {
-            schema.ATTR_FORMAT_VERSION: schema.FORMAT_VERSION,
-            schema.ATTR_SHARD_INDEX: index,
-            schema.ATTR_FIRST_SEQUENCE: first_sequence,
-            schema.ATTR_TOP_K: K,
-            schema.ATTR_MAX_LENGTH: L,
-            schema.ATTR_VOCAB_SIZE: vocab_size,
-            schema.ATTR_POOL_LAYERS: np.asarray(pool_layers or [], dtype=np.int64),
-        }
-        specs = {
-            schema.INPUT_IDS: ((L,), id_dtype),
-            schema.VALID_LENGTH: ((), np.int32),
-            schema.DOC_INDEX: ((), np.int64),
-            schema.TEXT: ((), h5py.string_dtype("utf-8")),
-            schema.OFFSETS: ((L, 2), schema.OFFSET_DTYPE),
-            schema.TOPK_IDS: ((L, K), id_dtype),
-            schema.TOPK_LOGPROBS: ((L, K), schema.LOGPROB_DTYPE),
-            schema.TAIL_LOGPROB: ((L,), schema.TAIL_DTYPE),
-            schema.POOLED_HIDDEN: ((P, H), schema.POOLED_DTYPE),
-        }
-        for name, (tail_shape, dtype) in specs.items():
-            # Scalars per sequence are chunked in runs so the small datasets don't explode into tiny chunks.
-            chunks = (1, *tail_shape) if tail_shape else (min(capacity, 1024),)
-            self._file.create_dataset(
-                name,
-                shape=(capacity, *tail_shape),
-                maxshape=(capacity, *tail_shape),
-                dtype=dtype,
-                chunks=chunks,
-                compression=comp if tail_shape else None,
-            )
+        for spec in self.specs:
+            shape = (capacity, *spec.shape(manifest))
+            self._file.create_dataset(spec.name, shape=shape, maxshape=shape, dtype=spec.dtype(manifest),
+                                      chunks=spec.chunks(manifest, capacity),
+                                      compression=comp if spec.compressed(manifest) else None)
 
-    def append(self, batch: dict[str, object]) -> None:
-        """Append n windows. `batch` maps every dataset name to an array with leading dimension n (`text`: list)."""
-        n = len(batch[schema.VALID_LENGTH])  # type: ignore[arg-type]
+    def append(self, batch: dict[str, Any]) -> None:
+        """Append n windows: `batch` maps every field of the layout (see `encodings`) to leading dimension n."""
+        n = len(batch[schema.VALID_LENGTH])
         if self.count + n > self.capacity:
             raise ValueError(f"shard {self.index}: {self.count} + {n} windows exceed capacity {self.capacity}")
+        stored = encodings.encode_batch(self.manifest, batch)
         lo, hi = self.count, self.count + n
-        for name in schema.ALL_DATASETS:
-            self._file[name][lo:hi] = batch[name]
+        for spec in self.specs:
+            if spec.is_vlen(self.manifest):
+                # Element by element: h5py stacks equal-length arrays into a 2-D block and refuses the slice write.
+                for row, value in enumerate(stored[spec.name]):
+                    self._file[spec.name][lo + row] = value
+            else:
+                self._file[spec.name][lo:hi] = stored[spec.name]
         self.count = hi
         self.num_tokens += int(np.asarray(batch[schema.VALID_LENGTH]).sum())
 
     def finish(self) -> schema.ShardInfo:
         """Trim to the windows written, write attributes, fsync, rename into place, write the sidecar."""
-        for name in schema.ALL_DATASETS:
-            ds = self._file[name]
-            ds.resize(self.count, axis=0)
-        attrs = dict(self._attrs)
-        attrs[schema.ATTR_NUM_SEQUENCES] = self.count
-        attrs[schema.ATTR_NUM_TOKENS] = self.num_tokens
+        for spec in self.specs:
+            self._file[spec.name].resize(self.count, axis=0)
+        attrs = {**schema.shard_attrs(self.manifest), schema.ATTR_SHARD_INDEX: self.index,
+                 schema.ATTR_FIRST_SEQUENCE: self.first_sequence, schema.ATTR_NUM_SEQUENCES: self.count,
+                 schema.ATTR_NUM_TOKENS: self.num_tokens}
         for key, value in attrs.items():
             self._file.attrs[key] = value
         self._file.flush()
@@ -125,10 +94,54 @@ class ShardWriter:
 
 
 def write_sidecar(cache_dir: str | os.PathLike, info: schema.ShardInfo) -> None:
-    import dataclasses
-    import json
+    schema.atomic_write_text(Path(cache_dir) / schema.shard_sidecar_name(info.index),
+                             json.dumps(dataclasses.asdict(info), indent=2, sort_keys=True) + "\n")
 
-    schema.atomic_write_text(
-        Path(cache_dir) / schema.shard_sidecar_name(info.index),
-        json.dumps(dataclasses.asdict(info), indent=2, sort_keys=True) + "\n",
-    )
+
+# -- reading -------------------------------------------------------------------------------------------------------
+def open_shard(path: str | os.PathLike) -> h5py.File:
+    """Open a finished shard read-only; a damaged or missing file is a CacheError naming it."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise schema.CacheError(f"{path}: cannot open shard ({err}); run `cache_tools verify`") from err
+
+
+def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
+    """A shard's attributes (counts, index, format version) as plain Python values."""
+    with open_shard(path) as f:
+        return {key: (value.tolist() if isinstance(value, np.ndarray) else value) for key, value in f.attrs.items()}
+
+
+def read_row(f: h5py.File, m: schema.CacheManifest, row: int) -> dict[str, Any]:
+    """Every stored dataset of one sequence, per-token ones trimmed to its valid length (text decoded to str)."""
+    n = int(f[schema.VALID_LENGTH][row])
+    out: dict[str, Any] = {}
+    for spec in schema.datasets_for(m):
+        value = f[spec.name][row, :n] if spec.per_token else f[spec.name][row]
+        out[spec.name] = encodings.decode_text(value) if spec.name == schema.TEXT else value
+    return out
+
+
+def read_rows(f: h5py.File, m: schema.CacheManifest, lo: int, hi: int) -> dict[str, np.ndarray]:
+    """Rows [lo, hi) of every stored dataset as stored (padded to L; text decoded to an object array of str)."""
+    out = {}
+    for spec in schema.datasets_for(m):
+        values = f[spec.name][lo:hi]
+        if spec.name == schema.TEXT:
+            values = np.array([encodings.decode_text(v) for v in values], dtype=object)
+        out[spec.name] = values
+    return out
+
+
+def storage_bytes(f: h5py.File, m: schema.CacheManifest) -> dict[str, int]:
+    """Bytes each dataset of an open shard occupies: allocated chunk storage, plus for variable-length datasets the
+    heap payload (the sum of the stored arrays' lengths; HDF5 keeps vlen data outside the chunks)."""
+    out = {}
+    for spec in schema.datasets_for(m):
+        ds = f[spec.name]
+        size = int(ds.id.get_storage_size())
+        if spec.is_vlen(m) and ds.shape[0]:
+            size += sum(len(v) for v in ds[:])
+        out[spec.name] = size
+    return out

@@ -17,7 +17,7 @@ from cache_tools.sampling import NonFiniteLogits, sample_targets, sequence_unifo
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Key of the sampled counts in `teacher_batch`'s result (format v2 may map it to a schema dataset name).
-SAMPLE_COUNTS = "sample_counts"
+SAMPLE_COUNTS = schema.SAMPLE_COUNTS
 
 
 class BuildError(UserError):

@@ -1,46 +1,41 @@
-"""`verify_cache`: check a finished cache end to end (manifest, checksums, layout, and the numbers themselves)."""
+"""`verify_cache`: check a finished cache end to end (manifest, checksums, layout from `schema.DATASETS`, and the
+numbers themselves: every sequence is decoded as the reader would, then checked in blocks)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 
-from cache_tools import schema
+from cache_tools import encodings, schema, shard_io
 
 _ROWS_PER_READ = 64  # sequences checked at a time, so memory stays bounded on big shards
 
 
-def _expected_layout(m: schema.CacheManifest, rows: int) -> dict[str, tuple[tuple[int, ...], np.dtype | None]]:
-    L, K = m.max_length, m.top_k
-    P, H = len(m.pooling.get("layers", [])), int(m.pooling.get("hidden_size", 0))
-    ids = schema.id_dtype_for(m.vocab_size)
-    return {
-        schema.INPUT_IDS: ((rows, L), ids),
-        schema.VALID_LENGTH: ((rows,), np.dtype(np.int32)),
-        schema.DOC_INDEX: ((rows,), np.dtype(np.int64)),
-        schema.TEXT: ((rows,), None),
-        schema.OFFSETS: ((rows, L, 2), np.dtype(schema.OFFSET_DTYPE)),
-        schema.TOPK_IDS: ((rows, L, K), ids),
-        schema.TOPK_LOGPROBS: ((rows, L, K), np.dtype(schema.LOGPROB_DTYPE)),
-        schema.TAIL_LOGPROB: ((rows, L), np.dtype(schema.TAIL_DTYPE)),
-        schema.POOLED_HIDDEN: ((rows, P, H), np.dtype(schema.POOLED_DTYPE)),
-    }
+def _layout_faults(f: h5py.File, m: schema.CacheManifest, shard: schema.ShardInfo) -> list[str]:
+    """Every dataset of the table present with its shape and dtype; attributes agree with the manifest."""
+    faults = []
+    for spec in schema.datasets_for(m):
+        if spec.name not in f:
+            return [f"{shard.file}: dataset {spec.name} missing"]
+        ds, shape, dtype = f[spec.name], (shard.num_sequences, *spec.shape(m)), spec.dtype(m)
+        if ds.shape != shape:
+            faults.append(f"{shard.file}: {spec.name} has shape {ds.shape}, expected {shape}")
+        if not spec.is_vlen(m) and ds.dtype != dtype:
+            faults.append(f"{shard.file}: {spec.name} has dtype {ds.dtype}, expected {dtype}")
+    if int(f.attrs.get(schema.ATTR_FIRST_SEQUENCE, -1)) != shard.first_sequence:
+        faults.append(f"{shard.file}: first_sequence attribute disagrees with the manifest")
+    if int(f.attrs.get(schema.ATTR_FORMAT_VERSION, -1)) != m.format_version:
+        faults.append(f"{shard.file}: format_version attribute disagrees with the manifest")
+    return faults
 
 
-def _check_rows(f: h5py.File, lo: int, hi: int, m: schema.CacheManifest) -> str | None:
-    """Content checks on rows [lo, hi) of one shard; returns the first fault or None."""
-    valid = f[schema.VALID_LENGTH][lo:hi]
-    if (valid < 1).any() or (valid > m.max_length).any():
-        return f"valid_length outside 1..{m.max_length}"
-    positions = np.arange(m.max_length)[None, :] < valid[:, None]  # [n, L]
-    ids = f[schema.TOPK_IDS][lo:hi][positions].astype(np.int64)  # [N, K] valid tokens only
-    lp = f[schema.TOPK_LOGPROBS][lo:hi][positions].astype(np.float32)
-    tail = f[schema.TAIL_LOGPROB][lo:hi][positions]
-    input_ids = f[schema.INPUT_IDS][lo:hi][positions]
-    if (input_ids >= m.vocab_size).any() or (ids >= m.vocab_size).any():
-        return f"token ids >= vocab_size {m.vocab_size}"
+def _topk_fault(m: schema.CacheManifest, t: encodings.Targets) -> str | None:
+    lp, tail = t.logprobs, t.tail
     if not np.isfinite(lp).all() or not np.isfinite(tail).all():
         return "non-finite log-probs"
     if (lp > 0).any() or (tail > 0).any():
@@ -49,14 +44,90 @@ def _check_rows(f: h5py.File, lo: int, hi: int, m: schema.CacheManifest) -> str 
         return f"tail_logprob below the floor {schema.TAIL_LOGPROB_FLOOR}"
     if (np.diff(lp, axis=-1) > 0).any():
         return "top-k log-probs not sorted in descending order"
-    if ids.shape[-1] > 1 and (np.diff(np.sort(ids, axis=-1), axis=-1) == 0).any():
-        return "duplicate ids within a top-k row"
     total = np.exp(lp.astype(np.float64)).sum(-1) + np.exp(tail.astype(np.float64))
     if (np.abs(total - 1.0) > schema.PROB_SUM_EPS).any():
         worst = float(total[np.argmax(np.abs(total - 1.0))])
         return f"probabilities sum to {worst:.4f}, not 1 (+-{schema.PROB_SUM_EPS})"
-    if not np.isfinite(f[schema.POOLED_HIDDEN][lo:hi].astype(np.float32)).all():
-        return "non-finite pooled_hidden"
+    return None
+
+
+def _sampled_fault(m: schema.CacheManifest, t: encodings.Targets) -> str | None:
+    N = m.targets.num_samples
+    sums = t.counts.sum(-1)
+    if (sums != N).any():
+        return f"sample counts sum to {int(sums[np.argmax(sums != N)])}, not num_samples {N}"
+    if ((t.counts > 0) != (t.ids >= 0)).any():
+        return "sample ids and counts disagree on which slots are used"
+    return None
+
+
+def _target_ids_fault(t: encodings.Targets, vocab_size: int) -> str | None:
+    used = t.ids >= 0
+    if (t.ids >= vocab_size).any():
+        return f"target ids >= vocab_size {vocab_size}"
+    if t.ids.shape[-1] > 1:
+        ordered = np.sort(np.where(used, t.ids, -1 - np.arange(t.ids.shape[-1])), axis=-1)  # padding never repeats
+        if (np.diff(ordered, axis=-1) == 0).any():
+            return "duplicate ids within a position's targets"
+    return None
+
+
+@dataclass
+class _Block:
+    """Rows [lo, hi) of one shard as the reader sees them: raw per-sequence datasets and decoded targets (all
+    positions of the block concatenated)."""
+
+    raw: list[dict[str, Any]]
+    targets: encodings.Targets
+
+
+def _read_block(f: h5py.File, lo: int, hi: int, m: schema.CacheManifest) -> _Block | str:
+    raw, decoded = [], []
+    for row in range(lo, hi):
+        n = int(f[schema.VALID_LENGTH][row])
+        if not 1 <= n <= m.max_length:  # checked first: every per-token read and decode is cut at n
+            return f"valid_length outside 1..{m.max_length}"
+        try:
+            values = shard_io.read_row(f, m, row)
+            decoded.append(encodings.decode_targets(m, values, int(values[schema.VALID_LENGTH])))
+        except UnicodeDecodeError:
+            return f"row {row}: text is not valid UTF-8"
+        except (ValueError, KeyError, IndexError) as err:  # codec.CodecError is a ValueError
+            return f"row {row}: targets not decodable ({err})"
+        raw.append(values)
+    counts = None if decoded[0].counts is None else np.concatenate([t.counts for t in decoded])
+    joined = [np.concatenate([getattr(t, name) for t in decoded]) for name in ("ids", "logprobs", "tail")]
+    return _Block(raw, encodings.Targets(*joined, counts=counts))
+
+
+def _column(block: _Block, name: str) -> np.ndarray:
+    return np.concatenate([np.atleast_1d(values[name]) for values in block.raw])
+
+
+# What each check name of `schema.DATASETS` means: (manifest, block) -> first fault or None.
+CHECKS: dict[str, Callable[[schema.CacheManifest, _Block], str | None]] = {
+    "length_range": lambda m, b: None,  # checked while reading the block: decoding needs a sane length
+    "ids_below_vocab": lambda m, b: None if (_column(b, schema.INPUT_IDS) < m.vocab_size).all()
+    else f"input ids >= vocab_size {m.vocab_size}",
+    "utf8": lambda m, b: None,  # decoding the text while reading the block is the check
+    "topk_targets": lambda m, b: _target_ids_fault(b.targets, m.vocab_size) or _topk_fault(m, b.targets),
+    "sampled_targets": lambda m, b: _target_ids_fault(b.targets, m.vocab_size) or _sampled_fault(m, b.targets),
+    "pooled_finite": lambda m, b: None if np.isfinite(_column(b, schema.POOLED_HIDDEN).astype(np.float32)).all()
+    else "non-finite pooled_hidden",
+    "token_count": lambda m, b: None,  # checked per shard against the manifest, see verify_shard
+}
+
+
+def _check_rows(f: h5py.File, lo: int, hi: int, m: schema.CacheManifest) -> str | None:
+    """Content checks on rows [lo, hi) of one shard, as the table declares them; returns the first fault or None."""
+    block = _read_block(f, lo, hi, m)
+    if isinstance(block, str):
+        return block
+    names = dict.fromkeys(check for spec in schema.datasets_for(m) for check in spec.checks)
+    for name in names:
+        fault = CHECKS[name](m, block)
+        if fault:
+            return fault
     return None
 
 
@@ -72,17 +143,8 @@ def verify_shard(cache_dir: Path, m: schema.CacheManifest, shard: schema.ShardIn
         return [f"{shard.file}: sha256 mismatch (corrupted on disk); delete it and run build-cache --resume"]
     faults = []
     try:
-        with h5py.File(path, "r") as f:
-            for name, (shape, dtype) in _expected_layout(m, shard.num_sequences).items():
-                if name not in f:
-                    return [f"{shard.file}: dataset {name} missing"]
-                ds = f[name]
-                if ds.shape != shape:
-                    faults.append(f"{shard.file}: {name} has shape {ds.shape}, expected {shape}")
-                if dtype is not None and ds.dtype != dtype:
-                    faults.append(f"{shard.file}: {name} has dtype {ds.dtype}, expected {dtype}")
-            if int(f.attrs.get(schema.ATTR_FIRST_SEQUENCE, -1)) != shard.first_sequence:
-                faults.append(f"{shard.file}: first_sequence attribute disagrees with the manifest")
+        with shard_io.open_shard(path) as f:
+            faults = _layout_faults(f, m, shard)
             if faults:
                 return faults
             if int(f[schema.VALID_LENGTH][:].sum()) != shard.num_tokens:
@@ -94,7 +156,7 @@ def verify_shard(cache_dir: Path, m: schema.CacheManifest, shard: schema.ShardIn
                     first = shard.first_sequence
                     faults.append(f"{shard.file}: sequences {first + lo}..{first + hi - 1}: {fault}")
                     break
-    except OSError as err:
+    except (OSError, schema.CacheError) as err:
         return [f"{shard.file}: unreadable HDF5 ({err})"]
     return faults
 

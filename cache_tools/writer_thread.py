@@ -1,7 +1,7 @@
 """Background shard writing: the main thread queues device->host copies and moves on to the next teacher forward;
-this thread waits for each copy, converts to the on-disk dtypes and appends to the open `ShardWriter`, so HDF5 I/O
-overlaps with the teacher and the build stays teacher-bound. The queue is bounded so a slow disk applies
-back-pressure instead of letting host memory grow."""
+this thread waits for each copy and appends to the open `ShardWriter` (which encodes to the on-disk layout of
+`schema.DATASETS`), so encoding and HDF5 I/O overlap with the teacher and the build stays teacher-bound. The queue
+is bounded so a slow disk applies back-pressure instead of letting host memory grow."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cache_tools import schema
+from cache_tools.errors import UserError
 from cache_tools.shard_io import ShardWriter
 
 _STOP = object()
@@ -37,10 +37,9 @@ def to_host(device_batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
 class BackgroundShardWriter:
     """Owns at most one open `ShardWriter` at a time; all calls are queued and run in order on the writer thread."""
 
-    def __init__(self, cache_dir: str | Path, shard_kwargs: dict[str, Any], queue_size: int = 4) -> None:
+    def __init__(self, cache_dir: str | Path, manifest: schema.CacheManifest, queue_size: int = 4) -> None:
         self.cache_dir = Path(cache_dir)
-        self.shard_kwargs = shard_kwargs
-        self.id_dtype = schema.id_dtype_for(shard_kwargs["vocab_size"])
+        self.manifest = manifest
         self.finished: list[schema.ShardInfo] = []
         self.wait_s = 0.0  # time the producer spent blocked on a full queue (writer-bound time)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -59,6 +58,8 @@ class BackgroundShardWriter:
         self.wait_s += time.perf_counter() - start
 
     def _raise_if_failed(self) -> None:
+        if isinstance(self._error, (OSError, UserError)):
+            raise self._error  # disk full, permissions, bad data: the caller's one-line error names the file
         if self._error is not None:
             raise RuntimeError(f"shard writer failed: {self._error}") from self._error
 
@@ -104,7 +105,7 @@ class BackgroundShardWriter:
     def _handle(self, op: str, arg: Any) -> None:
         if op == "open":
             index, first_sequence, capacity = arg
-            self._writer = ShardWriter(self.cache_dir, index, first_sequence, capacity, **self.shard_kwargs)
+            self._writer = ShardWriter(self.cache_dir, index, first_sequence, capacity, self.manifest)
         elif op == "append":
             host_batch, event = arg
             if event is not None:
@@ -117,15 +118,7 @@ class BackgroundShardWriter:
             self._writer.abort()
             self._writer = None
 
-    def _numpy(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out = {}
-        for name, value in batch.items():
-            array = value.numpy() if hasattr(value, "numpy") else value  # torch tensors and deferred pads
-            if name in (schema.TOPK_IDS, schema.INPUT_IDS):
-                array = np.asarray(array).astype(self.id_dtype)
-            elif name == schema.TOPK_LOGPROBS:
-                array = np.asarray(array).astype(schema.LOGPROB_DTYPE)
-            elif name == schema.POOLED_HIDDEN:
-                array = np.asarray(array).astype(schema.POOLED_DTYPE)
-            out[name] = array
-        return out
+    @staticmethod
+    def _numpy(batch: dict[str, Any]) -> dict[str, Any]:
+        """Host tensors (and deferred pads) as numpy arrays; the writer converts them to the on-disk dtypes."""
+        return {name: value.numpy() if hasattr(value, "numpy") else value for name, value in batch.items()}

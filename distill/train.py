@@ -129,8 +129,8 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
     aux = None
     if data.reader is not None and (loss.feature_weight > 0 or loss.contrastive_weight > 0):
         m = data.reader.manifest
-        aux = AuxSettings(teacher_hidden=int(m.pooling["hidden_size"]), teacher_pool_layers=list(m.pooling["layers"]),
-                          teacher_num_layers=int(m.teacher["num_hidden_layers"]),
+        aux = AuxSettings(teacher_hidden=m.pooling.hidden_size, teacher_pool_layers=list(m.pooling.layers),
+                          teacher_num_layers=m.teacher.num_hidden_layers,
                           contrastive_temperature=loss.contrastive_temperature)
     kd_config = KDConfig.from_args(loss)  # kd_kind, temperature, use_tail, loss_chunk_size, divergence parameters
     set_seed(cfg.training.seed)  # projection heads: the same initial values on every rank and every run

@@ -8,21 +8,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
-from cache_tools import schema
+from cache_tools import schema, shard_io
 
 
 def cache_arrays(cache_dir: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every dataset of every shard, concatenated in global sequence order (text as an object array)."""
+    """Every stored dataset of every shard, concatenated in global sequence order (text as an object array of str;
+    blobs as object arrays of uint8 arrays)."""
     manifest = schema.load_manifest(cache_dir)
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in schema.ALL_DATASETS}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in schema.dataset_names(manifest)}
     for shard in sorted(manifest.shards, key=lambda s: s.first_sequence):
-        with h5py.File(Path(cache_dir) / shard.file, "r") as f:
-            for name in schema.ALL_DATASETS:
-                ds = f[name].asstr() if name == schema.TEXT else f[name]
-                parts[name].append(np.asarray(ds[:]))
+        with shard_io.open_shard(Path(cache_dir) / shard.file) as f:
+            for name, values in shard_io.read_rows(f, manifest, 0, shard.num_sequences).items():
+                parts[name].append(values)
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 
@@ -34,9 +33,12 @@ def shard_hashes(cache_dir: str | os.PathLike) -> list[tuple[str, str]]:
 def assert_same_cache(a: str | os.PathLike, b: str | os.PathLike) -> None:
     """Byte-equal arrays and identical shard files (the builder is deterministic on one device type)."""
     left, right = cache_arrays(a), cache_arrays(b)
-    for name in schema.ALL_DATASETS:
+    assert left.keys() == right.keys()
+    for name in left:
         assert left[name].dtype == right[name].dtype, name
-        assert np.array_equal(left[name], right[name]), f"{name} differs between {a} and {b}"
+        same = (all(np.array_equal(x, y) for x, y in zip(left[name], right[name], strict=True))
+                if left[name].dtype == object else np.array_equal(left[name], right[name]))
+        assert same and len(left[name]) == len(right[name]), f"{name} differs between {a} and {b}"
     assert shard_hashes(a) == shard_hashes(b)
 
 

@@ -73,7 +73,8 @@ def test_output_with_other_settings(capsys, tmp_path, good_args):
     capsys.readouterr()
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     message = _run(capsys, [*_replace(good_args, "--top-k", "4"), "--output", str(out), "--resume"])
-    assert f"--output {out}: holds a cache built with other settings (top_k)" in message and "--overwrite" in message
+    assert f"--output {out}: holds a cache built with other settings (targets.top_k)" in message
+    assert "--overwrite" in message
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
@@ -100,6 +101,6 @@ def test_tokenizer_larger_than_head(capsys, tmp_path, good_args, corpus):
 def test_incomplete_cache_refused_by_reader(tmp_path):
     from cache_tools.reader import TeacherCacheReader
 
-    schema.CacheManifest(tokenizer={"vocab_size": 10, "content_hash": "x"}).save(tmp_path)
+    schema.CacheManifest(tokenizer=schema.TokenizerInfo(vocab_size=10, content_hash="x")).save(tmp_path)
     with pytest.raises(schema.CacheError, match=r"manifest.json: cache is incomplete; .*--resume"):
         TeacherCacheReader(tmp_path)

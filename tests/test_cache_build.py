@@ -57,7 +57,7 @@ def test_summary_matches_shards(built):
     assert manifest.num_tokens == int(arrays[schema.VALID_LENGTH].sum())
     # Every window is full except possibly the very last one: packing never truncates or pads in the middle.
     assert (arrays[schema.VALID_LENGTH][:-1] == MAX_LENGTH).all()
-    assert manifest.pooling["layers"] == [2, 1]  # -1 resolved against 2 layers (+ embeddings)
+    assert manifest.pooling.layers == [2, 1]  # -1 resolved against 2 layers (+ embeddings)
 
 
 def test_topk_and_tail_equal_independent_log_softmax(built, reference_model, tokenizer):
@@ -148,7 +148,7 @@ def test_other_settings_refused_then_overwritten(built, boosted_teacher, text_fi
     shutil.copytree(out, copy)
     before = sorted(p.name for p in copy.iterdir())
     for resume in (False, True):
-        with pytest.raises(BuildError, match=r"--output .*other settings \(top_k\).*--overwrite"):
+        with pytest.raises(BuildError, match=r"--output .*other settings \(targets\.top_k\).*--overwrite"):
             build_cache(_options(boosted_teacher, text_file, copy, top_k=8, resume=resume))
     assert sorted(p.name for p in copy.iterdir()) == before
     with pytest.raises(BuildError, match="--resume"):  # same settings but neither flag: refuse too

@@ -155,5 +155,5 @@ def test_verify_content_faults(cache, tmp_path, capsys, fault, edit):
 
 def test_verify_incomplete_and_missing(tmp_path, capsys):
     _verify_fails(capsys, tmp_path / "nothing", "no such cache directory")
-    schema.CacheManifest(tokenizer={"vocab_size": 10, "content_hash": "x"}).save(tmp_path)
+    schema.CacheManifest(tokenizer=schema.TokenizerInfo(vocab_size=10, content_hash="x")).save(tmp_path)
     _verify_fails(capsys, tmp_path, "incomplete")

@@ -35,10 +35,13 @@ def by_id(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(ids, order, 1), np.take_along_axis(values, order, 1)
 
 
-def max_level_error(d: np.ndarray) -> np.ndarray:
-    """The largest |error| in d = max - logprob the companded quantiser may make at d (half a step either side)."""
-    half = codec.QUANT_STEP / 2
-    return (codec.QUANT_SCALE + np.minimum(d, codec.QUANT_MAX_D)) * np.expm1(half) + 1e-4
+def max_level_error(d: np.ndarray, level_bits: int = codec.LEVEL_BITS) -> np.ndarray:
+    """The largest |error| in d = max - logprob the quantiser may make at d: half a step of the row's range (which
+    is the row's largest d rounded up to a RANGE_STEPS grid) either side, stretched by the compander."""
+    c = codec.QUANT_SCALE
+    t_row = np.log1p(np.minimum(d.max(1, keepdims=True), codec.QUANT_MAX_D) / c) + codec.T_MAX / codec.RANGE_STEPS
+    half = t_row / ((1 << level_bits) - 1) / 2
+    return (c + np.minimum(d, codec.QUANT_MAX_D)) * np.expm1(half) + 1e-4
 
 
 def assert_topk_roundtrip(ids: np.ndarray, lp: np.ndarray, vocab: int) -> None:
@@ -81,7 +84,7 @@ def test_topk_adversarial_values():
     got_ids, got_lp = decode_topk(blob, 3, 4, vocab)
     assert np.isfinite(got_lp).all()
     assert set(got_ids[0]) == {0, vocab - 1, 5, 6} and got_ids[0, 0] == 0
-    np.testing.assert_allclose(got_lp[0, 1:], -0.1 - codec.QUANT_MAX_D, rtol=1e-5)
+    np.testing.assert_allclose(got_lp[0, 1:3], -0.1 - codec.QUANT_MAX_D, rtol=1e-5)
     np.testing.assert_array_equal(got_ids[1], [0, vocab - 3, vocab - 2, vocab - 1])  # ties: ascending ids
     np.testing.assert_array_equal(got_lp[1], -3.0)
     assert got_lp[2, 0] == 0.0 and got_ids[2, 3] == 20
@@ -97,10 +100,27 @@ def test_topk_whole_vocabulary_and_row_order_irrelevant():
     np.testing.assert_array_equal(encode_topk(ids[:, perm], lp[:, perm], vocab), encode_topk(ids, lp, vocab))
 
 
-def test_quantiser_constants():
-    assert codec.LEVEL_D[0] == 0 and (np.diff(codec.LEVEL_D) > 0).all()
-    assert codec.LEVEL_D.size == codec.NUM_LEVELS == 2**codec.LEVEL_BITS
-    assert abs(float(codec.LEVEL_D[-1]) - codec.QUANT_MAX_D) < 1e-3
+@pytest.mark.parametrize("level_bits", [1, 4, 8])
+def test_topk_level_bits(level_bits):
+    rng = np.random.default_rng(level_bits)
+    ids, lp = random_topk(rng, 20, 64, QWEN_ROWS)
+    blob = encode_topk(ids, lp, QWEN_ROWS, level_bits=level_bits)
+    got_ids, got_lp = decode_topk(blob, 20, 64, QWEN_ROWS)
+    want_ids, want_lp = by_id(ids, lp)
+    got_ids, got_lp = by_id(got_ids, got_lp)
+    np.testing.assert_array_equal(got_ids, want_ids)
+    d = want_lp.max(1, keepdims=True) - want_lp.astype(np.float64)
+    assert (np.abs((want_lp.max(1, keepdims=True) - got_lp) - d) <= max_level_error(d, level_bits)).all()
+    with pytest.raises(ValueError, match="level_bits"):
+        encode_topk(ids, lp, QWEN_ROWS, level_bits=9)
+
+
+def test_quantiser_table():
+    for level_bits in (1, 6, 8):
+        table = codec.level_table(level_bits)
+        assert table.shape == (codec.RANGE_STEPS + 1, 2**level_bits)
+        assert (table[:, 0] == 0).all() and (np.diff(table[1:], axis=1) > 0).all() and (table[0] == 0).all()
+        assert abs(float(table[-1, -1]) - codec.QUANT_MAX_D) < 1e-3
     assert isinstance(codec.ENCODING_VERSION, int)
 
 
@@ -120,23 +140,28 @@ def test_topk_encode_refuses_bad_input(bad, match):
 
 
 def corrupt_variants(blob: np.ndarray) -> dict[str, np.ndarray]:
-    body = blob[8:].copy()
+    size = codec.HEADER.size
+    body = blob[size:].copy()
     flipped = blob.copy()
     flipped[len(blob) // 2] ^= 0x10
     other_version = blob.copy()
     other_version[3] = codec.ENCODING_VERSION + 1
+    other_param = blob.copy()
+    other_param[4] ^= 1  # top-k: the level bits (covered by the checksum like every other byte)
     extra = np.concatenate([body, np.array([0xFF], np.uint8)])  # trailing garbage with a matching checksum
-    resealed = np.concatenate([np.frombuffer(blob[:4].tobytes() + struct.pack("<I", zlib.crc32(extra)), np.uint8),
-                               extra])
-    return {"empty": blob[:0], "header only": blob[:8], "truncated": blob[:-1], "flipped bit": flipped,
-            "version": other_version, "trailing byte": resealed, "wrong dtype": blob.astype(np.int16)}
+    head = blob[: size - 4].tobytes()
+    resealed = np.frombuffer(head + struct.pack("<I", zlib.crc32(extra.tobytes(), zlib.crc32(head))) + extra.tobytes(),
+                             np.uint8)
+    return {"empty": blob[:0], "header only": blob[:size], "truncated": blob[:-1], "flipped bit": flipped,
+            "version": other_version, "parameter": other_param, "trailing byte": resealed,
+            "wrong dtype": blob.astype(np.int16)}
 
 
 def test_topk_corrupt_blobs_raise_codec_error():
     rng = np.random.default_rng(5)
     ids, lp = random_topk(rng, 9, 32, QWEN_ROWS)
     blob = encode_topk(ids, lp, QWEN_ROWS)
-    for name, bad in corrupt_variants(blob).items():
+    for _name, bad in corrupt_variants(blob).items():
         with pytest.raises(CodecError):
             decode_topk(bad, 9, 32, QWEN_ROWS)
         with pytest.raises(CodecError):
@@ -219,7 +244,7 @@ def test_sampled_encode_refuses_bad_input(mutate, match):
 def test_sampled_corrupt_blobs_raise_codec_error():
     ids, counts = random_sampled(np.random.default_rng(1), 6, 64, QWEN_ROWS)
     blob = encode_sampled(ids, counts, 64, QWEN_ROWS)
-    for name, bad in corrupt_variants(blob).items():
+    for _name, bad in corrupt_variants(blob).items():
         with pytest.raises(CodecError):
             decode_sampled(bad, 6, 64, QWEN_ROWS)
     with pytest.raises(CodecError):
@@ -228,3 +253,12 @@ def test_sampled_corrupt_blobs_raise_codec_error():
         decode_sampled(blob, 7, 64, QWEN_ROWS)
     with pytest.raises(CodecError, match="not a sampled"):
         decode_sampled(encode_topk(np.array([[3]]), np.array([[-1.0]]), 10), 1, 64, 10)
+
+
+def test_vocab_size_limits():
+    big = 1 << codec.MAX_FIELD_BITS
+    ids = np.array([[0, big - 1]], np.int64)
+    got, _ = decode_topk(encode_topk(ids, np.array([[-1.0, -2.0]], np.float32), big), 1, 2, big)
+    np.testing.assert_array_equal(got, ids)
+    with pytest.raises(ValueError, match="vocab_size"):
+        encode_topk(ids, np.array([[-1.0, -2.0]], np.float32), big + 1)

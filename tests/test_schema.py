@@ -29,14 +29,19 @@ def _batch(rng: np.random.Generator, n: int, start: int) -> dict:
     }
 
 
+def _manifest(complete: bool = True, **targets) -> schema.CacheManifest:
+    return schema.CacheManifest(
+        complete=complete, tokenizer=schema.TokenizerInfo(vocab_size=V, content_hash="x"),
+        targets=schema.TargetsInfo(top_k=K, **targets), max_length=L, shard_size=3,
+        pooling=schema.PoolingInfo(layers=list(range(P)), hidden_size=H))
+
+
 def _write_cache(tmp_path, shard_sizes=(3, 3, 2), complete=True):
     rng = np.random.default_rng(0)
-    manifest = schema.CacheManifest(
-        complete=complete, tokenizer={"vocab_size": V, "content_hash": "x"}, top_k=K, max_length=L, shard_size=3
-    )
+    manifest = _manifest(complete)
     first, batches = 0, []
     for index, n in enumerate(shard_sizes):
-        writer = ShardWriter(tmp_path, index, first, 3, max_length=L, top_k=K, vocab_size=V, pooled_shape=(P, H))
+        writer = ShardWriter(tmp_path, index, first, 3, manifest)
         batch = _batch(rng, n, first)
         writer.append(batch)
         manifest.shards.append(writer.finish())
@@ -71,7 +76,7 @@ def test_writer_reader_round_trip(tmp_path):
     assert (tmp_path / schema.shard_sidecar_name(0)).is_file()
     reader = TeacherCacheReader(tmp_path)
     assert len(reader) == 8
-    flat = {k: np.concatenate([np.asarray(b[k]) for b in batches]) for k in schema.ALL_DATASETS}
+    flat = {k: np.concatenate([np.asarray(b[k]) for b in batches]) for k in batches[0]}
     for i in [0, 2, 3, 7]:
         seq = reader[i]
         n = int(flat[schema.VALID_LENGTH][i])
@@ -105,7 +110,7 @@ def test_non_finite_targets_caught_at_load(tmp_path):
     import h5py
 
     _write_cache(tmp_path)
-    with h5py.File(tmp_path / schema.shard_name(1), "r+") as f:
+    with h5py.File(tmp_path / schema.shard_name(1), "r+") as f:  # planting bad data: a test may open shards
         f[schema.TOPK_LOGPROBS][0, 0, 0] = np.nan
     reader = TeacherCacheReader(tmp_path)
     with pytest.raises(schema.CacheError, match="shard-00001.h5.*NaN"):
@@ -113,7 +118,7 @@ def test_non_finite_targets_caught_at_load(tmp_path):
 
 
 def test_aborted_writer_leaves_nothing(tmp_path):
-    writer = ShardWriter(tmp_path, 0, 0, 3, max_length=L, top_k=K, vocab_size=V, pooled_shape=(P, H))
+    writer = ShardWriter(tmp_path, 0, 0, 3, _manifest())
     writer.append(_batch(np.random.default_rng(1), 2, 0))
     writer.abort()
     assert list(tmp_path.iterdir()) == []

@@ -43,9 +43,9 @@ def make_sequence(teacher_tok, docs: list[str], top_k: int = 4, seed: int = 0) -
 
 def manifest_for(tok, top_k: int = 4) -> schema.CacheManifest:
     return schema.CacheManifest(
-        tokenizer={"content_hash": schema.tokenizer_hash(tok), "vocab_size": len(tok),
-                   "special_ids": {"eos": tok.eos_token_id}},
-        top_k=top_k, max_length=10_000)
+        tokenizer=schema.TokenizerInfo(content_hash=schema.tokenizer_hash(tok), vocab_size=len(tok),
+                                       special_ids={"eos": tok.eos_token_id}),
+        targets=schema.TargetsInfo(top_k=top_k), max_length=10_000)
 
 
 def complete_prefixes(tok, ids: np.ndarray) -> list[str | None]:

@@ -50,11 +50,21 @@ def write_text_cache(cache_dir: str | Path, tokenizer: Any, texts: list[str], *,
     windows = windows[:max_sequences] if max_sequences else windows
     vocab = len(tokenizer)
     P, H = pooled_shape
-    shards: list[schema.ShardInfo] = []
+    roles = ("bos", "eos", "pad", "unk")
+    manifest = schema.CacheManifest(
+        complete=True,
+        teacher=schema.TeacherInfo(name_or_path="synthetic", head_rows=vocab),
+        tokenizer=schema.TokenizerInfo(name_or_path=name_or_path or str(getattr(tokenizer, "name_or_path", "")),
+                                       content_hash=schema.tokenizer_hash(tokenizer), vocab_size=vocab,
+                                       special_ids={r: getattr(tokenizer, f"{r}_token_id", None) for r in roles},
+                                       special_tokens={r: getattr(tokenizer, f"{r}_token", None) for r in roles}),
+        targets=schema.TargetsInfo(kind="topk", encoding="fp16", top_k=top_k), max_length=max_length,
+        id_dtype=str(schema.id_dtype_for(vocab)), pooling=schema.PoolingInfo(layers=list(range(P)), hidden_size=H),
+        shard_size=shard_size, num_sequences=len(windows), num_tokens=int(sum(len(w.input_ids) for w in windows)),
+    )
     for index, first in enumerate(range(0, len(windows), shard_size)):
         chunk = windows[first : first + shard_size]
-        writer = ShardWriter(cache_dir, index, first, len(chunk), max_length=max_length, top_k=top_k,
-                             vocab_size=vocab, pooled_shape=(P, H))
+        writer = ShardWriter(cache_dir, index, first, len(chunk), manifest)
         batch: dict[str, Any] = {
             schema.INPUT_IDS: np.zeros((len(chunk), max_length), np.int64),
             schema.VALID_LENGTH: np.array([len(w.input_ids) for w in chunk], np.int32),
@@ -75,20 +85,7 @@ def write_text_cache(cache_dir: str | Path, tokenizer: Any, texts: list[str], *,
             batch[schema.TOPK_LOGPROBS][row, :n] = lp
             batch[schema.TAIL_LOGPROB][row, :n] = tail
         writer.append(batch)
-        shards.append(writer.finish())
-    roles = ("bos", "eos", "pad", "unk")
-    manifest = schema.CacheManifest(
-        complete=True,
-        teacher={"name_or_path": "synthetic", "head_rows": vocab},
-        tokenizer={"name_or_path": name_or_path or str(getattr(tokenizer, "name_or_path", "")),
-                   "content_hash": schema.tokenizer_hash(tokenizer), "vocab_size": vocab,
-                   "special_ids": {r: getattr(tokenizer, f"{r}_token_id", None) for r in roles},
-                   "special_tokens": {r: getattr(tokenizer, f"{r}_token", None) for r in roles}},
-        top_k=top_k, max_length=max_length, id_dtype=str(schema.id_dtype_for(vocab)),
-        pooling={"method": "masked_mean", "layers": list(range(P)), "hidden_size": H},
-        shard_size=shard_size, num_sequences=len(windows),
-        num_tokens=int(sum(len(w.input_ids) for w in windows)), shards=shards,
-    )
+        manifest.shards.append(writer.finish())
     manifest.save(cache_dir)
     return cache_dir
 

@@ -51,7 +51,7 @@ def load_tokenizer(spec: Any, role: str) -> Any:
 def load_teacher_tokenizer(cache_dir: str | os.PathLike, manifest: schema.CacheManifest) -> Any:
     """The cache's tokenizer: `DIR/tokenizer/` if the builder saved one, else the manifest's name_or_path."""
     local = Path(cache_dir) / schema.TOKENIZER_DIR
-    spec = local if local.is_dir() else manifest.tokenizer.get("name_or_path")
+    spec = local if local.is_dir() else manifest.tokenizer.name_or_path
     if not spec:
         raise TokenizerError(f"{Path(cache_dir) / schema.MANIFEST_NAME}: no teacher tokenizer recorded; pass the "
                              "teacher tokenizer explicitly")
@@ -97,7 +97,7 @@ class CrossTokenizerTargets:
         if self.teacher_hash != manifest.tokenizer_hash:
             raise TokenizerError(
                 f"{where}: teacher tokenizer {tokenizer_label(self.teacher_tok)!r} is not the one the cache was built "
-                f"with ({manifest.tokenizer.get('name_or_path')!r}); pass the cache's own tokenizer"
+                f"with ({manifest.tokenizer.name_or_path!r}); pass the cache's own tokenizer"
             )
         self.student_hash = schema.tokenizer_hash(self.student_tok)
         self.teacher_bytes = token_bytes_table(self.teacher_tok, "teacher")
@@ -107,7 +107,7 @@ class CrossTokenizerTargets:
             cache_dir, self.teacher_tok, self.student_tok, self.teacher_bytes, self.student_bytes, rule,
             self.teacher_hash, self.student_hash)
         self.specials = special_pairs(self.teacher_tok, self.student_tok, self.teacher_bytes, self.student_bytes)
-        teacher_eos = manifest.tokenizer.get("special_ids", {}).get("eos", self.teacher_tok.eos_token_id)
+        teacher_eos = manifest.tokenizer.special_ids.get("eos", self.teacher_tok.eos_token_id)
         self.student_eos = require_student_eos(self.student_tok, self.specials, teacher_eos)
         if teacher_eos is not None:
             self.specials[int(teacher_eos)] = self.student_eos

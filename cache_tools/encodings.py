@@ -1,0 +1,137 @@
+"""Between what the builder produces / the reader returns (target FIELDS) and what a shard stores (DATASETS of
+`schema.DATASETS`), for every target kind and encoding. The packed encodings themselves are `cache_tools.codec`
+(pure numpy, imported only when a compact cache is written or read).
+
+Fields the builder hands to the writer, per batch of n windows (padded to L positions):
+    common   input_ids [n, L], valid_length [n], doc_index [n], text list[str], offsets [n, L, 2],
+             pooled_hidden [n, P, H]
+    topk     topk_ids [n, L, K] (sorted by log-prob, descending), topk_logprobs [n, L, K], tail_logprob [n, L]
+    sampled  sample_ids [n, L, N] (distinct ids, -1 padding), sample_counts [n, L, N] (0 in padding)
+Every kind is read back as the same `Targets` (see `decode_targets`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cache_tools import schema
+from cache_tools.schema import CacheManifest
+
+
+@dataclass
+class Targets:
+    """One sequence's targets as the student side sees them, for every kind and encoding (n positions, K slots).
+
+    ids [n, K] int64 (-1 = empty slot); logprobs [n, K] float32 (0 in empty slots); tail [n] float32 (-inf for
+    sampled: the sampled support carries all the mass); counts [n, K] int32 draws per slot (sampled only)."""
+
+    ids: np.ndarray
+    logprobs: np.ndarray
+    tail: np.ndarray
+    counts: np.ndarray | None = None
+
+
+def _codec() -> Any:
+    from cache_tools import codec  # the compact encodings; only compact caches need it
+
+    return codec
+
+
+def encode_text(texts: list[str]) -> np.ndarray:
+    """list of n str -> object array of n uint8 arrays (UTF-8 bytes: NUL and every other character round-trip)."""
+    out = np.empty(len(texts), dtype=object)
+    for i, text in enumerate(texts):
+        out[i] = np.frombuffer(text.encode("utf-8", errors="surrogatepass"), dtype=np.uint8)
+    return out
+
+
+def decode_text(value: Any) -> str:
+    """One stored text (version 2: uint8 array; version 1: str or bytes) -> str."""
+    if isinstance(value, np.ndarray):
+        return value.tobytes().decode("utf-8", errors="surrogatepass")
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _valid_rows(batch: dict[str, Any], name: str) -> list[np.ndarray]:
+    """Per window: field `name` trimmed to its valid positions."""
+    lengths = np.asarray(batch[schema.VALID_LENGTH])
+    array = np.asarray(batch[name])
+    return [array[i, : int(n)] for i, n in enumerate(lengths)]
+
+
+def _blobs(parts: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(parts), dtype=object)
+    for i, part in enumerate(parts):
+        out[i] = np.ascontiguousarray(part, dtype=np.uint8).reshape(-1)
+    return out
+
+
+def _topk_blob(m: CacheManifest, batch: dict[str, Any]) -> np.ndarray:
+    codec = _codec()
+    ids, lps = _valid_rows(batch, schema.TOPK_IDS), _valid_rows(batch, schema.TOPK_LOGPROBS)
+    return _blobs([codec.encode_topk(i.astype(np.int64), lp.astype(np.float32), m.vocab_size)
+                   for i, lp in zip(ids, lps, strict=True)])
+
+
+def _sample_blob(m: CacheManifest, batch: dict[str, Any]) -> np.ndarray:
+    codec = _codec()
+    ids, counts = _valid_rows(batch, schema.SAMPLE_IDS), _valid_rows(batch, schema.SAMPLE_COUNTS)
+    return _blobs([codec.encode_sampled(i.astype(np.int64), c.astype(np.int32), m.targets.num_samples, m.vocab_size)
+                   for i, c in zip(ids, counts, strict=True)])
+
+
+def _sample_ids(m: CacheManifest, batch: dict[str, Any]) -> np.ndarray:
+    counts = np.asarray(batch[schema.SAMPLE_COUNTS])
+    return np.where(counts > 0, np.asarray(batch[schema.SAMPLE_IDS]), 0)  # unsigned on disk: count 0 marks padding
+
+
+# Stored datasets that are not a plain dtype cast of the field of the same name.
+_ENCODERS = {
+    schema.TEXT: lambda m, batch: encode_text(list(batch[schema.TEXT])),
+    schema.TOPK_BLOB: _topk_blob,
+    schema.SAMPLE_BLOB: _sample_blob,
+    schema.SAMPLE_IDS: _sample_ids,
+}
+
+
+def encode_batch(m: CacheManifest, batch: dict[str, Any]) -> dict[str, Any]:
+    """Fields of n windows -> every stored dataset of this cache's layout (on-disk dtypes), leading dimension n."""
+    out = {}
+    for spec in schema.datasets_for(m):
+        encoder = _ENCODERS.get(spec.name)
+        if encoder is not None:
+            out[spec.name] = encoder(m, batch)
+        elif spec.name not in batch:
+            raise KeyError(f"batch lacks field {spec.name!r} of the {m.targets.kind}/{m.targets.encoding} layout")
+        else:
+            out[spec.name] = np.asarray(batch[spec.name]).astype(spec.dtype(m), copy=False)
+    return out
+
+
+def sampled_targets(ids: np.ndarray, counts: np.ndarray, num_samples: int) -> Targets:
+    """Distinct sampled ids + counts [n, N] -> Targets: log-probs exactly np.log(count / N) as float32, tail -inf."""
+    counts = counts.astype(np.int32)
+    present = counts > 0
+    logprobs = np.zeros(counts.shape, dtype=np.float32)
+    logprobs[present] = np.log(counts[present] / num_samples)
+    return Targets(ids=np.where(present, ids.astype(np.int64), -1), logprobs=logprobs,
+                   tail=np.full(counts.shape[0], -np.inf, dtype=np.float32), counts=counts)
+
+
+def decode_targets(m: CacheManifest, raw: dict[str, Any], n: int) -> Targets:
+    """One sequence's stored target datasets (per-token ones trimmed to its n valid positions) -> `Targets`.
+    A damaged blob raises whatever the codec raises; callers name the shard and sequence."""
+    kind, encoding, V = m.targets.kind, m.targets.encoding, m.vocab_size
+    if kind == "topk":
+        tail = np.asarray(raw[schema.TAIL_LOGPROB], dtype=np.float32)
+        if encoding == "fp16":
+            return Targets(raw[schema.TOPK_IDS].astype(np.int64), raw[schema.TOPK_LOGPROBS].astype(np.float32), tail)
+        ids, logprobs = _codec().decode_topk(raw[schema.TOPK_BLOB], n, m.targets.top_k, V)
+        return Targets(np.asarray(ids, dtype=np.int64), np.asarray(logprobs, dtype=np.float32), tail)
+    N = m.targets.num_samples
+    if encoding == "fp16":
+        return sampled_targets(raw[schema.SAMPLE_IDS], raw[schema.SAMPLE_COUNTS], N)
+    ids, counts = _codec().decode_sampled(raw[schema.SAMPLE_BLOB], n, N, V)
+    return sampled_targets(np.asarray(ids), np.asarray(counts), N)

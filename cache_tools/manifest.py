@@ -1,0 +1,275 @@
+"""`manifest.json` as typed nested dataclasses (part of the format contract; `cache_tools.schema` re-exports it).
+
+Loading checks every key and its type against the dataclasses, so a hand-edited or damaged manifest is a one-line
+`CacheError` naming the file and the key, never a KeyError deep inside a reader. Version 1 manifests (top-k only,
+top-level ``top_k``) are mapped to the version 2 classes on load (kind "topk", encoding "fp16").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cache_tools.errors import UserError
+from cache_tools.fsutil import atomic_write_text
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 caches (top-k, fp16) are read through `_upgrade_v1`
+MANIFEST_NAME = "manifest.json"
+
+TARGET_KINDS = ("topk", "sampled")
+ENCODINGS = ("fp16", "compact")
+
+
+class CacheError(UserError):
+    """A problem with a cache directory or its contents. The message is one line naming the file and the fix."""
+
+
+@dataclass
+class ShardInfo:
+    """One shard's entry in the manifest (and its sidecar JSON). Keys unchanged since version 1, so an old reader
+    gets as far as its version check on a version 2 manifest."""
+
+    file: str
+    index: int
+    first_sequence: int
+    num_sequences: int
+    num_tokens: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class TeacherInfo:
+    name_or_path: str = ""
+    config_hash: str = ""
+    model_type: str = ""
+    hidden_size: int = 0
+    num_hidden_layers: int = 0
+    head_rows: int = 0  # rows of the LM head; may exceed the tokenizer's vocabulary (padded, sliced off)
+
+
+@dataclass
+class TokenizerInfo:
+    name_or_path: str = ""
+    content_hash: str = ""
+    vocab_size: int = 0  # true size = len(tokenizer); ids are < vocab_size
+    special_ids: dict[str, int | None] = field(default_factory=dict)  # bos/eos/pad/unk
+    special_tokens: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass
+class PoolingInfo:
+    method: str = "masked_mean"
+    layers: list[int] = field(default_factory=list)  # hidden_states indices, 0 = embeddings
+    hidden_size: int = 0
+
+
+@dataclass
+class DatasetInfo:
+    spec: str = ""
+    split: str = "train"
+    text_column: str = "text"
+    max_samples: int | None = None
+    streaming: bool = False
+    fingerprint: str = ""
+
+
+@dataclass
+class TargetsInfo:
+    """What each position stores. kind "topk": the K most likely tokens + exact tail mass; kind "sampled": the
+    distinct ids among `num_samples` draws (with replacement, at `sample_temperature`, seeded by `seed` and the
+    global sequence index) and their counts. `encoding` "fp16" = plain arrays, "compact" = one packed blob per
+    sequence (`cache_tools.codec`)."""
+
+    kind: str = "topk"
+    encoding: str = "fp16"
+    top_k: int = 256  # 0 for sampled
+    num_samples: int = 0  # N, 0 for top-k
+    sample_temperature: float = 1.0
+    seed: int = 0
+
+    @property
+    def slots(self) -> int:
+        """K: target slots per position as the reader returns them (top_k, or N for sampled, padded with -1)."""
+        return self.top_k if self.kind == "topk" else self.num_samples
+
+
+@dataclass
+class CacheManifest:
+    """`manifest.json`. `settings()` is what must match for `--resume` and what a student run depends on."""
+
+    format_version: int = FORMAT_VERSION
+    builder_version: str = ""
+    complete: bool = False
+    teacher: TeacherInfo = field(default_factory=TeacherInfo)
+    tokenizer: TokenizerInfo = field(default_factory=TokenizerInfo)
+    targets: TargetsInfo = field(default_factory=TargetsInfo)
+    max_length: int = 512
+    id_dtype: str = "uint32"
+    pooling: PoolingInfo = field(default_factory=PoolingInfo)
+    dataset: DatasetInfo = field(default_factory=DatasetInfo)
+    compute_dtype: str = "fp32"
+    # Windows per teacher batch: padding to each batch's longest window changes results in the last bits, so a
+    # resumed build must use the same value to equal an uninterrupted one.
+    batch_size: int = 0
+    shard_size: int = 1024
+    compression: str = "none"
+    num_sequences: int = 0
+    num_tokens: int = 0
+    shards: list[ShardInfo] = field(default_factory=list)
+    created_at: str = ""
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def tokenizer_hash(self) -> str:
+        return self.tokenizer.content_hash
+
+    @property
+    def top_k(self) -> int:
+        """K target slots per position (see `TargetsInfo.slots`)."""
+        return self.targets.slots
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that decides the cache's contents (a resumed build must match it exactly), flattened to
+        dotted keys ("targets.top_k") so a mismatch can be named precisely."""
+        data = dataclasses.asdict(self)
+        flat: dict[str, Any] = {}
+        for key in _SETTINGS_KEYS:
+            if isinstance(data[key], dict):
+                flat.update({f"{key}.{sub}": value for sub, value in data[key].items()})
+            else:
+                flat[key] = data[key]
+        return flat
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = MANIFEST_NAME) -> CacheManifest:
+        """Typed manifest from parsed JSON (any readable version); raises CacheError naming `where` and the key."""
+        if not isinstance(data, dict):
+            raise CacheError(f"{where}: not a JSON object; rebuild the cache with --overwrite")
+        version = data.get("format_version")
+        if version is None:
+            raise CacheError(f"{where}: key format_version missing; rebuild the cache with --overwrite")
+        if isinstance(version, str) or not isinstance(version, int) or isinstance(version, bool):
+            raise CacheError(f"{where}: format_version is {version!r} ({type(version).__name__}), it must be an "
+                             f"integer such as {FORMAT_VERSION}; restore the manifest or rebuild the cache")
+        if version not in READABLE_VERSIONS:
+            fix = "upgrade cache_tools/distill" if version > FORMAT_VERSION else "rebuild the cache"
+            raise CacheError(f"{where}: format version {version}, this tool reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}; {fix}")
+        if version == 1:
+            data = _upgrade_v1(data, where)
+        return _load(cls, data, where, "")
+
+    def save(self, cache_dir: str | os.PathLike) -> None:
+        atomic_write_text(Path(cache_dir) / MANIFEST_NAME, self.to_json())
+
+
+_SETTINGS_KEYS = ("format_version", "teacher", "tokenizer", "targets", "max_length", "pooling", "dataset",
+                  "compute_dtype", "batch_size", "shard_size", "compression")
+
+
+def _upgrade_v1(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """A version 1 manifest in version 2 shape: top-level top_k becomes targets (top-k, fp16 layout)."""
+    data = dict(data)
+    if "top_k" not in data:
+        raise CacheError(f"{where}: key top_k missing (format version 1); rebuild the cache with --overwrite")
+    data["targets"] = {"kind": "topk", "encoding": "fp16", "top_k": data.pop("top_k"), "num_samples": 0,
+                       "sample_temperature": 1.0, "seed": 0}
+    return data
+
+
+class _Bad(Exception):
+    pass
+
+
+def _check(value: Any, tp: Any, key: str, where: str) -> Any:
+    """`value` converted to the annotated type `tp` (nested dataclasses loaded); raises _Bad on a mismatch."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _load(tp, value, where, key)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _check(value, option, key, where)
+            except _Bad:
+                continue
+        raise _Bad(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Bad(tp)
+        (item,) = typing.get_args(tp)
+        return [_check(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Bad(tp)
+        _, item = typing.get_args(tp)
+        return {k: _check(v, item, f"{key}.{k}", where) for k, v in value.items()}
+    if tp is type(None):
+        if value is not None:
+            raise _Bad(tp)
+        return None
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise _Bad(tp)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _load(cls: type, data: Any, where: str, prefix: str) -> Any:
+    """Instance of dataclass `cls` from `data`, requiring every field (unknown keys are ignored: forward
+    compatible within a version)."""
+    if not isinstance(data, dict):
+        raise CacheError(f"{where}: key {prefix or '(top level)'} must be an object, got {type(data).__name__}; "
+                         "rebuild the cache with --overwrite")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name not in data:
+            raise CacheError(f"{where}: key {key} missing; rebuild the cache with --overwrite")
+        try:
+            values[f.name] = _check(data[f.name], hints[f.name], key, where)
+        except _Bad:
+            raise CacheError(f"{where}: key {key} is {data[f.name]!r} ({type(data[f.name]).__name__}), expected "
+                             f"{_type_name(hints[f.name])}; rebuild the cache with --overwrite") from None
+    if cls is TargetsInfo:
+        _check_targets(values, where, prefix)
+    return cls(**values)
+
+
+def _check_targets(values: dict[str, Any], where: str, prefix: str) -> None:
+    for name, allowed in (("kind", TARGET_KINDS), ("encoding", ENCODINGS)):
+        if values[name] not in allowed:
+            raise CacheError(f"{where}: key {prefix}.{name} is {values[name]!r}, expected one of {', '.join(allowed)}"
+                             "; upgrade cache_tools or rebuild the cache")
+
+
+def load_manifest(cache_dir: str | os.PathLike) -> CacheManifest:
+    """Read `DIR/manifest.json`; raises `CacheError` (one line, naming the file and the fix) on any problem."""
+    path = Path(cache_dir) / MANIFEST_NAME
+    if not Path(cache_dir).is_dir():
+        raise CacheError(f"{cache_dir}: no such cache directory; build one with `cache_tools build-cache`")
+    if not path.is_file():
+        raise CacheError(f"{path}: missing; this is not a finished cache (rerun `cache_tools build-cache --resume`)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CacheError(f"{path}: unreadable manifest ({err}); rebuild the cache with --overwrite") from err
+    return CacheManifest.from_dict(data, str(path))
