@@ -88,6 +88,17 @@ def test_stored_targets_are_bit_identical(cache, tokenizer, student, rule, max_l
     assert other.store is None
 
 
+def test_sampled_cache_store_is_bit_identical(tmp_path, tokenizer, student, corpus):
+    """Sampled targets (tail -inf, -1 padding, counts merged per student id) round-trip exactly too."""
+    reader = TeacherCacheReader(write_text_cache(tmp_path / "cache", tokenizer, corpus[:60], max_length=64,
+                                                 shard_size=8, max_sequences=20, num_samples=12))
+    assert reader.manifest.targets.kind == "sampled"
+    builder = CrossTokenizerTargets(reader, tokenizer, student, use_store=False)
+    prepare_store(builder, reader, workers=2, batch=3)
+    check_all(reader, tokenizer, student)
+    assert np.isneginf(builder(reader[0])["tail_logprob"]).any()
+
+
 def test_stale_partial_and_damaged_stores_fall_back(cache, tokenizer, student, caplog):
     builder = CrossTokenizerTargets(cache, tokenizer, student, use_store=False)
     path = Path(prepare_store(builder, cache, workers=1)["path"])
