@@ -12,7 +12,6 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -162,9 +161,13 @@ def build_cache(opts: BuildOptions) -> dict[str, Any]:
     wall_start = time.perf_counter()
     check_options(opts)
     info = dist.init_distributed()
+    # Only rank 0 locks: the other ranks are part of the same build. Taken before anything is loaded: refuse at once.
+    lock = output_dir.BuildLock(Path(opts.output).expanduser()) if info.is_main else None
     try:
         return _build(opts, info, wall_start)
     finally:
+        if lock is not None:
+            lock.release()
         dist.shutdown(info)
 
 
@@ -189,12 +192,11 @@ def _build(opts: BuildOptions, info: dist.DistInfo, wall_start: float) -> dict[s
                   file=sys.stderr)
         return {"num_sequences": done.num_sequences, "num_tokens": done.num_tokens, "skipped": True}
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        output_dir.clear_cache_files(out_dir, temp_only=plan != "overwrite")
-        manifest.created_at = output_dir.created_at(out_dir) or datetime.now(timezone.utc).isoformat()
-        manifest.save(out_dir)  # complete=false: a partial folder records its settings
+        output_dir.start_build(out_dir, manifest, plan)  # build id, screened shards, unfinished manifest
         output_dir.save_tokenizer(out_dir, tokenizer)
     dist.barrier(info)
+    if not info.is_main:
+        manifest.build_id = schema.load_manifest(out_dir).build_id  # the sidecars this rank writes carry it
     load_s = time.perf_counter() - wall_start
 
     writer = BackgroundShardWriter(out_dir, manifest)
@@ -212,7 +214,7 @@ def _build(opts: BuildOptions, info: dist.DistInfo, wall_start: float) -> dict[s
             total_windows += len(shard_windows)
             if shard_index % info.world_size != info.rank:
                 continue
-            if output_dir.finished_shard(out_dir, shard_index) is not None:
+            if output_dir.finished_shard(out_dir, shard_index, manifest.build_id) is not None:
                 stats["kept_shards"] += 1
                 continue
             writer.open_shard(shard_index, shard_index * opts.shard_size, opts.shard_size)
@@ -232,7 +234,7 @@ def _build(opts: BuildOptions, info: dist.DistInfo, wall_start: float) -> dict[s
         num_shards = math.ceil(total_windows / opts.shard_size)
         shards = []
         for index in range(num_shards):
-            shard = output_dir.finished_shard(out_dir, index)
+            shard = output_dir.finished_shard(out_dir, index, manifest.build_id)
             if shard is None:
                 raise BuildError(f"{out_dir / schema.shard_name(index)}: missing after the build (did a rank fail?); "
                                  "rerun with --resume")

@@ -71,7 +71,7 @@ def _verify(args: argparse.Namespace) -> int:
     if faults:
         for fault in faults:
             print(f"{PROG} verify: {args.cache_dir}: {fault}", file=sys.stderr)
-        return 1
+        return errors.EXIT_BAD_INPUT  # the one exit status of every expected failure
     print(f"{PROG} verify: {args.cache_dir}: OK")
     return 0
 

@@ -10,6 +10,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from cache_tools.faults import fault_point
+
 TMP_SUFFIX = ".tmp"
 
 # Environment that keeps transformers / datasets / hub clients off the network (tests, demo, benchmarks).
@@ -44,11 +46,14 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp
         if tmp.is_file():
             fsync_path(tmp)
+        fault_point(f"write:{path.name}")
         if tmp.is_dir() and path.is_dir():
             shutil.rmtree(path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         _remove(tmp)
+        if isinstance(err, OSError) and not err.filename:  # a failed write() names no file: name the one we write
+            err.filename = str(path)
         raise
 
 

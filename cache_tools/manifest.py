@@ -125,6 +125,9 @@ class CacheManifest:
     num_tokens: int = 0
     shards: list[ShardInfo] = field(default_factory=list)
     created_at: str = ""
+    # "<settings hash>-<random>", fixed when a build starts, kept across resumes, recorded in every sidecar (see
+    # cache_tools.output_dir). Optional on load: caches written before it existed have none.
+    build_id: str = ""
 
     @property
     def vocab_size(self) -> int:
@@ -191,6 +194,9 @@ def _upgrade_v1(data: dict[str, Any], where: str) -> dict[str, Any]:
     return data
 
 
+_OPTIONAL_KEYS = ("build_id",)  # added within version 2; absent from caches written before
+
+
 class _Bad(Exception):
     pass
 
@@ -242,6 +248,8 @@ def _load(cls: type, data: Any, where: str, prefix: str) -> Any:
     values = {}
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name not in data and f.name in _OPTIONAL_KEYS:
+            continue  # the field's default
         if f.name not in data:
             raise CacheError(f"{where}: key {key} missing; rebuild the cache with --overwrite")
         try:

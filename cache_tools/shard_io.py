@@ -6,6 +6,7 @@ dtype and chunking comes from `schema.DATASETS`; fields become stored datasets t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -16,6 +17,7 @@ import h5py
 import numpy as np
 
 from cache_tools import encodings, schema
+from cache_tools.faults import fault_point
 
 
 class ShardWriter:
@@ -36,11 +38,14 @@ class ShardWriter:
         self.specs = schema.datasets_for(manifest)
         comp = None if manifest.compression == "none" else manifest.compression
         self._file = h5py.File(self.tmp_path, "w")
+        # Handles stay open for the writer's life: a temporary handle per write would be closed (and its chunk cache
+        # flushed) right after a failed write (disk full), which HDF5 cannot do, and h5py then crashes (see `abort`).
+        self._datasets: dict[str, h5py.Dataset] = {}
         for spec in self.specs:
             shape = (capacity, *spec.shape(manifest))
-            self._file.create_dataset(spec.name, shape=shape, maxshape=shape, dtype=spec.dtype(manifest),
-                                      chunks=spec.chunks(manifest, capacity),
-                                      compression=comp if spec.compressed(manifest) else None)
+            self._datasets[spec.name] = self._file.create_dataset(
+                spec.name, shape=shape, maxshape=shape, dtype=spec.dtype(manifest),
+                chunks=spec.chunks(manifest, capacity), compression=comp if spec.compressed(manifest) else None)
 
     def append(self, batch: dict[str, Any]) -> None:
         """Append n windows: `batch` maps every field of the layout (see `encodings`) to leading dimension n."""
@@ -53,16 +58,17 @@ class ShardWriter:
             if spec.is_vlen(self.manifest):
                 # Element by element: h5py stacks equal-length arrays into a 2-D block and refuses the slice write.
                 for row, value in enumerate(stored[spec.name]):
-                    self._file[spec.name][lo + row] = value
+                    self._datasets[spec.name][lo + row] = value
             else:
-                self._file[spec.name][lo:hi] = stored[spec.name]
+                self._datasets[spec.name][lo:hi] = stored[spec.name]
         self.count = hi
         self.num_tokens += int(np.asarray(batch[schema.VALID_LENGTH]).sum())
+        fault_point("shard.mid")
 
     def finish(self) -> schema.ShardInfo:
         """Trim to the windows written, write attributes, fsync, rename into place, write the sidecar."""
         for spec in self.specs:
-            self._file[spec.name].resize(self.count, axis=0)
+            self._datasets[spec.name].resize(self.count, axis=0)
         attrs = {**schema.shard_attrs(self.manifest), schema.ATTR_SHARD_INDEX: self.index,
                  schema.ATTR_FIRST_SEQUENCE: self.first_sequence, schema.ATTR_NUM_SEQUENCES: self.count,
                  schema.ATTR_NUM_TOKENS: self.num_tokens}
@@ -70,9 +76,12 @@ class ShardWriter:
             self._file.attrs[key] = value
         self._file.flush()
         self._file.close()
+        fault_point("shard.closed")
         with open(self.tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        fault_point("shard.rename")
         os.replace(self.tmp_path, self.final_path)
+        fault_point("shard.renamed")
         info = schema.ShardInfo(
             file=self.final_path.name,
             index=self.index,
@@ -82,20 +91,44 @@ class ShardWriter:
             bytes=self.final_path.stat().st_size,
             sha256=schema.file_sha256(self.final_path),
         )
-        write_sidecar(self.cache_dir, info)
+        write_sidecar(self.cache_dir, info, self.manifest.build_id)
+        fault_point("shard.sidecar")
         return info
 
     def abort(self) -> None:
-        """Close and delete the temp file (nothing half-written is left behind)."""
+        """Close and delete the temp file (nothing half-written is left behind).
+
+        The file is discarded, so its descriptor is first pointed at /dev/null: after a failed write (disk full,
+        file-size limit) HDF5's flush on close fails again, and h5py then crashes the process (SIGSEGV/SIGBUS) while
+        closing; writing the final flush to /dev/null lets the close succeed."""
         try:
-            self._file.close()
+            if self._file.id.valid:
+                _discard_writes(self._file)
+                # After a failed write HDF5 may still refuse to release some ids; the file is deleted anyway.
+                with contextlib.suppress(Exception):
+                    self._file.close()
         finally:
             self.tmp_path.unlink(missing_ok=True)
 
 
-def write_sidecar(cache_dir: str | os.PathLike, info: schema.ShardInfo) -> None:
+def _discard_writes(f: h5py.File) -> None:
+    try:
+        fd = f.id.get_vfd_handle()
+    except Exception:  # noqa: BLE001 - drivers without a POSIX descriptor: close as is
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
+def write_sidecar(cache_dir: str | os.PathLike, info: schema.ShardInfo, build_id: str = "") -> None:
+    """The sidecar: the shard's manifest entry plus the id of the build that wrote it (`--resume` keeps a shard only
+    if its build id is the resumed build's; the manifest's shard entries keep the version 1 keys)."""
     schema.atomic_write_text(Path(cache_dir) / schema.shard_sidecar_name(info.index),
-                             json.dumps(dataclasses.asdict(info), indent=2, sort_keys=True) + "\n")
+                             json.dumps({**dataclasses.asdict(info), "build_id": build_id}, indent=2, sort_keys=True)
+                             + "\n")
 
 
 # -- reading -------------------------------------------------------------------------------------------------------

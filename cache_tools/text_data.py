@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cache_tools.errors import one_line
 
 # File extension -> `datasets` packaged builder.
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -32,14 +36,17 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     if path.is_file():
         builder = _BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise ValueError(f"--dataset {path}: unsupported file type {path.suffix!r}; use one of {sorted(_BUILDERS)}")
+            raise DatasetInputError(f"--dataset {path}: unsupported file type {path.suffix!r}; use one of "
+                                    f"{sorted(_BUILDERS)}")
         return builder, [str(path)]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _BUILDERS)
     builders = {_BUILDERS[p.suffix.lower()] for p in files}
     if not files:
-        raise ValueError(f"--dataset {path}: folder holds no {'/'.join(sorted(_BUILDERS))} files; point at a data file")
+        raise DatasetInputError(f"--dataset {path}: folder holds no {'/'.join(sorted(_BUILDERS))} files; point at a "
+                                "data file")
     if len(builders) > 1:
-        raise ValueError(f"--dataset {path}: folder mixes file types {sorted(builders)}; keep one kind per folder")
+        raise DatasetInputError(f"--dataset {path}: folder mixes file types {sorted(builders)}; keep one kind per "
+                                "folder")
     return builders.pop(), [str(p) for p in files]
 
 
@@ -74,7 +81,7 @@ def _open_dataset(spec: str, split: str, streaming: bool) -> Any:
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
-                    raise ValueError(f"--dataset {spec}: no split {split!r} (has {sorted(ds)}); pass --split")
+                    raise DatasetInputError(f"--dataset {spec}: no split {split!r} (has {sorted(ds)}); pass --split")
                 ds = ds[split]
             return ds.to_iterable_dataset() if streaming else ds
         if path.exists():
@@ -82,15 +89,59 @@ def _open_dataset(spec: str, split: str, streaming: bool) -> Any:
             # Local files have one split; name it after --split so any split name the user passes selects it.
             return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
         if os.sep in spec and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
-            raise ValueError(f"--dataset {spec}: no such file or folder; check the path")
+            raise DatasetInputError(f"--dataset {spec}: no such file or folder; check the path")
         name, _, config = spec.partition(":")
         return datasets.load_dataset(name, config or None, split=split, streaming=streaming)
-    except ValueError:
+    except DatasetInputError:
         raise
     except Exception as err:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ConnectionError)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        fix = "pass a local file/folder or a hub name[:config]"
-        raise ValueError(f"--dataset {spec}: cannot load ({first}); {fix}") from err
+        raise _describe_load_error(spec, path, err) from err
+
+
+class DatasetInputError(ValueError):
+    """Bad dataset input: one line naming the file (and line) and the fix."""
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost cause: `datasets` wraps the real problem in "An error occurred while generating the dataset"."""
+    seen = {id(err)}
+    while (nxt := err.__cause__ or err.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        err = nxt
+    return err
+
+
+def _first_bad_line(files: list[str], builder: str) -> str | None:
+    """'FILE: line N ...; fix' for the first line that is not UTF-8 (JSON lines: not a JSON object); run only after
+    a load failed, to name the place."""
+    for file in files:
+        with open(file, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    return (f"{file}: line {number} is not valid UTF-8 (byte {raw[err.start]:#04x} at column "
+                            f"{err.start + 1}); re-encode it as UTF-8 (iconv -f latin1 -t utf-8) or fix that line")
+                if builder == "json" and file.endswith(".jsonl") and line.strip():
+                    try:
+                        if not isinstance(json.loads(line), dict):
+                            raise ValueError("not a JSON object")
+                    except ValueError as err:
+                        return f"{file}: line {number} is not a JSON object ({one_line(err)}); fix or remove that line"
+    return None
+
+
+def _describe_load_error(spec: str, path: Path, err: BaseException) -> DatasetInputError:
+    cause = _root_cause(err)
+    if path.exists() and not _is_saved_dataset(path):
+        builder, files = _local_files(path)
+        where = _first_bad_line(files, builder)
+        if where:
+            return DatasetInputError(f"--dataset {where}")
+        return DatasetInputError(f"--dataset {spec}: cannot read ({one_line(cause)}); check the files are valid "
+                                 f"{builder} (one kind per folder)")
+    return DatasetInputError(f"--dataset {spec}: cannot load ({one_line(cause)}); pass a local file/folder or a hub "
+                             "name[:config]")
 
 
 def load_documents(
@@ -109,13 +160,50 @@ def load_documents(
     if columns is not None and text_column not in columns:
         raise ValueError(f"--text-column {text_column!r}: not in dataset {spec} (columns: {columns}); pass the right "
                          "--text-column")
-    for index, row in enumerate(ds):
-        if max_samples is not None and index >= max_samples:
+    missing, first_missing = 0, -1
+    rows = iter(ds)
+    index = 0
+    while max_samples is None or index < max_samples:
+        try:
+            row = next(rows)
+        except StopIteration:
             break
+        except DatasetInputError:
+            raise
+        except Exception as err:  # streaming datasets fail here, not at load: the same one line as at load
+            raise _describe_load_error(spec, Path(spec).expanduser(), err) from err
         if text_column not in row:
-            raise ValueError(f"--text-column {text_column!r}: not in dataset {spec} (columns: {sorted(row)})")
+            raise DatasetInputError(f"--text-column {text_column!r}: not in dataset {spec} (columns: {sorted(row)})")
         text = row[text_column]
-        yield index, "" if text is None else str(text)
+        if text is None:  # JSON rows without the field read as null too: counted and reported, not silently dropped
+            missing += 1
+            first_missing = index if first_missing < 0 else first_missing
+            text = ""
+        elif not isinstance(text, str):
+            raise DatasetInputError(f"--dataset {spec}: row {index + 1}: column {text_column!r} holds "
+                                    f"{type(text).__name__}, not text; pass the right --text-column")
+        yield index, text  # NUL and every other character pass through unchanged (the shard stores text losslessly)
+        index += 1
+    if missing:
+        warn(f"--dataset {spec}: {missing} of {index} rows have no {text_column!r} (field missing or null; first at "
+             f"{_row_place(spec, first_missing)}); they were skipped")
+
+
+def warn(message: str) -> None:
+    print(f"warning: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+def _row_place(spec: str, row: int) -> str:
+    """'line N of FILE' for a single JSON-lines file (blank lines are not rows), else 'row N'."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".jsonl":
+        with open(path, "rb") as f:
+            rows = -1
+            for number, raw in enumerate(f, start=1):
+                rows += bool(raw.strip())
+                if rows == row:
+                    return f"line {number} of {path}"
+    return f"row {row + 1}"
 
 
 def _eos(tokenizer: Any) -> tuple[int, str]:

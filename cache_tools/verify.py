@@ -174,10 +174,17 @@ def verify_cache(cache_dir: str | Path) -> list[str]:
     expected_first = 0
     for shard in sorted(m.shards, key=lambda s: s.first_sequence):
         if shard.first_sequence != expected_first:
-            faults.append(f"{shard.file}: starts at sequence {shard.first_sequence}, expected {expected_first}")
+            faults.append(f"{shard.file}: starts at sequence {shard.first_sequence}, expected {expected_first}; rerun "
+                      "build-cache --resume to rebuild the manifest")
         expected_first = shard.first_sequence + shard.num_sequences
-        faults.extend(verify_shard(cache_dir, m, shard))
+        # Every line names its fix; a shard's fault is repaired by rebuilding that shard.
+        faults.extend(f if ";" in f else f"{f}; run build-cache --resume to rebuild it"
+                      for f in verify_shard(cache_dir, m, shard))
+    listed = {s.file for s in m.shards}
+    for extra in sorted(p.name for p in cache_dir.glob(f"{schema.SHARD_PREFIX}*.h5") if p.name not in listed):
+        faults.append(f"{extra}: not listed in the manifest (left by another build?); delete it or run build-cache "
+                      "--resume, which discards it")
     if expected_first != m.num_sequences:
         faults.append(f"{schema.MANIFEST_NAME}: shards hold {expected_first} sequences, manifest says "
-                      f"{m.num_sequences}")
+                      f"{m.num_sequences}; rerun build-cache --resume to rebuild the manifest")
     return faults

@@ -5,7 +5,9 @@ is bounded so a slow disk applies back-pressure instead of letting host memory g
 
 from __future__ import annotations
 
+import os
 import queue
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,11 @@ def to_host(device_batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return host, event
 
 
+def _errno_in(message: str) -> int | None:
+    found = re.search(r"errno = (\d+)", message)
+    return int(found.group(1)) if found else None
+
+
 class BackgroundShardWriter:
     """Owns at most one open `ShardWriter` at a time; all calls are queued and run in order on the writer thread."""
 
@@ -44,6 +51,7 @@ class BackgroundShardWriter:
         self.wait_s = 0.0  # time the producer spent blocked on a full queue (writer-bound time)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
+        self._error_path: Path = self.cache_dir
         self._writer: ShardWriter | None = None
         self._thread = threading.Thread(target=self._run, name="cache-shard-writer", daemon=True)
         self._thread.start()
@@ -58,8 +66,15 @@ class BackgroundShardWriter:
         self.wait_s += time.perf_counter() - start
 
     def _raise_if_failed(self) -> None:
-        if isinstance(self._error, (OSError, UserError)):
-            raise self._error  # disk full, permissions, bad data: the caller's one-line error names the file
+        if isinstance(self._error, UserError):
+            raise self._error  # bad data: its one-line error names the file
+        # Disk full, file-size limit, permissions: one line naming the shard. HDF5 raises OSError on a failed write
+        # (its text many lines long, no file name) but RuntimeError on a failed close, the errno only in its text.
+        if isinstance(self._error, OSError) and self._error.filename:
+            raise self._error  # run_cli turns it into one line naming the file
+        code = getattr(self._error, "errno", None) or _errno_in(str(self._error))
+        if code:
+            raise OSError(code, os.strerror(code), str(self._error_path)) from self._error
         if self._error is not None:
             raise RuntimeError(f"shard writer failed: {self._error}") from self._error
 
@@ -99,6 +114,7 @@ class BackgroundShardWriter:
             except BaseException as err:  # noqa: B036 - reported to the producer, which re-raises it
                 self._error = err
                 if self._writer is not None:
+                    self._error_path = self._writer.tmp_path
                     self._writer.abort()
                     self._writer = None
 

@@ -52,12 +52,16 @@ def test_resume_repairs_a_deleted_shard_of_a_complete_cache(tmp_path, teacher_di
     assert_same_cache(clean, damaged)
 
 
-def test_shards_without_manifest_are_refused(tmp_path, teacher_dir, text_file):
+def test_shards_without_manifest_are_refused_without_resume(tmp_path, teacher_dir, text_file):
+    """Without --resume the folder is refused, and the advice leads somewhere: --resume rebuilds the manifest (the
+    fault suite checks that the recovered cache equals a clean build)."""
     out = tmp_path / "c"
     build_cache(_opts(teacher_dir, text_file, out))
     (out / schema.MANIFEST_NAME).unlink()
-    with pytest.raises(BuildError, match="no manifest.json; pass --overwrite"):
+    with pytest.raises(BuildError, match="manifest.json is missing.*pass --resume"):
         build_cache(_opts(teacher_dir, text_file, out))
+    build_cache(_opts(teacher_dir, text_file, out, resume=True))
+    assert schema.load_manifest(out).complete
 
 
 def test_resume_with_other_batch_size_is_refused(tmp_path, teacher_dir, text_file):
