@@ -179,3 +179,30 @@ def test_real_qwen3_to_smollm2_store_is_bit_identical(tmp_path, corpus):
     assert prepare_store(builder, reader, workers=2)["windows"] == len(reader) == 30
     check_all(reader, qwen, smol)
     assert schema.MANIFEST_NAME in {p.name for p in reader.cache_dir.iterdir()}
+
+
+def test_trainer_data_reads_the_store_in_dataloader_workers(cache, tokenizer, student, monkeypatch):
+    """`build_cache_data` (what the trainer calls) finds the store by itself; 2 forked DataLoader workers read it
+    (HDF5 handles reopened per process) and collate to exactly the on-the-fly batches."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from distill.data.dataset import DistillCollator, build_cache_data
+
+    builder = CrossTokenizerTargets(cache, tokenizer, student, use_store=False)
+    prepare_store(builder, cache, workers=1)
+    data = build_cache_data(cache.cache_dir, student, len(student))
+    assert data.train.target_builder.store is not None
+    data.train.target_builder.store.survey()  # the parent touches the files before the fork
+    collate = DistillCollator(student.pad_token_id)
+    loader = DataLoader(data.train, batch_size=6, num_workers=2, collate_fn=collate, multiprocessing_context="fork")
+    wants = [collate([builder(cache[i]) for i in range(start, min(start + 6, len(cache)))])
+             for start in range(0, len(cache), 6)]
+    # From here on no cache read may happen: the workers (forked after this) must get everything from the store.
+    monkeypatch.setattr(TeacherCacheReader, "__getitem__", lambda self, i: pytest.fail(f"cache read of {i}"))
+    batches = list(loader)
+    assert len(batches) == len(wants)
+    for batch, want in zip(batches, wants, strict=True):
+        assert batch.keys() == want.keys()
+        for key in want:
+            assert batch[key].dtype == want[key].dtype and torch.equal(batch[key], want[key]), key
