@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     from cache_tools.reader import TeacherCacheReader
-    from examples.demo.evaluation import evaluate_model, held_out_windows
+    from distill.evaluate import evaluate_windows as evaluate_model
+    from examples.demo.evaluation import held_out_windows
 
     demo = args.demo_dir.resolve()
     teacher_dir, student_cfg = demo / "teacher" / "student", demo / "configs" / "student" / "config.json"

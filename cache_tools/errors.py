@@ -23,9 +23,15 @@ class UserError(Exception):
 
 
 def one_line(err: BaseException | str) -> str:
-    """The last non-empty line of an error message (library errors often put the cause last)."""
+    """The last non-empty line of an error message (library errors often put the cause last). An error re-raised
+    from a DataLoader worker carries the worker's traceback: its last line is `module.Type: message`; keep the
+    message."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(err).__name__ if isinstance(err, BaseException) else ""
+    if not lines:
+        return type(err).__name__ if isinstance(err, BaseException) else ""
+    head, sep, rest = lines[-1].partition(": ")
+    from_worker = sep and len(lines) > 1 and "Traceback" in str(err) and head.split(".")[-1].isidentifier()
+    return rest if from_worker else lines[-1]
 
 
 def describe_os_error(err: OSError, action: str = "") -> str:

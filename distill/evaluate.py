@@ -1,9 +1,13 @@
-"""Stand-alone evaluation of a student on held-out cache data: perplexity, KD loss, top-1 agreement, teacher mass.
+"""Stand-alone evaluation of a student: on held-out cache data (perplexity, KD loss, top-1 agreement, teacher mass),
+or on plain token windows (`evaluate_windows`: loss and argmax predictions, what the demo's report uses).
 
-    python -m distill.evaluate --student OUT/student --cache EVAL_CACHE [--dtype fp16|bf16|fp32] [--batch_size 8]
+    python -m distill.evaluate --student OUT [--cache EVAL_CACHE] [--dtype fp16|bf16|fp32] [--batch_size 8]
 
-Runs without autocast, in the student's own dtype (logits in fp32 inside the fused loss), so an fp16 student is
-measured as it will run. Prints one JSON object. The same numbers as the trainer's `eval_*` metrics.
+`--student` is a run folder (OUT, holding `student/` and `distill_config.yaml`) or an exported student folder (whose
+parent may hold the run's `distill_config.yaml`). Given a run, the KD settings (kind, temperature, JSD beta, tail) and
+the default cache (the run's --eval_cache) come from its `distill_config.yaml`, so the numbers match
+the trainer's `eval_*` metrics; `--kd_kind` / `--temperature` override them. Runs without autocast, in the student's
+own dtype (logits in fp32 inside the fused loss), so an fp16 student is measured as it will run. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PROG = "python -m distill.evaluate"
 
 
 class _LocalReduce:
@@ -42,50 +47,122 @@ def evaluate_student(
     Returns {"ce", "perplexity", "kd", "top1_agreement", "teacher_mass_covered", "loss", "sequences"}."""
     from torch.utils.data import DataLoader
 
-    from distill.data.dataset import DistillCollator, build_cache_data
+    from distill.data.dataset import DistillCollator, build_cache_data, kd_config_for_caches
     from distill.losses import KDConfig
     from distill.training.metrics import MetricAccumulator
     from distill.training.modeling import DistillModel, head_rows
 
     data = build_cache_data(cache_dir, tokenizer, head_rows(student), eval_fraction=0.0)
+    kd_config = kd_config_for_caches(kd_config or KDConfig(), data.readers)  # targets = the cache's kind
     dataset = data.train
     if max_sequences is not None:
         dataset.indices = dataset.indices[:max_sequences]
-    model = DistillModel(student, kd_config or KDConfig()).to(device).eval()
+    model = DistillModel(student, kd_config).to(device).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=DistillCollator(pad))
     sums = MetricAccumulator()
+    weights = {"ce": 1.0, "kd": 1.0}
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        sums.add_eval(model(**batch, loss_weights={"ce": 1.0, "kd": 1.0}))
-    metrics = sums.eval_summary(_LocalReduce(), {"ce": 1.0, "kd": 1.0})
+        sums.add_eval(model(**batch, loss_weights=weights))
+    metrics = sums.eval_summary(_LocalReduce(), weights)
     metrics["sequences"] = float(len(dataset))
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@torch.no_grad()
+def evaluate_windows(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8) -> tuple[float, torch.Tensor]:
+    """(mean next-token CE in nats/token, argmax predictions [W, L-1]) of a causal LM on full windows [W, L] of its
+    own token ids, computed from fp32 logits. Models of different tokenizers are compared on their own windows; the
+    argmax lets a caller measure top-1 agreement between models that read the same windows."""
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens, preds = 0.0, 0, []
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size]
+        logits = model(input_ids=batch).logits[:, :-1].float()  # [b, L-1, V]: predicts tokens 1..L-1
+        targets = batch[:, 1:]
+        total_nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
+        total_tokens += targets.numel()
+        preds.append(logits.argmax(-1))
+    model.train(was_training)
+    return total_nll / total_tokens, torch.cat(preds)
 
-    from cache_tools.schema import CacheError
 
-    parser = argparse.ArgumentParser(prog="python -m distill.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--student", required=True, help="exported student directory (or hub id)")
-    parser.add_argument("--cache", required=True, help="held-out teacher cache directory")
+def run_settings(student: Path) -> tuple[Path, dict[str, Any]]:
+    """(student model folder, the run's resolved config or {}) for `--student` given as a run folder or as an
+    exported student folder inside one."""
+    from distill.training.config import RESOLVED_CONFIG_NAME, load_yaml
+    from distill.training.export import STUDENT_DIR
+
+    model_dir = student / STUDENT_DIR if (student / STUDENT_DIR).is_dir() else student
+    for folder in (student, model_dir.parent):
+        if (folder / RESOLVED_CONFIG_NAME).is_file():
+            return model_dir, load_yaml(folder / RESOLVED_CONFIG_NAME)
+    return model_dir, {}
+
+
+def kd_config_for(run: dict[str, Any], args: argparse.Namespace) -> Any:
+    """The run's KD settings (every divergence parameter; defaults where it has none), with the command line's
+    overrides. ConfigError (one line) for impossible values."""
+    from types import SimpleNamespace
+
+    from distill.losses import KDConfig
+    from distill.training.config import ConfigError
+
+    flags = dict(run)
+    if args.kd_kind:
+        flags["kd_kind"] = args.kd_kind
+    if args.temperature is not None:
+        flags["temperature"] = args.temperature
+    kd_config = KDConfig.from_args(SimpleNamespace(**flags))
+    problems = kd_config.problems(flags=True)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return kd_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--student", required=True, help="run folder (OUT) or exported student folder")
+    parser.add_argument("--cache", default=None, help="held-out teacher cache (default: the run's eval cache)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_sequences", type=int, default=None)
+    parser.add_argument("--kd_kind", default=None, help="override the run's KD divergence")
+    parser.add_argument("--temperature", type=float, default=None, help="override the run's KD temperature")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.student)
-        student = AutoModelForCausalLM.from_pretrained(args.student, dtype=DTYPES[args.dtype])
-        metrics = evaluate_student(student, tokenizer, args.cache, batch_size=args.batch_size,
-                                   max_sequences=args.max_sequences, device=args.device)
-    except (CacheError, OSError) as err:
-        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+    return parser
+
+
+def _main(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.training.config import ConfigError
+
+    model_dir, run = run_settings(Path(args.student))
+    cache = args.cache or run.get("eval_cache")
+    if not cache:
+        raise ConfigError(f"--student {args.student}: no --cache given and the run has no --eval_cache to "
+                          "evaluate on; pass --cache EVAL_CACHE")
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"--student {args.student}: no model here ({model_dir}/config.json missing); pass a run "
+                          "folder or an exported student folder")
+    kd_config = kd_config_for(run, args)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[args.dtype])
+    metrics = evaluate_student(student, tokenizer, cache, batch_size=args.batch_size,
+                               max_sequences=args.max_sequences, kd_config=kd_config, device=args.device)
+    metrics["kd_kind"], metrics["temperature"] = kd_config.kind, kd_config.temperature
     print(json.dumps(metrics, sort_keys=True))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cache_tools.errors import run_cli
+
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return run_cli(PROG, lambda: _main(args))
 
 
 if __name__ == "__main__":

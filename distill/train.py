@@ -2,20 +2,20 @@
 
 Distillation: `--student S --cache DIR --output_dir OUT`. LM-only (no cache, CE only, e.g. to pretrain a small
 teacher): `--student_config config.json --tokenizer DIR --dataset file.txt --kd_weight 0 --output_dir OUT`.
-Bad input -> one line on stderr naming the file/flag and the fix, exit code 2; nothing half-written.
+Bad input -> one line on stderr naming the file/flag and the fix, exit code 2 (`cache_tools.errors.run_cli`); nothing
+half-written.
 
 `build_trainer(cfg)` assembles the same pieces for benchmarks and tests.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-EXIT_BAD_INPUT = 2
+PROG = "python -m distill.train"
 
 
 @dataclass
@@ -24,12 +24,6 @@ class Built:
     tokenizer: Any
     model: Any  # DistillModel
     data: Any  # distill.data.BuiltData
-
-
-def is_main_process() -> bool:
-    """Rank 0 of the job. Read from the environment: under some launchers the Accelerator reports one process per
-    rank before DeepSpeed's process group exists, while RANK is always set by the launcher."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def load_tokenizer(cfg: Any) -> Any:
@@ -94,17 +88,18 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from distill.data.dataset import DistillCollator, build_cache_data, build_text_data
+    from distill.data.dataset import DistillCollator, build_cache_data, build_text_data, kd_config_for_caches
     from distill.losses import KDConfig
     from distill.training.callbacks import (
         DistillEarlyStoppingCallback,
         OneLinePrinterCallback,
         OneLineProgressCallback,
+        ResolvedConfigCallback,
         SkipNonFiniteCallback,
     )
     from distill.training.checkpoints import CheckpointCompleteCallback
     from distill.training.config import student_pool_layers
-    from distill.training.modeling import AuxSettings, DistillModel, head_rows
+    from distill.training.modeling import DistillModel, aux_settings, head_rows, resolve_pool_layers
     from distill.training.trainer import DistillTrainer
 
     tokenizer = load_tokenizer(cfg)
@@ -119,20 +114,19 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
     else:
         data = build_text_data(d.dataset, tokenizer, max_length=d.max_length, text_column=d.text_column,
                                max_samples=d.max_samples)
+    loss = cfg.loss
+    # kd_kind, temperature, use_tail, loss_chunk_size, divergence parameters; targets = the caches' target kind
+    kd_config = kd_config_for_caches(KDConfig.from_args(loss), data.readers)
+    aux = aux_settings(data.reader, loss)
+    if aux is not None:  # before loading weights: a bad --pool_student_layers is a one-line error at once
+        resolve_pool_layers(student_pool_layers(cfg.model.pool_student_layers), aux,
+                            int(student_config.get_text_config().num_hidden_layers))
     student = load_student(cfg, tokenizer, student_config)
     if head_rows(student) != rows:
         from distill.training.config import ConfigError
 
         raise ConfigError(f"--student: LM head has {head_rows(student)} rows but config.vocab_size is {rows}; fix "
                           "the model's config")
-    loss = cfg.loss
-    aux = None
-    if data.reader is not None and (loss.feature_weight > 0 or loss.contrastive_weight > 0):
-        m = data.reader.manifest
-        aux = AuxSettings(teacher_hidden=m.pooling.hidden_size, teacher_pool_layers=list(m.pooling.layers),
-                          teacher_num_layers=m.teacher.num_hidden_layers,
-                          contrastive_temperature=loss.contrastive_temperature)
-    kd_config = KDConfig.from_args(loss)  # kd_kind, temperature, use_tail, loss_chunk_size, divergence parameters
     set_seed(cfg.training.seed)  # projection heads: the same initial values on every rank and every run
     model = DistillModel(student, kd_config, aux, student_pool_layers(cfg.model.pool_student_layers))
     trainer = DistillTrainer(
@@ -146,6 +140,7 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(OneLinePrinterCallback() if cfg.training.disable_tqdm else OneLineProgressCallback())
     trainer.add_callback(SkipNonFiniteCallback(trainer))
+    trainer.add_callback(ResolvedConfigCallback(cfg))
     trainer.add_callback(CheckpointCompleteCallback())  # marks each checkpoint once fully written (resume skips others)
     run = cfg.run
     if run.early_stopping_patience > 0:
@@ -167,29 +162,24 @@ def finish_distributed() -> None:
         dist.destroy_process_group()
 
 
-def one_line(err: BaseException) -> str:
-    """The message of `err` on one line (an error re-raised from a DataLoader worker carries a traceback: keep its
-    last line, which is the original message)."""
-    text = str(err).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        return type(err).__name__
-    if len(lines) > 1 and "Traceback" in text:
-        last = lines[-1]
-        return last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
-    return " ".join(ln.strip() for ln in lines)
-
-
 def main(argv: list[str] | None = None) -> int:
-    from cache_tools.schema import CacheError
-    from distill.data.xtok.token_bytes import TokenizerError
-    from distill.training.checkpoints import resolve_resume
-    from distill.training.config import ConfigError, parse_config, validate, write_resolved_config
-    from distill.training.export import export_student
-    from distill.training.preflight import verify_caches
-    from distill.training.trainer import NonFiniteLossError
+    from cache_tools.errors import run_cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    return run_cli(PROG, lambda: _main(argv), expected=_expected_errors())
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from distill.data.xtok.token_bytes import TokenizerError
+    from distill.training.trainer import NonFiniteLossError
+
+    return (NonFiniteLossError, TokenizerError)
+
+
+def _main(argv: list[str]) -> int:
+    from distill.training.config import parse_config, validate
+    from distill.training.export import export_student
+
     if any(a in ("-h", "--help") for a in argv):
         from transformers import HfArgumentParser
 
@@ -197,23 +187,21 @@ def main(argv: list[str] | None = None) -> int:
 
         HfArgumentParser(ARG_CLASSES).print_help()
         return 0
-    try:
-        from distill.training.distributed import enable_cpu_deepspeed
+    from distill.training.checkpoints import resolve_resume
+    from distill.training.distributed import enable_cpu_deepspeed
+    from distill.training.preflight import check_deepspeed, check_output_dir, verify_caches
 
-        enable_cpu_deepspeed()  # before parse_config: the TrainingArguments create the distributed state
-        cfg = parse_config(argv)
-        validate(cfg)
-        resume = resolve_resume(cfg.training.resume_from_checkpoint, cfg.training.output_dir)  # complete ones only
-        verify_caches(cfg.data)  # --verify_cache: every shard's checksum and values, before loading anything
-        built = build_trainer(cfg)
-        if is_main_process():
-            write_resolved_config(cfg, cfg.training.output_dir)
-        built.trainer.train(resume_from_checkpoint=resume)
-        export_student(built.trainer, built.tokenizer, Path(cfg.training.output_dir))
-        finish_distributed()
-    except (ConfigError, CacheError, NonFiniteLossError, TokenizerError) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+    enable_cpu_deepspeed()  # before parse_config: the TrainingArguments create the distributed state
+    cfg = parse_config(argv)
+    validate(cfg)
+    check_deepspeed(cfg)
+    check_output_dir(cfg.training.output_dir)  # before hours of loading: an unwritable folder fails at once
+    resume = resolve_resume(cfg.training.resume_from_checkpoint, cfg.training.output_dir)  # complete ones only
+    verify_caches(cfg.data)  # --verify_cache: every shard's checksum and values, before loading anything
+    built = build_trainer(cfg)  # its ResolvedConfigCallback writes OUTPUT/distill_config.yaml once training starts
+    built.trainer.train(resume_from_checkpoint=resume)
+    export_student(built.trainer, built.tokenizer, Path(cfg.training.output_dir))
+    finish_distributed()
     return 0
 
 

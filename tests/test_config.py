@@ -80,3 +80,36 @@ def test_help_lists_our_options(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "--cache" in out and "--kd_weight" in out and "--early_stopping_patience" in out
+
+
+def test_loss_components_come_from_the_registry(tmp_path):
+    """Every registered component gets --{c}_weight / --{c}_schedule / its params, validated the same way."""
+    from distill.training.components import COMPONENTS
+
+    cfg = parse_config(["--student", "s", "--cache", "c", "--output_dir", str(tmp_path)])
+    for c in COMPONENTS:
+        assert getattr(cfg.loss, c.weight_field) == c.default_weight
+        assert getattr(cfg.loss, c.schedule_field) == "constant"
+        for p in c.params:
+            assert getattr(cfg.loss, p.name) == p.default
+    bad = parse_config(["--student", "s", "--cache", "c", "--output_dir", str(tmp_path), "--contrastive_weight",
+                        "-1", "--feature_schedule", "wobbly", "--contrastive_temperature", "0"])
+    with pytest.raises(ConfigError) as info:
+        validate(bad)
+    for needle in ("--contrastive_weight must be a finite number >= 0", "--feature_schedule",
+                   "--contrastive_temperature"):
+        assert needle in str(info.value)
+    lm_only = parse_config(["--student", "s", "--dataset", "x.txt", "--output_dir", str(tmp_path), "--kd_weight", "0",
+                            "--feature_weight", "0.3"])
+    with pytest.raises(ConfigError, match="set --feature_weight 0"):
+        validate(lm_only)
+
+
+def test_output_dir_checks_leave_nothing(tmp_path):
+    from distill.training.preflight import check_output_dir
+
+    check_output_dir(tmp_path / "new" / "run")
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []  # probed, nothing created
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        check_output_dir(tmp_path / "f" / "run")

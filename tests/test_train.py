@@ -198,7 +198,7 @@ def test_bad_caches_fail_with_one_line(tmp_path, student_dir, tokenizer, corpus,
         assert main(argv) == 2, name
         err = capsys.readouterr().err.strip().splitlines()
         # Library progress bars may precede it (the NaN shard is met at the first batch, after the model loads).
-        assert [ln for ln in err if ln.startswith("error: ")] == err[-1:], (name, err)
+        assert [ln for ln in err if ln.startswith("python -m distill.train: error: ")] == err[-1:], (name, err)
         assert needle in err[-1], (name, err)
         assert not (tmp_path / f"out-{name}" / "student").exists()
 
@@ -247,3 +247,50 @@ def test_standalone_evaluate_matches_trainer_eval_in_fp32_and_fp16(tmp_path, stu
     fp16 = evaluate_student(AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float16), tokenizer,
                             cache_dir, max_sequences=8)
     assert fp16["sequences"] == 8 and fp16["perplexity"] == pytest.approx(fp32["perplexity"], rel=5e-2)
+
+
+def test_evaluate_cli_uses_the_runs_kd_settings(tmp_path, student_dir, cache_dir, capsys):
+    """`python -m distill.evaluate --student OUT` (a run folder): the KD kind and temperature come from
+    OUT/distill_config.yaml, the cache from its --eval_cache, and the numbers equal the trainer's own eval."""
+    import json
+
+    from distill import evaluate
+
+    out = tmp_path / "run"
+    assert main(_argv(student_dir, cache_dir, out, "--max_steps", 2, "--eval_cache", cache_dir, "--kd_kind",
+                      "reverse_kl", "--temperature", 2.0, "--eval_strategy", "steps", "--eval_steps", 2,
+                      "--save_strategy", "steps", "--save_steps", 2)) == 0
+    capsys.readouterr()
+    assert evaluate.main(["--student", str(out), "--batch_size", "5"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["kd_kind"] == "reverse_kl" and metrics["temperature"] == 2.0 and metrics["sequences"] == 32
+    from_trainer = [h for h in built_history(out) if "eval_kd" in h][-1]
+    assert metrics["kd"] == pytest.approx(from_trainer["eval_kd"], rel=1e-5)
+    assert evaluate.main(["--student", str(out / "student"), "--temperature", "1"]) == 0  # parent holds the config
+    assert json.loads(capsys.readouterr().out)["kd"] != pytest.approx(metrics["kd"], rel=1e-3)
+    assert evaluate.main(["--student", str(tmp_path / "nowhere"), "--cache", str(cache_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.json" in err[0]
+    assert err[0].startswith("python -m distill.evaluate: error: --student")
+
+
+def built_history(out: Path) -> list[dict]:
+    """The log history of a finished run (the trainer_state.json of its last checkpoint)."""
+    import json
+
+    last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return json.loads((last / "trainer_state.json").read_text())["log_history"]
+
+
+def test_sampled_cache_trains_with_its_target_kind(tmp_path, student_dir, tokenizer, corpus):
+    """A sampled (RS-KD) cache: the model's KDConfig carries targets="sampled" (no tail bucket, counts/N as the
+    teacher), KD is computed and finite."""
+    from cache_tools import schema
+
+    targets = schema.TargetsInfo(kind="sampled", encoding="fp16", top_k=0, num_samples=16, sample_temperature=1.0)
+    cache = write_synthetic_cache(tmp_path / "c", tokenizer, corpus, num_sequences=8, targets=targets)
+    built = _build(_argv(student_dir, cache, tmp_path / "o", "--max_steps", 2, "--logging_steps", 1))
+    assert built.model.kd_config.targets == "sampled"
+    built.trainer.train()
+    kd = _losses(built.trainer.state.log_history, "loss/kd")
+    assert sorted(kd) == [1, 2] and all(torch.isfinite(torch.tensor(v)) and v > 0 for v in kd.values())

@@ -35,7 +35,8 @@ def test_verify_cache_refuses_a_silently_corrupted_shard(tmp_path, student_dir, 
     out = tmp_path / "out"
     assert main(_argv(student_dir, cache, out, "--verify_cache", "true")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: --verify_cache: --cache {cache}: {shard}: sha256 mismatch")
+    assert len(err) == 1 and err[0].startswith(
+        f"python -m distill.train: error: --verify_cache: --cache {cache}: {shard}: sha256 mismatch")
     assert not out.exists()  # refused before anything was written
 
 

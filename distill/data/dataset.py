@@ -62,6 +62,30 @@ def check_student_compatible(reader: TeacherCacheReader, tokenizer: Any, student
         )
 
 
+def kd_config_for_caches(kd_config: Any, readers: list[TeacherCacheReader]) -> Any:
+    """`kd_config` with `targets` set to the kind of target the caches hold ("topk" | "sampled"); CacheError (one
+    line, naming the manifest and the fix) when they differ or the KD settings are not defined on them: sampled
+    (RS-KD) targets define forward KL only, at the temperature they were drawn at (`check_kd_for_targets`). A
+    manifest without a `targets` record (format v1) holds top-k targets."""
+    import dataclasses
+
+    from distill.losses import check_kd_for_targets
+
+    kinds = {getattr(getattr(r.manifest, "targets", None), "kind", "topk") for r in readers}
+    if len(kinds) > 1:
+        raise schema.CacheError(f"{', '.join(str(r.cache_dir) for r in readers)}: training and eval caches hold "
+                                "different target kinds (top-k and sampled); evaluate on a cache of the same kind")
+    for reader in readers:
+        targets = getattr(reader.manifest, "targets", None)
+        kind = getattr(targets, "kind", "topk")
+        problems = check_kd_for_targets(dataclasses.replace(kd_config, targets=kind), kind,
+                                        float(getattr(targets, "sample_temperature", 1.0)))
+        if problems:
+            raise schema.CacheError(f"{reader.cache_dir / schema.MANIFEST_NAME}: {kind} targets: "
+                                    + "; ".join(problems))
+    return dataclasses.replace(kd_config, targets=kinds.pop()) if kinds else kd_config
+
+
 def make_target_builder(reader: TeacherCacheReader, tokenizer: Any, student_vocab_rows: int, *,
                         xtok_rule: str = "first_token") -> TargetBuilder:
     """`DirectTargets` when the student shares the cache's tokenizer (same content hash), else the cross-tokenizer
@@ -130,7 +154,12 @@ class BuiltData:
     train: Dataset
     eval: Dataset | None
     reader: TeacherCacheReader | None  # the training cache (None in LM-only mode)
-    top_k: int  # 0 in LM-only mode
+    eval_reader: TeacherCacheReader | None = None  # a separate --eval_cache, if any
+
+    @property
+    def readers(self) -> list[TeacherCacheReader]:
+        """Every cache this run reads (training, then a separate eval cache)."""
+        return [r for r in (self.reader, self.eval_reader) if r is not None]
 
 
 def build_cache_data(
@@ -159,7 +188,8 @@ def build_cache_data(
     if max_eval_sequences is not None:
         eval_idx = eval_idx[:max_eval_sequences]
     eval_ds = CacheDataset(eval_reader, eval_idx, eval_builder) if len(eval_idx) else None
-    return BuiltData(CacheDataset(reader, train_idx, train_builder), eval_ds, reader, reader.top_k)
+    return BuiltData(CacheDataset(reader, train_idx, train_builder), eval_ds, reader,
+                     eval_reader if eval_reader is not reader else None)
 
 
 def build_text_data(spec: str, tokenizer: Any, *, max_length: int, text_column: str = "text",
@@ -176,7 +206,7 @@ def build_text_data(spec: str, tokenizer: Any, *, max_length: int, text_column: 
     windows = [w for w in windows if len(w) >= 2]  # a 1-token window has no next-token label
     if not windows:
         raise ConfigError(f"--dataset {spec}: no text windows of >= 2 tokens; check --text_column {text_column}")
-    return BuiltData(TokenWindowDataset(windows), None, None, 0)
+    return BuiltData(TokenWindowDataset(windows), None, None)
 
 
 class DistillCollator:

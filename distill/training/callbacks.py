@@ -8,10 +8,12 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState, ProgressCallback
 
-# Keys shown on the console line (everything else still goes to TensorBoard).
-CONSOLE_KEYS = ("loss", "loss/ce", "loss/kd", "loss/feature", "loss/contrastive", "top1_agreement",
-                "teacher_mass_covered", "grad_norm", "learning_rate", "tokens_per_second", "eval_loss", "eval_ce",
-                "eval_perplexity", "eval_kd", "eval_top1_agreement")
+from distill.training.components import COMPONENTS
+
+# Keys shown on the console line (everything else still goes to TensorBoard): each registered component's loss.
+CONSOLE_KEYS = ("loss", *(c.tag("loss") for c in COMPONENTS if c.console), "top1_agreement", "teacher_mass_covered",
+                "grad_norm", "learning_rate", "tokens_per_second", "eval_loss", "eval_ce", "eval_perplexity", "eval_kd",
+                "eval_top1_agreement")
 
 
 def format_log_line(step: int, logs: dict[str, Any]) -> str:
@@ -50,18 +52,32 @@ class SkipNonFiniteCallback(TrainerCallback):
     """Drops every gradient before the optimizer step when the trainer saw a non-finite loss in this step: torch
     optimizers skip parameters whose `.grad` is None, so neither moments nor weight decay move (a true skip).
     Under DeepSpeed the engine keeps its own gradient buffers and steps inside backward; there the skip is DeepSpeed's
-    fp16 overflow check (see `DistillTrainer.training_step`)."""
+    overflow check, on in every precision (see `DistillTrainer.training_step`)."""
 
     def __init__(self, trainer: Any):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.trainer._skip_this_step and self.trainer.accelerator.scaler is None:  # a scaler skips by itself
+        if self.trainer.skip_this_step and self.trainer.accelerator.scaler is None:  # a scaler skips by itself
             for param in self.trainer.model.parameters():
                 param.grad = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._skip_this_step = False
+        self.trainer.skip_this_step = False
+
+
+class ResolvedConfigCallback(TrainerCallback):
+    """Writes OUTPUT/distill_config.yaml once training has really started (after the engine's set-up, where DeepSpeed
+    or device errors surface), so a run that fails to start leaves no config file behind."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from distill.training.config import write_resolved_config
+
+            write_resolved_config(self.cfg, args.output_dir)
 
 
 class DistillEarlyStoppingCallback(TrainerCallback, ExportableState):

@@ -16,14 +16,17 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from cache_tools.errors import UserError
+from cache_tools.fsutil import atomic_write_text
+from distill.data.xtok.vocab_map import RULES as XTOK_RULES
 from distill.losses import DEFAULT_CHUNK_SIZE, KD_KINDS, KDConfig
 from distill.losses.schedules import parse_ramp
+from distill.training.components import COMPONENTS
 
-LOSS_COMPONENTS = ("ce", "kd", "feature", "contrastive")
 RESOLVED_CONFIG_NAME = "distill_config.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad configuration; the message names the key(s) and the fix."""
 
 
@@ -78,20 +81,28 @@ class DataArguments:
     )
 
 
+SCHEDULE_HELP = ("Ramp of the {name} weight (weight = base x ramp): constant | KIND:START:END[:FROM:TO] with KIND "
+                 "linear|cosine, START/END fractions of max_steps or steps like 500s.")
+
+
+def _component_fields() -> list[tuple[str, type, Any]]:
+    """`{c}_weight`, `{c}_schedule` and each parameter of every registered loss component (see components.py)."""
+    weights = [(c.weight_field, float, field(default=c.default_weight, metadata={"help": c.help}))
+               for c in COMPONENTS]
+    schedules = [(c.schedule_field, str, field(default="constant",
+                                               metadata={"help": SCHEDULE_HELP.format(name=c.name)}))
+                 for c in COMPONENTS]
+    params = [(p.name, float, field(default=p.default, metadata={"help": p.help}))
+              for c in COMPONENTS for p in c.params]
+    return weights + schedules + params
+
+
+# Generated from the registry, so a new component needs no edit here.
+ComponentArguments = dataclasses.make_dataclass("ComponentArguments", _component_fields())
+
+
 @dataclass
-class LossArguments:
-    ce_weight: float = field(default=1.0, metadata={"help": "Base weight of the LM (cross-entropy) loss."})
-    kd_weight: float = field(default=1.0, metadata={"help": "Base weight of the KD loss on the sparse targets."})
-    feature_weight: float = field(default=0.0, metadata={"help": "Base weight of 1 - cos(P(student), teacher)."})
-    contrastive_weight: float = field(default=0.0, metadata={"help": "Base weight of the in-batch InfoNCE loss."})
-    ce_schedule: str = field(
-        default="constant",
-        metadata={"help": "Ramp of the CE weight (weight = base x ramp): constant | KIND:START:END[:FROM:TO] with "
-                  "KIND linear|cosine, START/END fractions of max_steps or steps like 500s."},
-    )
-    kd_schedule: str = field(default="constant", metadata={"help": "Ramp of the KD weight (see --ce_schedule)."})
-    feature_schedule: str = field(default="constant", metadata={"help": "Ramp of the feature weight."})
-    contrastive_schedule: str = field(default="constant", metadata={"help": "Ramp of the contrastive weight."})
+class LossArguments(ComponentArguments):
     kd_kind: str = field(default="forward_kl", metadata={"help": "KD divergence: " + "|".join(KD_KINDS)})
     temperature: float = field(default=1.0, metadata={"help": "KD temperature T (loss scaled by T^2)."})
     jsd_beta: float = field(default=0.5, metadata={"help": "Mixture weight of JSD(beta)."})
@@ -102,7 +113,6 @@ class LossArguments:
         metadata={"help": "Rows per chunk of the fused CE+KD loss (memory ~ 3 x chunk x vocab x 4 bytes; 256 measured "
                           "as fast as 1024 with a third of the memory, see bench/bench_loss.py)."},
     )
-    contrastive_temperature: float = field(default=0.1, metadata={"help": "InfoNCE temperature."})
     max_nonfinite_steps: int = field(
         default=10, metadata={"help": "Abort after this many non-finite losses in a row (each one is skipped)."}
     )
@@ -187,7 +197,8 @@ def parse_config(argv: list[str]) -> DistillConfig:
                               "--help` for the valid keys")
     parser = HfArgumentParser(ARG_CLASSES)
     # YAML values become argparse defaults so that any flag on the command line overrides them.
-    parser.set_defaults(**{k: _yaml_to_default(v) for k, v in yaml_values.items()})
+    # (argparse applies `type` only to string defaults; lists such as report_to and scalars are kept as given.)
+    parser.set_defaults(**yaml_values)
     # Argparse prints usage + exits on a bad value; turn that into our one-line error instead.
     parser.error = _raise_config_error  # type: ignore[method-assign]
     try:
@@ -198,11 +209,6 @@ def parse_config(argv: list[str]) -> DistillConfig:
     if remaining:
         raise ConfigError(f"unknown option(s) {' '.join(remaining)}; see `python -m distill.train --help`")
     return DistillConfig(*groups)
-
-
-def _yaml_to_default(value: Any) -> Any:
-    # argparse applies `type` only to string defaults; lists (report_to) and scalars are kept as given.
-    return value
 
 
 def _raise_config_error(message: str) -> None:
@@ -234,31 +240,16 @@ def validate(cfg: DistillConfig) -> None:
         problems.append("--eval_cache/--eval_fraction need --cache (LM-only mode has no held-out targets)")
     if not 0.0 <= d.eval_fraction < 1.0:
         problems.append(f"--eval_fraction must be in [0, 1), got {d.eval_fraction}")
-    if d.xtok_rule not in ("first_token", "tail"):
-        problems.append(f"--xtok_rule {d.xtok_rule}: use first_token or tail")
+    if d.xtok_rule not in XTOK_RULES:
+        problems.append(f"--xtok_rule {d.xtok_rule}: use {' or '.join(XTOK_RULES)}")
     if d.eval_cache and d.eval_fraction:
         problems.append("give --eval_cache or --eval_fraction, not both")
     if d.max_length < 2:
         problems.append(f"--max_length must be >= 2, got {d.max_length}")
     if not t.output_dir:
         problems.append("--output_dir is required")
-    for name in LOSS_COMPONENTS:
-        weight = getattr(loss, f"{name}_weight")
-        if not math.isfinite(weight) or weight < 0:
-            problems.append(f"--{name}_weight must be a finite number >= 0, got {weight}")
-        try:
-            parse_ramp(getattr(loss, f"{name}_schedule"))
-        except ValueError as err:
-            problems.append(f"--{name}_schedule: {err}")
-    if d.dataset and (loss.kd_weight or loss.feature_weight or loss.contrastive_weight):
-        # LM-only mode has no teacher: non-zero teacher weights would silently do nothing.
-        problems.append("--dataset (LM-only) trains with CE only: set --kd_weight 0 --feature_weight 0 "
-                        "--contrastive_weight 0")
-    if all(getattr(loss, f"{name}_weight") == 0 for name in LOSS_COMPONENTS):
-        problems.append("every loss weight is 0: nothing to train")
+    problems += _component_problems(cfg)
     problems += KDConfig.from_args(loss).problems(flags=True)  # --kd_kind, --temperature, --jsd_beta, ...
-    if not loss.contrastive_temperature > 0:
-        problems.append(f"--contrastive_temperature must be > 0, got {loss.contrastive_temperature}")
     if loss.max_nonfinite_steps < 1:
         problems.append(f"--max_nonfinite_steps must be >= 1, got {loss.max_nonfinite_steps}")
     if run.early_stopping_patience < 0:
@@ -278,14 +269,36 @@ def validate(cfg: DistillConfig) -> None:
         raise ConfigError(f"{len(problems)} configuration problem(s): " + "; ".join(problems))
 
 
+def _component_problems(cfg: DistillConfig) -> list[str]:
+    """Weights, schedules and parameters of every registered loss component."""
+    loss, problems = cfg.loss, []
+    for c in COMPONENTS:
+        weight = getattr(loss, c.weight_field)
+        if not math.isfinite(weight) or weight < 0:
+            problems.append(f"--{c.weight_field} must be a finite number >= 0, got {weight}")
+        try:
+            parse_ramp(getattr(loss, c.schedule_field))
+        except ValueError as err:
+            problems.append(f"--{c.schedule_field}: {err}")
+        for p in c.params:
+            value = getattr(loss, p.name)
+            if not math.isfinite(value) or (p.positive and not value > 0):
+                problems.append(f"--{p.name} must be a finite number{' > 0' if p.positive else ''}, got {value}")
+    teacher_flags = [c.weight_field for c in COMPONENTS if c.needs_teacher and getattr(loss, c.weight_field)]
+    if cfg.data.dataset and teacher_flags:
+        # LM-only mode has no teacher: non-zero teacher weights would silently do nothing.
+        problems.append("--dataset (LM-only) trains with CE only: set " + " ".join(f"--{f} 0" for f in teacher_flags))
+    if all(getattr(loss, c.weight_field) == 0 for c in COMPONENTS):
+        problems.append("every loss weight is 0: nothing to train")
+    return problems
+
+
 def student_pool_layers(spec: str | None) -> list[int] | None:
     return [int(x) for x in spec.split(",")] if spec else None
 
 
 def write_resolved_config(cfg: DistillConfig, output_dir: str | Path) -> Path:
     """Write every resolved value as YAML into `output_dir` (temp + rename); re-running with it reproduces the run."""
-    from cache_tools.schema import atomic_write_text
-
     path = Path(output_dir) / RESOLVED_CONFIG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=True))

@@ -7,19 +7,23 @@ from typing import Any
 
 import torch
 
-COMPONENTS = ("ce", "kd", "feature", "contrastive")
-KD_KEYS = ("top1_agreement", "teacher_mass_covered", "loss/kd", "weighted/kd")  # averaged over KD micro-batches
-AUX_KEYS = ("loss/feature", "weighted/feature", "loss/contrastive", "weighted/contrastive")
+from distill.training.components import COMPONENTS
+
+KD_METRICS = ("top1_agreement", "teacher_mass_covered")  # KD diagnostics, averaged over KD micro-batches
+# Denominator of each running mean: its micro-batch count key ("count" = every micro-batch).
+COUNT_KEY = {"all": "count", "kd": "kd_count", "aux": "aux_count"}
+DENOMINATOR = {**{key: "kd_count" for key in KD_METRICS},
+               **{tag: COUNT_KEY[c.count] for c in COMPONENTS for tag in (c.tag("loss"), c.tag("weighted"))}}
 
 
 def scheduled_weights(loss_args: Any, *, step: int, total_steps: int) -> dict[str, float]:
-    """{component: base x ramp(step / total_steps)} for ce/kd/feature/contrastive (see `distill.losses.schedules`)."""
+    """{component: base x ramp(step / total_steps)} for every registered component (see `distill.losses.schedules`)."""
     from distill.losses.schedules import parse_weight
 
     return {
-        name: float(parse_weight(getattr(loss_args, f"{name}_weight"), getattr(loss_args, f"{name}_schedule"))(
+        c.name: float(parse_weight(getattr(loss_args, c.weight_field), getattr(loss_args, c.schedule_field))(
             step, max(total_steps, 1)))
-        for name in COMPONENTS
+        for c in COMPONENTS
     }
 
 
@@ -40,19 +44,17 @@ class MetricAccumulator:
         """Micro-batch means, averaged over micro-batches at log time (like Trainer's own `loss`)."""
         # The same keys on every call and every rank (the cross-rank reduce stacks them in one tensor); KD values of
         # micro-batches without KD (zero weight, no targets) are masked out and averaged over KD micro-batches only.
-        one = outputs["loss"].new_ones(()).float()
-        has_kd = (outputs["n_kd"] > 0).float()
-        has_aux = (outputs["n_aux"] > 0).float()
-        self._add("count", one)
-        self._add("kd_count", has_kd)
-        self._add("aux_count", has_aux)
+        masks = {"all": outputs["loss"].new_ones(()).float(), "kd": (outputs["n_kd"] > 0).float(),
+                 "aux": (outputs["n_aux"] > 0).float()}
+        for group, key in COUNT_KEY.items():
+            self._add(key, masks[group])
         self._add("total", outputs["loss"])
-        for name in COMPONENTS:
-            mask = {"kd": has_kd, "feature": has_aux, "contrastive": has_aux}.get(name, one)
-            self._add(f"loss/{name}", outputs[name] * mask)
-            self._add(f"weighted/{name}", outputs[name] * weights[name] * mask)
-        self._add("top1_agreement", outputs["top1_agree"] * has_kd)
-        self._add("teacher_mass_covered", outputs["covered_mass"] * has_kd)
+        for c in COMPONENTS:
+            mask = masks[c.count]
+            self._add(c.tag("loss"), outputs[c.name] * mask)
+            self._add(c.tag("weighted"), outputs[c.name] * weights[c.name] * mask)
+        self._add("top1_agreement", outputs["top1_agree"] * masks["kd"])
+        self._add("teacher_mass_covered", outputs["covered_mass"] * masks["kd"])
 
     def add_eval(self, outputs: dict[str, torch.Tensor]) -> None:
         """Token-weighted sums, so batch boundaries do not change the result."""
@@ -74,12 +76,10 @@ class MetricAccumulator:
 
     def summary(self, accelerator: Any) -> dict[str, float]:
         sums = self._reduced(accelerator)
-        count = sums.pop("count", 0.0)
-        kd_count = sums.pop("kd_count", 0.0)
-        aux_count = sums.pop("aux_count", 0.0)
+        counts = {key: sums.pop(key, 0.0) for key in COUNT_KEY.values()}
         out = {}
         for key, value in sums.items():
-            denom = kd_count if key in KD_KEYS else aux_count if key in AUX_KEYS else count
+            denom = counts[DENOMINATOR.get(key, "count")]
             if denom:  # not computed in this window (zero weight, no targets): leave the key out, never a fake 0
                 out[key] = value / denom
         return out

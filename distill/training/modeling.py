@@ -12,15 +12,16 @@ Why everything happens inside `forward`:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from distill.losses import IGNORE_INDEX, KDConfig, fused_ce_kd_loss
-from distill.losses.aux import PooledProjection, contrastive_loss, feature_loss, pool_layers
-
-COMPONENTS = ("ce", "kd", "feature", "contrastive")
+from distill.losses import KDConfig, fused_ce_kd_loss
+from distill.losses.aux import PooledProjection, pool_layers
+from distill.training.components import AUX, COMPONENTS, aux_params, wants_aux, weights_of
+from distill.training.config import ConfigError
 
 
 @dataclass
@@ -30,12 +31,39 @@ class AuxSettings:
     teacher_hidden: int
     teacher_pool_layers: list[int]  # teacher hidden_states indices (0 = embeddings)
     teacher_num_layers: int
-    contrastive_temperature: float = 0.1
+    params: dict[str, dict[str, float]] = field(default_factory=dict)  # {aux component: its parameters}
 
 
 def map_pool_layers(teacher_layers: list[int], teacher_num_layers: int, student_num_layers: int) -> list[int]:
     """Teacher hidden_states index -> student index at the same relative depth (0 -> 0, last -> last)."""
     return [round(t * student_num_layers / max(teacher_num_layers, 1)) for t in teacher_layers]
+
+
+def aux_settings(reader: Any, loss_args: Any) -> AuxSettings | None:
+    """The teacher's pooling layout from the training cache's manifest, when some aux component has a non-zero base
+    weight (else None: no projection heads). `reader` is None in LM-only mode."""
+    if reader is None or not wants_aux(weights_of(loss_args)):
+        return None
+    m = reader.manifest
+    pooling, teacher = m.pooling, m.teacher
+    read = (lambda obj, key: obj[key]) if isinstance(pooling, dict) else getattr  # untyped (v1) or typed manifest
+    return AuxSettings(teacher_hidden=int(read(pooling, "hidden_size")),
+                       teacher_pool_layers=list(read(pooling, "layers")),
+                       teacher_num_layers=int(read(teacher, "num_hidden_layers")), params=aux_params(loss_args))
+
+
+def resolve_pool_layers(requested: list[int] | None, aux: AuxSettings, student_num_layers: int) -> list[int]:
+    """The student hidden_states indices to pool: `requested` (--pool_student_layers) or, by default, the teacher's
+    pooled layers mapped by relative depth. Raises ConfigError (one line) when they do not fit the cache/student."""
+    layers = requested or map_pool_layers(aux.teacher_pool_layers, aux.teacher_num_layers, student_num_layers)
+    if len(layers) != len(aux.teacher_pool_layers):
+        raise ConfigError(f"--pool_student_layers lists {len(layers)} layer(s), the cache pools "
+                          f"{len(aux.teacher_pool_layers)} ({aux.teacher_pool_layers}); give one student layer per "
+                          "teacher layer")
+    if not all(0 <= i <= student_num_layers for i in layers):
+        raise ConfigError(f"--pool_student_layers {','.join(map(str, layers))}: indices must be in "
+                          f"[0, {student_num_layers}] (0 = embeddings, {student_num_layers} = the last layer)")
+    return layers
 
 
 def head_rows(student: nn.Module) -> int:
@@ -63,15 +91,8 @@ class DistillModel(nn.Module):
         self.projection = None
         self.student_pool_layers: list[int] = []
         if aux is not None:
-            n_layers = int(student.config.num_hidden_layers)
-            self.student_pool_layers = student_pool_layers or map_pool_layers(
-                aux.teacher_pool_layers, aux.teacher_num_layers, n_layers)
-            if len(self.student_pool_layers) != len(aux.teacher_pool_layers):
-                raise ValueError(f"--pool_student_layers lists {len(self.student_pool_layers)} layers, the cache pools "
-                                 f"{len(aux.teacher_pool_layers)}; give one student layer per teacher layer")
-            if not all(0 <= i <= n_layers for i in self.student_pool_layers):
-                raise ValueError(f"--pool_student_layers {self.student_pool_layers}: indices must be in "
-                                 f"[0, {n_layers}]")
+            self.student_pool_layers = resolve_pool_layers(student_pool_layers, aux,
+                                                           int(student.config.num_hidden_layers))
             dtype = next(student.parameters()).dtype
             self.projection = PooledProjection(int(student.config.hidden_size), aux.teacher_hidden,
                                                len(self.student_pool_layers)).to(dtype)
@@ -130,11 +151,12 @@ class DistillModel(nn.Module):
         ce_denominator / kd_denominator: divide the summed CE / KD by these (global counts over gradient
         accumulation and ranks, from the trainer) instead of this micro-batch's own counts.
 
-        Returns {"loss": differentiable weighted total, "cekd_loss" / "aux_loss": its two parts, "ce", "kd",
-        "feature", "contrastive": raw detached losses, "n_ce", "n_kd", "n_aux": row / sequence counts (0 = not
-        computed), "top1_agree", "covered_mass"} (all 0-dim tensors). In training, a KD weight of 0 skips KD entirely
-        (n_kd = 0); the aux losses are computed only when their weight is non-zero."""
-        weights = {name: 1.0 if name == "ce" else 0.0 for name in COMPONENTS}
+        Returns {"loss": differentiable weighted total, "cekd_loss" / "aux_loss": its two parts, one raw detached
+        loss per registered component (`distill.training.components`: "ce", "kd", "feature", ...), "n_ce", "n_kd",
+        "n_aux": row / sequence counts (0 = not computed), "top1_agree", "covered_mass"} (all 0-dim tensors). In
+        training, a KD weight of 0 skips KD entirely (n_kd = 0); the aux losses are computed only when some aux
+        weight is non-zero."""
+        weights = {c.name: 1.0 if c.name == "ce" else 0.0 for c in COMPONENTS}
         weights.update(loss_weights or {})
         no_autocast = contextlib.nullcontext() if self.training else torch.autocast(input_ids.device.type,
                                                                                     enabled=False)
@@ -159,37 +181,29 @@ class DistillModel(nn.Module):
                 kd_mask.reshape(-1), ce_weight=float(weights["ce"]), kd_weight=float(weights["kd"]),
                 config=self.kd_config, ce_denominator=ce_denominator, kd_denominator=kd_denominator,
             )
-            zero = cekd.loss.new_zeros(())
-            aux_total = zero
-            feature, contrastive, n_aux = zero, zero, 0
-            wants_aux = bool(weights["feature"] or weights["contrastive"])
-            if self.projection is not None and pooled_hidden is not None and wants_aux:
-                feature_t, contrastive_t = self._aux_losses(pooled, pooled_hidden)
-                aux_total = weights["feature"] * feature_t + weights["contrastive"] * contrastive_t
-                feature, contrastive, n_aux = feature_t.detach(), contrastive_t.detach(), int(input_ids.shape[0])
+            aux_total = cekd.loss.new_zeros(())
+            raw = {c.name: aux_total for c in AUX}
+            n_aux = 0
+            if self.projection is not None and pooled_hidden is not None and wants_aux(weights):
+                losses = self._aux_losses(pooled, pooled_hidden)
+                for name, value in losses.items():
+                    aux_total = aux_total + weights[name] * value
+                raw = {name: value.detach() for name, value in losses.items()}
+                n_aux = int(input_ids.shape[0])
         total = cekd.loss + aux_total
         return {
-            "loss": total, "cekd_loss": cekd.loss, "aux_loss": aux_total,
-            "ce": cekd.ce, "kd": cekd.kd, "feature": feature, "contrastive": contrastive,
+            "loss": total, "cekd_loss": cekd.loss, "aux_loss": aux_total, "ce": cekd.ce, "kd": cekd.kd, **raw,
             "n_ce": torch.tensor(cekd.n_ce, device=total.device),
             "n_kd": torch.tensor(cekd.n_kd, device=total.device),
             "n_aux": torch.tensor(n_aux, device=total.device),
             "top1_agree": cekd.top1_agree, "covered_mass": cekd.covered_mass,
         }
 
-    def _aux_losses(self, student_pooled: torch.Tensor, teacher_pooled: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """[B, P, H_s] (fp32) and [B, P, H_t] -> (feature, contrastive) scalars, computed in fp32 (bounded losses)."""
+    def _aux_losses(self, student_pooled: torch.Tensor, teacher_pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[B, P, H_s] (fp32) and [B, P, H_t] -> {aux component: scalar}, computed in fp32 (bounded losses). Every
+        aux component is computed (its raw value is logged even at weight 0, once the heads exist)."""
         with torch.autocast(student_pooled.device.type, enabled=False):  # fp32 under AMP too (bounded losses)
             projected = self.projection(student_pooled)  # [B, P, H_t] fp32 whatever the heads' storage dtype
             teacher = teacher_pooled.float()
-            feature = feature_loss(projected, teacher)
-            contrastive = contrastive_loss(projected, teacher, temperature=self.aux.contrastive_temperature)
-        return feature, contrastive
+            return {c.name: c.compute(projected, teacher, **self.aux.params.get(c.name, {})) for c in AUX}
 
-
-def labels_from_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, L] next-token labels (IGNORE_INDEX at the last valid position and on padding)."""
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[:, :-1] = input_ids[:, 1:]
-    labels[:, :-1][attention_mask[:, 1:] == 0] = IGNORE_INDEX
-    return labels

@@ -1,4 +1,5 @@
-"""Checks run before any weights are loaded: `--verify_cache` (checksums and values of every shard).
+"""Checks run before any weights are loaded: `--verify_cache` (checksums and values of every shard), a writable
+`--output_dir`, and what DeepSpeed would otherwise refuse with a traceback inside its engine set-up.
 
 Training itself only validates the sequences it loads (cheap vectorised checks); corruption that keeps a shard's
 size and passes those checks (a flipped bit in a log-prob) would train silently. `--verify_cache` reads every shard
@@ -7,7 +8,12 @@ once up front, as `cache_tools verify` does, and refuses to start on the first f
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
+
+from distill.training.config import ConfigError
 
 
 def verify_caches(data: Any) -> None:
@@ -25,3 +31,43 @@ def verify_caches(data: Any) -> None:
         if faults:
             more = f" (and {len(faults) - 1} more fault(s))" if len(faults) > 1 else ""
             raise CacheError(f"--verify_cache: {flag} {cache}: {faults[0]}{more}")
+
+
+def check_output_dir(output_dir: str | Path) -> None:
+    """Refuse (ConfigError) an --output_dir that cannot be written: a file, under a file, read-only, no permission.
+    Probes by creating and removing a temp folder in the nearest existing ancestor, so nothing is left behind
+    (`os.access` is not enough: root passes it on read-only file systems and sysfs)."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output_dir {path}: is a file, not a folder; choose another --output_dir")
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"--output_dir {path}: {ancestor} is a file, not a folder; choose another --output_dir")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=ancestor))
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ConfigError(f"--output_dir {path}: cannot write in {ancestor} ({reason}); choose a writable folder or "
+                          "fix its permissions") from err
+
+
+def check_deepspeed(cfg: Any) -> None:
+    """Refuse, before anything is written, what would otherwise fail inside DeepSpeed's engine set-up with its
+    traceback: --deepspeed without a launcher (DeepSpeed then falls back to MPI discovery), --fp16 on an accelerator
+    without fp16 support."""
+    t = cfg.training
+    if not t.deepspeed:
+        return
+    import importlib.util
+
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ and importlib.util.find_spec("mpi4py") is None:
+        raise ConfigError(f"--deepspeed {t.deepspeed}: DeepSpeed needs a launcher; run under `accelerate launch` "
+                          "(see launch/accelerate/), `torchrun` or `deepspeed`, or drop --deepspeed")
+    accel = get_accelerator()
+    if t.fp16 and not accel.is_fp16_supported():
+        raise ConfigError(f"--fp16 with --deepspeed {t.deepspeed}: DeepSpeed's {accel.device_name()} accelerator has "
+                          "no fp16 support on this machine; drop --fp16 (fp32), use --bf16, or run on a GPU")

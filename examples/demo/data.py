@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from cache_tools.schema import atomic_write_text
+from cache_tools.fsutil import atomic_write_text
 
 EVAL_EVERY = 20  # every 20th document is held out: deterministic, and spread over the whole corpus (all modules)
 

@@ -1,5 +1,6 @@
 """Demo evaluation and report: held-out loss, perplexity and top-1 agreement with the teacher for each model, on the
-same held-out windows, with no autocast (fp32), and `report.md` / `report.json` written atomically."""
+same held-out windows, with no autocast (fp32; `distill.evaluate.evaluate_windows`), and `report.md` / `report.json`
+written atomically."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any
 
 import torch
 
-from cache_tools.schema import atomic_write_text, load_manifest
+from cache_tools.fsutil import atomic_write_text
+from cache_tools.schema import load_manifest
 
 
 def held_out_windows(tokenizer_dir: Path, eval_file: Path, max_length: int, max_windows: int) -> torch.Tensor:
@@ -32,23 +34,6 @@ def held_out_windows(tokenizer_dir: Path, eval_file: Path, max_length: int, max_
     return torch.stack(rows)
 
 
-@torch.no_grad()
-def evaluate_model(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8) -> tuple[float, torch.Tensor]:
-    """(mean next-token CE in nats/token, argmax predictions [W, L-1]) of `model` on windows [W, L], in fp32."""
-    was_training = model.training
-    model.eval()
-    total_nll, total_tokens, preds = 0.0, 0, []
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start : start + batch_size]
-        logits = model(input_ids=batch).logits[:, :-1].float()  # [b, L-1, V]: predicts tokens 1..L-1
-        targets = batch[:, 1:]
-        total_nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
-        total_tokens += targets.numel()
-        preds.append(logits.argmax(-1))
-    model.train(was_training)
-    return total_nll / total_tokens, torch.cat(preds)
-
-
 def evaluate_models(models: dict[str, tuple[Path, torch.Tensor]]) -> dict[str, Any]:
     """Held-out loss (nats/token), perplexity and top-1 agreement with the teacher for each (model dir, windows
     [W, L]) pair; "teacher" must be one of them. Agreement is only defined where a model reads the teacher's very
@@ -56,12 +41,14 @@ def evaluate_models(models: dict[str, tuple[Path, torch.Tensor]]) -> dict[str, A
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from distill.evaluate import evaluate_windows
+
     hf_logging.disable_progress_bar()  # one status line per stage: no weight-loading bars between them
     results: dict[str, Any] = {}
     argmax: dict[str, torch.Tensor] = {}
     for name, (path, windows) in models.items():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        loss, argmax[name] = evaluate_model(model, windows)
+        loss, argmax[name] = evaluate_windows(model, windows)
         results[name] = {"val_loss": loss, "perplexity": math.exp(loss), "eval_tokens": argmax[name].numel(),
                          "params": sum(p.numel() for p in model.parameters())}
         del model

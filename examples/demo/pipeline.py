@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from cache_tools.fsutil import OFFLINE_ENV
 from examples.demo.common import (
     CPU_LAUNCH_CONFIG,
     DemoError,
@@ -31,8 +32,7 @@ def run_pipeline(args: argparse.Namespace, s: DemoSettings) -> Path:
     t_start = time.perf_counter()
     out: Path = args.out.resolve()
     logs, runs = out / "logs", out / "runs"
-    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    env = {**OFFLINE_ENV, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     os.environ.update(env)
     seconds: dict[str, float] = {}
 
