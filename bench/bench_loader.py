@@ -1,6 +1,8 @@
 """Loader throughput vs trainer consumption: tokens/s the training DataLoader delivers (2 workers, the trainer's own
-`CacheDataset` + `DistillCollator`) on the direct path and the cross-tokenizer path, against tokens/s a training
-step of a small student consumes, measured in the same run. Goal: loader >= 10x the trainer.
+`CacheDataset` + `DistillCollator`) on the direct path and the cross-tokenizer path (computed on the fly, and read
+from the store `python -m distill.prepare_xtok` writes: its one-off cost and disk size are reported too), against
+tokens/s a training step of a small student consumes, measured in the same run. Goals: loader >= 10x the trainer;
+cross-tokenizer (precomputed) >= 0.7x direct.
 
     python -m bench.bench_loader [--quick] [--device cpu|cuda]
 """
@@ -85,6 +87,7 @@ def run(quick: bool, device: str) -> dict[str, Any]:
     from distill.data.dataset import CacheDataset, DirectTargets, DistillCollator
     from distill.data.validation import SequenceValidator
     from distill.data.xtok.pipeline import CrossTokenizerTargets, aggregate_stats
+    from distill.data.xtok.prepare import prepare_store
     from examples.tiny_models import stdlib_docstrings, train_bpe_tokenizer
 
     shape = SHAPES[quick]
@@ -99,23 +102,38 @@ def run(quick: bool, device: str) -> dict[str, Any]:
     student_tok = train_bpe_tokenizer(stdlib_docstrings(max_docs=300), 384, split_digits=True)
     reader = TeacherCacheReader(cache)
     indices = np.arange(len(reader))
-    cross = CrossTokenizerTargets(reader, teacher_tok, student_tok)  # validates every sequence
+    cross = CrossTokenizerTargets(reader, teacher_tok, student_tok, use_store=False)  # validates every sequence
     direct = DirectTargets(SequenceValidator(reader))  # the trainer's direct builder validates too
     stats = aggregate_stats([cross(reader[int(i)])["stats"] for i in indices[:32]])
 
     # Single-process cost of the target builders alone (no loader), for the record: mean over 16 windows.
     seqs = [reader[int(i)] for i in indices[:16]]
     builders = {"direct": direct, "cross": cross, "direct, no validation": DirectTargets(),
-                "cross, no validation": CrossTokenizerTargets(reader, teacher_tok, student_tok, validate=False)}
+                "cross, no validation": CrossTokenizerTargets(reader, teacher_tok, student_tok, validate=False,
+                                                              use_store=False)}
     builder_ms = {name: 1e3 * time_fn(lambda b=b: [b(s) for s in seqs], "cpu", warmup=1, iters=5)["median_s"]
                   / len(seqs) for name, b in builders.items()}
+    # One-off: precompute every window's cross-tokenizer targets (2 processes, like the loader's 2 workers).
+    prep = prepare_store(cross, reader, workers=2, overwrite=True)
+    stored = CrossTokenizerTargets(reader, teacher_tok, student_tok)
+    assert stored.store is not None, "the store just written was not picked up"
+    store_tokens = sum(stored.fetch(reader, int(i))["stats"]["student_tokens"] for i in indices)
+    # Per window, read from the store (the cache is not read: `fetch` is what CacheDataset calls).
+    builder_ms["cross, precomputed (read)"] = 1e3 * time_fn(
+        lambda: [stored.fetch(reader, int(i)) for i in indices[:16]], "cpu", warmup=1, iters=5)["median_s"] / 16
+    cache_bytes = sum(s.bytes for s in reader.manifest.shards)
     direct_tps, direct_tokens = loader_tokens_per_s(CacheDataset(reader, indices, direct), shape["batch"],
                                                     shape["epochs"], teacher_tok.pad_token_id)
     cross_tps, cross_tokens = loader_tokens_per_s(CacheDataset(reader, indices, cross), shape["batch"],
                                                   shape["epochs"], student_tok.pad_token_id)
+    stored_tps, stored_tokens = loader_tokens_per_s(CacheDataset(reader, indices, stored), shape["batch"],
+                                                    shape["epochs"], student_tok.pad_token_id)
+    assert stored_tokens == cross_tokens
     # Printed before the (long, memory-hungry) trainer step, so a killed run still leaves the loader figures.
-    print(f"[loader] direct {direct_tps:.0f} tokens/s, cross {cross_tps:.0f} tokens/s, cross/direct "
-          f"{cross_tps / direct_tps:.3f}; builder ms/window {json.dumps(builder_ms)}", flush=True)
+    print(f"[loader] direct {direct_tps:.0f} tokens/s, cross on the fly {cross_tps:.0f} tokens/s "
+          f"({cross_tps / direct_tps:.3f}x), cross precomputed {stored_tps:.0f} tokens/s "
+          f"({stored_tps / direct_tps:.3f}x); prepare {prep['seconds']:.1f} s; builder ms/window "
+          f"{json.dumps(builder_ms)}", flush=True)
     batch = DistillCollator(student_tok.pad_token_id)([cross(reader[int(i)]) for i in indices[: shape["batch"]]])
     trainer_tps = trainer_tokens_per_s(batch, shape["student"], device, iters=2 if quick else 3)
     return {
@@ -123,8 +141,15 @@ def run(quick: bool, device: str) -> dict[str, Any]:
             "cross loader/trainer": ratio(cross_tps, trainer_tps, ">= 10", f"trainer tokens/s ({shape['student']})"),
             "direct loader/trainer": ratio(direct_tps, trainer_tps, ">= 10", f"trainer tokens/s ({shape['student']})"),
             "cross loader/direct loader": ratio(cross_tps, direct_tps, "", "direct loader tokens/s"),
+            "cross loader precomputed/direct loader": ratio(stored_tps, direct_tps, ">= 0.7",
+                                                            "direct loader tokens/s"),
         },
-        "tokens_per_s": {"cross_loader": cross_tps, "direct_loader": direct_tps, "trainer": trainer_tps},
+        "tokens_per_s": {"cross_loader": cross_tps, "cross_loader_precomputed": stored_tps,
+                         "direct_loader": direct_tps, "trainer": trainer_tps},
+        "prepare_xtok": {"seconds": prep["seconds"], "windows": prep["windows"], "workers": 2,
+                         "ms_per_window": 1e3 * prep["seconds"] / prep["windows"],
+                         "store_bytes": prep["bytes"], "store_bytes_per_student_token": prep["bytes"] / store_tokens,
+                         "cache_bytes_per_teacher_token": cache_bytes / reader.num_tokens},
         "builder_ms_per_window": builder_ms,
         "tokens": {"cross": cross_tokens, "direct": direct_tokens},
         "coverage": {k: stats[k] for k in ("aligned_fraction", "mapped_mass_fraction", "exact_mass_fraction",
@@ -134,6 +159,9 @@ def run(quick: bool, device: str) -> dict[str, Any]:
         "dtype": "fp32",
         "notes": ["loader: torch DataLoader, 2 workers, distill.data.CacheDataset + DistillCollator; both builders "
                   "validate each sequence (distill.data.validation); cross windows capped at the cache's max_length",
+                  "cross precomputed: distill.data.xtok.prepare.prepare_store (2 fork workers, timed as a one-off), "
+                  "then CacheDataset reads CACHE/xtok/<key>/ through CrossTokenizerTargets.fetch (range checks on "
+                  "every read window; the cache itself is not read)",
                   "trainer: one AdamW step with distill.losses.fused_ce_kd_loss on a collated cross-tokenizer batch",
                   "on CPU the trainer is slow, so the ratio flatters the loader; rerun with --device cuda"],
     }
@@ -148,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args.quick, resolve_device(args.device))
     for name, entry in result["ratios"].items():
         print(f"{name:32s} {entry['value']:10.2f}  goal {entry['goal'] or '-':8s} vs {entry['baseline']}")
-    print(json.dumps({k: result[k] for k in ("tokens_per_s", "builder_ms_per_window", "coverage")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("tokens_per_s", "builder_ms_per_window", "prepare_xtok", "coverage")},
+                     indent=1))
 
 
 if __name__ == "__main__":

@@ -40,8 +40,9 @@ def synthetic_topk(ids: np.ndarray, vocab_size: int, top_k: int, rng: np.random.
 def write_text_cache(cache_dir: str | Path, tokenizer: Any, texts: list[str], *, max_length: int = 64,
                      top_k: int = 8, shard_size: int = 16, max_sequences: int | None = None,
                      pooled_shape: tuple[int, int] = (2, 8), seed: int = 0, name_or_path: str | None = None,
-                     windows: list[Any] | None = None) -> Path:
-    """Pack `texts` with `tokenizer` into windows and write a complete cache (or pass pre-made `windows`)."""
+                     windows: list[Any] | None = None, num_samples: int = 0) -> Path:
+    """Pack `texts` with `tokenizer` into windows and write a complete cache (or pass pre-made `windows`).
+    `num_samples` > 0 writes sampled targets (format v2: N draws per position, `sampled_rows`) instead of top-k."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -58,7 +59,8 @@ def write_text_cache(cache_dir: str | Path, tokenizer: Any, texts: list[str], *,
                                        content_hash=schema.tokenizer_hash(tokenizer), vocab_size=vocab,
                                        special_ids={r: getattr(tokenizer, f"{r}_token_id", None) for r in roles},
                                        special_tokens={r: getattr(tokenizer, f"{r}_token", None) for r in roles}),
-        targets=schema.TargetsInfo(kind="topk", encoding="fp16", top_k=top_k), max_length=max_length,
+        targets=(schema.TargetsInfo(kind="sampled", encoding="fp16", top_k=0, num_samples=num_samples) if num_samples
+                 else schema.TargetsInfo(kind="topk", encoding="fp16", top_k=top_k)), max_length=max_length,
         id_dtype=str(schema.id_dtype_for(vocab)), pooling=schema.PoolingInfo(layers=list(range(P)), hidden_size=H),
         shard_size=shard_size, num_sequences=len(windows), num_tokens=int(sum(len(w.input_ids) for w in windows)),
     )
@@ -84,6 +86,15 @@ def write_text_cache(cache_dir: str | Path, tokenizer: Any, texts: list[str], *,
             batch[schema.TOPK_IDS][row, :n] = ids
             batch[schema.TOPK_LOGPROBS][row, :n] = lp
             batch[schema.TAIL_LOGPROB][row, :n] = tail
+        if num_samples:
+            for name in (schema.TOPK_IDS, schema.TOPK_LOGPROBS, schema.TAIL_LOGPROB):
+                del batch[name]
+            batch[schema.SAMPLE_IDS] = np.full((len(chunk), max_length, num_samples), -1, np.int64)
+            batch[schema.SAMPLE_COUNTS] = np.zeros((len(chunk), max_length, num_samples), np.int32)
+            for row, w in enumerate(chunk):
+                ids, _, _, counts = sampled_rows(rng, len(w.input_ids), vocab, num_samples, num_samples)
+                batch[schema.SAMPLE_IDS][row, : len(w.input_ids)] = ids
+                batch[schema.SAMPLE_COUNTS][row, : len(w.input_ids)] = counts
         writer.append(batch)
         manifest.shards.append(writer.finish())
     manifest.save(cache_dir)

@@ -113,7 +113,9 @@ class CacheDataset(Dataset):
         return int(self.indices.shape[0])
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.target_builder(self.reader[int(self.indices[i])])
+        index = int(self.indices[i])
+        fetch = getattr(self.target_builder, "fetch", None)  # precomputed cross-tokenizer targets: no cache read
+        return fetch(self.reader, index) if fetch is not None else self.target_builder(self.reader[index])
 
 
 class TokenWindowDataset(Dataset):

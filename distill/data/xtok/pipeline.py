@@ -25,13 +25,14 @@ from distill.data.xtok.align import (
     split_segments,
     student_consumed,
 )
+from distill.data.xtok.store import STAT_KEYS, TargetStore, open_store, store_key
 from distill.data.xtok.token_bytes import TokenizerError, plain_backend, token_bytes_table, tokenizer_label
 from distill.data.xtok.topk_map import TopKMapper
 from distill.data.xtok.vocab_map import load_or_build_vocab_map, require_student_eos, special_pairs
 
 log = logging.getLogger(__name__)
 
-STAT_KEYS = ("student_tokens", "aligned", "teacher_mass", "mapped_mass", "exact_mass", "skipped", "truncated")
+__all__ = ["STAT_KEYS", "CrossTokenizerTargets", "aggregate_stats", "load_teacher_tokenizer", "load_tokenizer"]
 
 
 def load_tokenizer(spec: Any, role: str) -> Any:
@@ -70,12 +71,14 @@ class CrossTokenizerTargets:
             a student whose tokenizer splits the text finer never gets longer sequences than the teacher saw; 0 keeps
             them all). The cut is at the end: every kept position keeps its target; the rest is counted in stats.
         validate: check each sequence (ids in range, finite log-probs; `distill.data.validation`) before mapping.
+        use_store: read targets precomputed by `python -m distill.prepare_xtok` (`CACHE/xtok/<key>/`, see
+            `distill.data.xtok.store`) in `fetch` when they exist for exactly this setup; else compute on the fly.
     """
 
     def __init__(self, reader_or_manifest: TeacherCacheReader | schema.CacheManifest, teacher_tokenizer: Any = None,
                  student_tokenizer: Any = None, *, rule: str = "first_token",
                  cache_dir: str | os.PathLike | None = None, max_length: int | None = None,
-                 validate: bool = True) -> None:
+                 validate: bool = True, use_store: bool = True) -> None:
         if isinstance(reader_or_manifest, TeacherCacheReader):
             manifest = reader_or_manifest.manifest
             cache_dir = cache_dir if cache_dir is not None else reader_or_manifest.cache_dir
@@ -125,6 +128,33 @@ class CrossTokenizerTargets:
         self._student_norm = _normalizer(self.student_tok)
         self._student_backend = plain_backend(self.student_tok)
         self._skips = 0
+        self.store_meta = store_key(self.teacher_hash, self.student_hash, rule, self.max_length, self.top_k)
+        self.store: TargetStore | None = None
+        if use_store and cache_dir is not None:
+            spec = student_tokenizer if isinstance(student_tokenizer, (str, os.PathLike)) else tokenizer_label(
+                self.student_tok)
+            hint = (f"python -m distill.prepare_xtok {cache_dir} --student-tokenizer {spec} --xtok-rule {rule} "
+                    f"--max-length {self.max_length or 0}")
+            self.store = open_store(cache_dir, manifest, self.store_meta, self._check_stored, hint)
+
+    def fetch(self, reader: TeacherCacheReader, index: int) -> dict[str, Any]:
+        """The example for global sequence `index`: read from the precomputed store when it holds it (no cache
+        read, no mapping), else `self(reader[index])`. Both give the same bytes (tests/test_xtok_store.py)."""
+        out = self.store.get(index) if self.store is not None else None
+        return out if out is not None else self(reader[index])
+
+    @property
+    def student_rows(self) -> int:
+        """Rows of the student's token table: mapped ids lie in [0, student_rows)."""
+        return self._student_rows
+
+    def _check_stored(self, out: dict[str, Any]) -> str | None:
+        ids = out["input_ids"]
+        if ids.size and not (int(ids.min()) >= 0 and int(ids.max()) < self._student_rows):
+            return "holds student input ids out of range"
+        if not np.isfinite(out["pooled_hidden"]).all():
+            return "holds NaN/Inf pooled hidden states"
+        return check_mapped(out, self._student_rows)
 
     def __call__(self, seq: CachedSequence) -> dict[str, Any]:
         if self._validator is not None:
