@@ -16,9 +16,11 @@ from cache_tools import schema
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m distill.coverage", description=__doc__.split("\n\n")[0])
     parser.add_argument("cache_dir")
-    parser.add_argument("--student-tokenizer", required=True, help="student tokenizer: hub id or local folder")
-    parser.add_argument("--max-sequences", type=int, default=200, help="windows sampled evenly over the cache")
-    parser.add_argument("--xtok-rule", default="first_token", choices=["first_token", "tail"])
+    parser.add_argument("--student-tokenizer", "--student_tokenizer", required=True,
+                        help="student tokenizer: hub id or local folder")
+    parser.add_argument("--max-sequences", "--max_sequences", type=int, default=200,
+                        help="windows sampled evenly over the cache")
+    parser.add_argument("--xtok-rule", "--xtok_rule", default="first_token", choices=["first_token", "tail"])
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
