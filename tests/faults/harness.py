@@ -78,6 +78,11 @@ def start_forked(argv: list[str], *, fault: str | None = None, fsize: int | None
             os.dup2(write_fd, 1)
             os.dup2(write_fd, 2)
             sys.stdout = sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+            # OpenMP (libgomp) cannot start a thread team in a forked child once the parent has used one: the
+            # child hangs in gomp_team_barrier_wait (seen with OMP_NUM_THREADS=2 after other tests ran). One
+            # intra-op thread keeps ATen and MKL out of OpenMP regions; the builds here are tiny anyway.
+            if "torch" in sys.modules:
+                sys.modules["torch"].set_num_threads(1)
             if fault:
                 os.environ["DISTILL_FAULT"] = fault
             if fsize is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,14 @@ from cache_tools.fsutil import atomic_path, atomic_write_text
 from cache_tools.reader import TeacherCacheReader
 from distill.data.xtok.pipeline import CrossTokenizerTargets
 from distill.data.xtok.store import ARRAYS, TargetStore, compact, shard_attrs, store_path
+
+
+def _one_thread() -> None:
+    """Forked workers stay out of OpenMP: libgomp cannot start a thread team in a child of a process that used one
+    (the child hangs), and the work here is numpy anyway."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
 
 _JOB: dict[str, Any] = {}  # the builder and reader, inherited by forked workers (never pickled)
 CHUNK_ROWS = 128  # HDF5 chunk rows: a 512-token window's slice touches ~5 chunks of 128 KB (K = 256, float32)
@@ -79,7 +88,8 @@ def prepare_store(builder: CrossTokenizerTargets, reader: TeacherCacheReader, *,
     remaining = {pos: sum(1 for t in tasks if t[0] == pos) for pos in todo}
     started = time.perf_counter()
     _JOB.update(builder=builder, reader=reader)
-    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 and len(tasks) > 1 else None
+    pool = (multiprocessing.get_context("fork").Pool(workers, initializer=_one_thread)
+            if workers > 1 and len(tasks) > 1 else None)
     try:
         results = pool.imap(_compute, tasks) if pool is not None else map(_compute, tasks)
         current: tuple[int, Any, _ShardFile] | None = None
