@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +42,10 @@ def require_fast(tokenizer: Any, role: str) -> None:
         )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table (the one every byte-level BPE uses)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
-
-
 # str.translate table: byte-level character -> the latin-1 character of its byte, so `.encode("latin-1")` gives bytes
 # for a whole vocabulary at C speed instead of a Python loop over characters.
-_BYTE_LEVEL_TABLE = {ord(ch): b for b, ch in _bytes_to_unicode().items()}
+# GPT-2's reversible byte -> printable character table (every byte-level BPE uses it), as transformers ships it.
+_BYTE_LEVEL_TABLE = {ord(ch): b for b, ch in bytes_to_unicode().items()}
 
 
 def plain_backend(tokenizer: Any) -> Any:
