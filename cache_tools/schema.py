@@ -30,7 +30,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cache_tools.fsutil import atomic_write_text, file_sha256  # noqa: F401 - re-exported for the rest of the package
+from cache_tools.fsutil import TMP_SUFFIX, atomic_write_text, file_sha256  # noqa: F401 - re-exported for the package
 from cache_tools.manifest import (  # noqa: F401 - the manifest is part of this contract; import it from here
     ENCODINGS,
     FORMAT_VERSION,
@@ -49,7 +49,6 @@ from cache_tools.manifest import (  # noqa: F401 - the manifest is part of this 
 )
 
 SHARD_PREFIX = "shard-"
-TMP_SUFFIX = ".tmp"
 VOCAB_MAP_DIR = "vocab_maps"  # cross-tokenizer maps saved beside the cache, keyed by both tokenizer hashes
 TOKENIZER_DIR = "tokenizer"  # the teacher tokenizer, saved with the cache so students never need the teacher's path
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from cache_tools.teacher import DTYPES
+
 PROG = "python -m distill.evaluate"
 
 
