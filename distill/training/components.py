@@ -11,7 +11,7 @@ A component `c` gets, from its entry alone:
   (`distill.training.metrics`, `distill.training.callbacks`).
 
 Adding an auxiliary loss = write its function (e.g. in `distill/losses/aux.py`) and add one entry below; see
-docs/fragments/training.md for the worked example.
+docs/ARCHITECTURE.md ("How to add ...") for the worked example.
 """
 
 from __future__ import annotations
