@@ -83,6 +83,9 @@ def start_forked(argv: list[str], *, fault: str | None = None, fsize: int | None
             # intra-op thread keeps ATen and MKL out of OpenMP regions; the builds here are tiny anyway.
             if "torch" in sys.modules:
                 sys.modules["torch"].set_num_threads(1)
+            # A runner started in the background by a non-interactive shell inherits SIGINT *ignored* (and Python
+            # then installs no KeyboardInterrupt handler): restore it, so a case's SIGINT acts like Ctrl-C.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             if fault:
                 os.environ["DISTILL_FAULT"] = fault
             if fsize is not None:
