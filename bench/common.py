@@ -21,17 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cache_tools import fsutil
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORK_ROOT = REPO_ROOT / "bench" / ".work"  # git-ignored scratch (see bench/.gitignore)
 
 # Offline and quiet: benchmarks must never reach the hub, and tokenizers' own threads would skew CPU timings.
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
-}
+OFFLINE_ENV = {**fsutil.OFFLINE_ENV, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
 
 
 def apply_offline_env() -> None:

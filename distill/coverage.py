@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from cache_tools import schema
+from cache_tools.errors import run_cli
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,21 +26,20 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    from transformers import AutoTokenizer
-
-    from distill.data.xtok.coverage import coverage_report, format_coverage
     from distill.data.xtok.token_bytes import TokenizerError
 
-    try:
+    def body() -> int:
+        args = parser().parse_args(argv)
+        from transformers import AutoTokenizer
+
+        from distill.data.xtok.coverage import coverage_report, format_coverage
+
         student = AutoTokenizer.from_pretrained(args.student_tokenizer)
         report = coverage_report(args.cache_dir, student, max_sequences=args.max_sequences, rule=args.xtok_rule)
-    except (schema.CacheError, TokenizerError, OSError, ValueError) as err:
-        print(f"distill.coverage: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(report, indent=2, sort_keys=True, default=str) if args.json else format_coverage(report))
-    return 0
+        print(json.dumps(report, indent=2, sort_keys=True, default=str) if args.json else format_coverage(report))
+        return 0
 
+    return run_cli("python -m distill.coverage", body, expected=(TokenizerError, ValueError))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,10 +4,9 @@ into train and held-out documents, the locally trained tokenizers, and the teach
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from cache_tools.fsutil import atomic_write_text
+from cache_tools.fsutil import atomic_path, atomic_write_text
 
 EVAL_EVERY = 20  # every 20th document is held out: deterministic, and spread over the whole corpus (all modules)
 
@@ -52,13 +51,8 @@ def train_tokenizer(docs: list[str], vocab_size: int, out_dir: Path, *, split_di
     renamed when complete)."""
     from examples.tiny_models import train_bpe_tokenizer
 
-    tmp = out_dir.with_name(out_dir.name + f".{os.getpid()}.tmp")
-    train_bpe_tokenizer(docs, vocab_size, split_digits=split_digits).save_pretrained(tmp)
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_path(out_dir) as tmp:
+        train_bpe_tokenizer(docs, vocab_size, split_digits=split_digits).save_pretrained(tmp)
     return out_dir
 
 
