@@ -175,12 +175,14 @@ def build_cache_data(
 ) -> BuiltData:
     """Open the training cache (and the eval cache), check the student can use them, split, wrap as datasets.
     `target_builder` defaults to `make_target_builder` per cache (direct or cross-tokenizer)."""
-    reader = TeacherCacheReader(cache_dir)
+    # Our own target builders validate every sequence (`distill.data.validation`: ids, finite and <= 0 log-probs,
+    # pooled states), a superset of the reader's finite check: read once, check once on the loader's hot path.
+    reader = TeacherCacheReader(cache_dir, check_finite=target_builder is not None)
     train_builder = target_builder or make_target_builder(reader, tokenizer, student_vocab_rows, xtok_rule=xtok_rule)
     train_idx, eval_idx = split_eval_indices(reader, eval_fraction)
     eval_reader, eval_builder = reader, train_builder
     if eval_cache:
-        eval_reader = TeacherCacheReader(eval_cache)
+        eval_reader = TeacherCacheReader(eval_cache, check_finite=target_builder is not None)
         # The eval cache may come from another teacher tokenizer: it gets its own builder.
         eval_builder = target_builder or make_target_builder(eval_reader, tokenizer, student_vocab_rows,
                                                              xtok_rule=xtok_rule)

@@ -66,9 +66,9 @@ def sequence_problem(seq: CachedSequence, vocab_size: int, sampled: bool) -> str
     if not _in_range(seq.topk_ids, -1, vocab_size):
         return f"holds teacher ids outside [0, {vocab_size})"
     if not _logprobs_ok(seq.topk_logprobs, finite=True):
-        return "holds NaN, infinite or positive teacher log-probs"
+        return "holds NaN/Inf or positive teacher log-probs"
     if not _logprobs_ok(seq.tail_logprob, finite=not sampled):
-        return "holds a NaN, infinite or positive tail log-prob" if not sampled else "holds a NaN or positive tail"
+        return "holds a NaN/Inf or positive tail log-prob" if not sampled else "holds a NaN or positive tail"
     pooled = seq.pooled_hidden.astype(np.float32, copy=False)
     if pooled.size and not np.isfinite(pooled.max() - pooled.min()):
         return "holds NaN/Inf pooled hidden states"
