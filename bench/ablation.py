@@ -105,18 +105,21 @@ def batch_order(windows: list[int], steps: int, batch_size: int, seed: int) -> l
     return order
 
 
-def build_caches(demo: Path, variants: list[str], max_length: int, sample_seed: int) -> dict[str, Path]:
+def build_caches(demo: Path, variants: list[str], max_length: int, sample_seed: int,
+                 temperature: float) -> dict[str, Path]:
     """The k = 256 cache (always: it fixes the windows and serves every top-k variant) and one cache per sampled
-    variant, all from the same text and windows, through the real `cache_tools build-cache`."""
+    variant, all from the same text and windows, through the real `cache_tools build-cache`. Samples are drawn at
+    the KD `temperature` (counts/N estimate the teacher at the temperature they were drawn at)."""
     text, teacher_dir = demo / "data" / "train.jsonl", demo / "teacher" / "student"
     caches = {"topk": WORK_ROOT / "ablation_cache_k256"}
     build_cache(teacher_dir, text, caches["topk"], top_k=256, max_length=max_length, extra=["--no-progress"])
     for variant in variants:
         if variant in SAMPLED_VARIANTS:
             n = variant.removeprefix("kd_sampled")
-            caches[variant] = WORK_ROOT / f"ablation_cache_sampled{n}"
+            caches[variant] = WORK_ROOT / f"ablation_cache_sampled{n}_T{temperature:g}"
             build_cache(teacher_dir, text, caches[variant], top_k=None, max_length=max_length,
-                        extra=["--no-progress", "--targets", "sampled", "--samples", n, "--seed", str(sample_seed)])
+                        extra=["--no-progress", "--targets", "sampled", "--samples", n, "--seed", str(sample_seed),
+                               "--sample-temperature", str(temperature)])
     return caches
 
 
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--demo-dir {demo}: made with --student-vocab-size (two tokenizers); the ablation compares "
                          "losses on the teacher's tokens, so run it on a demo with --student-vocab-size 0")
     max_length = json.loads((demo / "report.json").read_text())["info"]["settings"]["max_length"]
-    caches = build_caches(demo, args.variants, max_length, args.sample_seed)
+    caches = build_caches(demo, args.variants, max_length, args.sample_seed, args.temperature)
     readers = {name: TeacherCacheReader(path) for name, path in caches.items()}
     cache_bytes = {v: bytes_per_token(caches[v]) for v in args.variants if v in caches}
     cache_bytes.update({v: bytes_per_token(caches["topk"]) for v in args.variants if v.startswith("kd_k")})
