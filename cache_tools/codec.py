@@ -1,6 +1,6 @@
-"""Compact per-sequence encodings of sparse teacher targets (format v2), pure vectorised numpy.
+"""Compact per-sequence encodings of sparse teacher targets and token offsets (format v2), pure vectorised numpy.
 
-Two blob kinds, each one sequence of n positions, 1-D uint8 (framing and codes: `cache_tools.codec_bits`):
+Three blob kinds, each one sequence of n positions, 1-D uint8 (framing and codes: `cache_tools.codec_bits`):
 
 - top-k (`encode_topk` / `decode_topk`): per position K distinct ids and their log-probs. The ids are sorted
   ascending and their gaps (minus one) Exp-Golomb-coded with a per-position parameter: a teacher's support is dense
@@ -15,11 +15,14 @@ Two blob kinds, each one sequence of n positions, 1-D uint8 (framing and codes: 
   where most of a top-256 row sits. Decoding re-sorts each row by level; ties keep id order.
 - sampled (`encode_sampled` / `decode_sampled`): per position the distinct sampled ids and their counts (summing to
   N), LOSSLESS: the number of distinct ids (fixed width), then id gaps and count - 1, Exp-Golomb-coded.
+- offsets (`encode_offsets` / `decode_offsets`, in `cache_tools.codec_offsets`): the (start, end) character offsets
+  of each token, LOSSLESS, as Exp-Golomb-coded gaps and lengths.
 
-Layout after the header: [top-k] row maxima float32 [n], row ranges uint8 [n]; one byte of code parameters per row
-(id k in the low ID_K_BITS bits, level / count k above); [sampled] the distinct-id counts; then the unary parts of
-all codes (byte count uint32, then the section) and their fixed-width fields. Every reader-side fault (length,
-checksum, parameters, ids out of range, counts not summing to N) raises `CodecError`, one line.
+Layout of top-k and sampled blobs after the header: [top-k] row maxima float32 [n], row ranges uint8 [n]; one byte
+of code parameters per row (id k in the low ID_K_BITS bits, level / count k above); [sampled] the distinct-id
+counts; then the unary parts of all codes (byte count uint32, then the section) and their fixed-width fields.
+Every reader-side fault (length, checksum, parameters, ids out of range, counts not summing to N) raises
+`CodecError`, one line.
 """
 
 from __future__ import annotations
@@ -39,10 +42,11 @@ from cache_tools.codec_bits import (
     pack_fields,
     pack_streams,
 )
+from cache_tools.codec_offsets import check_offsets, decode_offsets, encode_offsets
 
 __all__ = ["ENCODING_VERSION", "HEADER", "MAX_FIELD_BITS", "CodecError", "encode_topk", "decode_topk", "check_topk",
            "encode_sampled", "decode_sampled", "check_sampled", "LEVEL_BITS", "QUANT_SCALE", "QUANT_MAX_D",
-           "RANGE_STEPS"]
+           "RANGE_STEPS", "encode_offsets", "decode_offsets", "check_offsets"]
 
 KIND_TOPK, KIND_SAMPLED = b"T", b"S"
 ID_K_BITS = 5  # Exp-Golomb parameter of id gaps: 0..31 (low 5 bits of the per-row parameter byte)

@@ -17,6 +17,7 @@ ENCODING_VERSION = 1
 MAGIC = b"DK"
 HEADER = struct.Struct("<2sccBI")  # magic, kind, version, kind-specific parameter, crc32 of all other bytes
 MAX_FIELD_BITS = 25  # widest fixed-width field the 4-byte window reader handles (25 + 7 bit offset <= 32)
+MAX_WIDE_BITS = 2 * MAX_FIELD_BITS  # widest field a stream may hold: read as a high and a low part (int32 offsets)
 
 
 class CodecError(ValueError):
@@ -51,6 +52,17 @@ def read_fields(buf: np.ndarray, widths: np.ndarray) -> np.ndarray:
     window >>= 32 - w32  # a shift by 32 is undefined: 0-bit fields are zeroed below
     window[w32 == 0] = 0
     return window
+
+
+def split_wide(values: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fields of up to MAX_WIDE_BITS bits -> twice as many fields of at most MAX_FIELD_BITS each: per field its
+    high part (width - MAX_FIELD_BITS bits, 0 for narrow fields) then its low part. Packed MSB first, the pair is
+    bit for bit the wide field, so the layout of a blob does not depend on this split."""
+    widths = widths.astype(np.int64)
+    low = np.minimum(widths, MAX_FIELD_BITS)
+    values = values.astype(np.int64)
+    pairs = np.stack([values >> low, values & ((np.int64(1) << low) - 1)], axis=1).reshape(-1)
+    return pairs, np.stack([widths - low, low], axis=1).reshape(-1)
 
 
 def pack_unary(q: np.ndarray) -> np.ndarray:
@@ -161,20 +173,27 @@ class BlobReader:
         self.pos += nbytes
         return out
 
-    def fields(self, widths: np.ndarray) -> np.ndarray:
-        if widths.size and int(widths.max()) > MAX_FIELD_BITS:
-            raise CodecError(f"{self.what} blob asks for a {int(widths.max())}-bit field: corrupt")
+    def fields(self, widths: np.ndarray, max_bits: int = MAX_FIELD_BITS) -> np.ndarray:
+        """The next fields section: one field per width (each <= max_bits <= MAX_WIDE_BITS, else CodecError)."""
+        widest = int(widths.max()) if widths.size else 0
+        if widest > max_bits:
+            raise CodecError(f"{self.what} blob asks for a {widest}-bit field: corrupt")
         section = self.take((int(widths.sum()) + 7) // 8)
-        return read_fields(section, widths)
+        if widest <= MAX_FIELD_BITS:
+            return read_fields(section, widths)
+        _, split = split_wide(np.zeros(widths.size, np.int64), widths)
+        pairs = read_fields(section, split).astype(np.int64).reshape(-1, 2)
+        return (pairs[:, 0] << split[1::2]) | pairs[:, 1]
 
-    def streams(self, specs: list[tuple[np.ndarray, bool]]) -> list[np.ndarray]:
-        """Decode what `pack_streams` wrote: one (per-value k, exp_golomb) per stream -> the streams' values."""
+    def streams(self, specs: list[tuple[np.ndarray, bool]], max_bits: int = MAX_FIELD_BITS) -> list[np.ndarray]:
+        """Decode what `pack_streams` wrote: one (per-value k, exp_golomb) per stream -> the streams' values. A
+        field wider than `max_bits` (what the caller's values can need) is corrupt."""
         nbytes = int(self.take(4).view("<u4")[0])
         unary = read_unary(self.take(nbytes), sum(ks.size for ks, _ in specs))
         cuts = np.cumsum([0] + [ks.size for ks, _ in specs])
         parts = [unary[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
         widths = [field_widths(u, ks, eg) for u, (ks, eg) in zip(parts, specs, strict=True)]
-        fields = self.fields(np.concatenate(widths))
+        fields = self.fields(np.concatenate(widths), max_bits)
         if self.pos != self.body.size:
             raise CodecError(f"{self.what} blob has {self.body.size - self.pos} bytes after its last field: corrupt")
         return [join_codes(u, fields[a:b], w, ks, eg)
@@ -183,10 +202,16 @@ class BlobReader:
 
 def pack_streams(streams: list[tuple[np.ndarray, np.ndarray, bool]]) -> list[np.ndarray]:
     """(flat values, per-value k, exp_golomb) per stream -> blob parts: unary byte count (uint32), the unary section
-    (read first: Exp-Golomb field widths depend on it), then the fields section."""
+    (read first: Exp-Golomb field widths depend on it), then the fields section (fields up to MAX_WIDE_BITS)."""
     split = [split_codes(v, ks, eg) for v, ks, eg in streams]
     unary = pack_unary(np.concatenate([u for u, _, _ in split]))
-    fields = pack_fields(np.concatenate([f for _, f, _ in split]), np.concatenate([w for _, _, w in split]))
+    values, widths = np.concatenate([f for _, f, _ in split]), np.concatenate([w for _, _, w in split])
+    widest = int(widths.max()) if widths.size else 0
+    if widest > MAX_WIDE_BITS:
+        raise ValueError(f"a value needs a {widest}-bit field, more than the {MAX_WIDE_BITS} a blob may hold")
+    if widest > MAX_FIELD_BITS:
+        values, widths = split_wide(values, widths)
+    fields = pack_fields(values, widths)
     return [np.array([unary.size], "<u4").view(np.uint8), unary, fields]
 
 

@@ -65,3 +65,24 @@ def test_resealed_random_damage_is_refused_or_decodes_to_valid_targets():
             except CodecError:
                 outcomes["refused"] += 1
     assert outcomes["refused"] > 50, outcomes
+
+
+def test_wide_fields_are_plain_msb_first_bits():
+    """Fields wider than MAX_FIELD_BITS (int32 token offsets need 33 bits) are written and read in two parts; on disk
+    they are the same MSB-first bits as any field, and a reader only accepts them up to the width it asks for."""
+    from cache_tools.codec_bits import MAX_FIELD_BITS, BlobReader, make_blob, pack_streams, split_codes
+
+    values = np.array([0, 1, 2**25, 2**33 - 1, 5, 2**30 + 7, 2**26 - 1], np.int64)
+    ks = np.full(values.size, 3)
+    parts = pack_streams([(values, ks, True)])
+    _, fields, widths = split_codes(values, ks, True)
+    assert int(widths.max()) > MAX_FIELD_BITS
+    bits = "".join(format(int(f), f"0{int(w)}b") for f, w in zip(fields, widths, strict=True))
+    bits += "0" * (-len(bits) % 8)
+    assert parts[2].tobytes() == int(bits, 2).to_bytes(len(bits) // 8, "big")
+    blob = make_blob(b"X", parts)
+    np.testing.assert_array_equal(BlobReader(blob, b"X", "test").streams([(ks, True)], 34)[0], values)
+    with pytest.raises(CodecError, match="33-bit field"):
+        BlobReader(blob, b"X", "test").streams([(ks, True)])  # default: the narrow fields of ids and counts
+    with pytest.raises(ValueError, match="51-bit field"):
+        pack_streams([(np.array([2**51], np.int64), np.array([0]), True)])

@@ -1,0 +1,96 @@
+"""Compact, LOSSLESS per-sequence encoding of teacher token offsets (format v2, encoding "compact").
+
+One sequence of n tokens has offsets [n, 2]: (start, end) character offsets of each token in the window's text.
+Stored as int32 that is 8 bytes per token; here it is ~5 bits. Per token two signed numbers are coded:
+
+- gap = start - previous end (previous end = 0 before the first token): 0 for contiguous text, positive where text
+  is skipped, NEGATIVE where two tokens overlap (byte-level BPE splits one character over two tokens, which then
+  share its offsets). Zigzag-mapped (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...).
+- length = end - start: >= 0 for every offset a tokenizer gives (0 for special tokens, e.g. (0, 0)); stored plainly
+  when no length of the sequence is negative, else zigzag-mapped like the gaps (header flag `SIGNED_LENGTHS`), so
+  any int32 pairs round-trip and well-formed ones pay nothing for it.
+
+Each is an Exp-Golomb stream (`cache_tools.codec_bits`) with one parameter per sequence (`best_k`). Layout after
+the header (whose parameter byte holds the flags): the token count n (uint32: a blob read for a sequence of another
+length is refused, not decoded into shifted offsets), k of the gaps, k of the lengths (one byte each), the unary
+section (byte count uint32 + the section) and the fields. Int32 gaps span 33 bits, so a field may be wider than
+`codec_bits.MAX_FIELD_BITS` (up to MAX_BITS = 33; read in two parts). Every reader-side fault raises `CodecError`,
+one line: a checksum covers every byte, and decoded offsets outside int32 are refused.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cache_tools.codec_bits import BlobReader, CodecError, best_k, make_blob, pack_streams
+
+__all__ = ["KIND_OFFSETS", "SIGNED_LENGTHS", "encode_offsets", "decode_offsets", "check_offsets"]
+
+KIND_OFFSETS = b"O"
+SIGNED_LENGTHS = 1  # header parameter bit: the lengths stream is zigzag-mapped (some end < start)
+K_MAX = 24  # largest Exp-Golomb parameter (values reach 2**33: k = 24 still leaves them a short unary part)
+# Widest field: a zigzagged int32 difference is < 2**33; + 2**K_MAX it stays < 2**34, so at most 33 field bits.
+MAX_BITS = 33
+INT32 = np.iinfo(np.int32)
+
+
+def _zigzag(values: np.ndarray) -> np.ndarray:
+    """int64 (|v| < 2**62) -> non-negative int64: 0, -1, 1, -2, 2, ... -> 0, 1, 2, 3, 4, ..."""
+    return (values << 1) ^ (values >> 63)
+
+
+def _unzigzag(values: np.ndarray) -> np.ndarray:
+    return (values >> 1) ^ -(values & 1)
+
+
+def _gaps_lengths(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """offsets [n, 2] int64 -> (gap [n], length [n]) int64, both signed."""
+    start, end = offsets[:, 0], offsets[:, 1]
+    previous_end = np.concatenate([np.zeros(1, np.int64), end])[:-1]  # n = 0 gives empty arrays
+    return start - previous_end, end - start
+
+
+def encode_offsets(offsets: np.ndarray) -> np.ndarray:
+    """One sequence's token offsets [n, 2] (integers within int32; n may be 0) -> 1-D uint8 blob, lossless."""
+    offsets = np.asarray(offsets)
+    if offsets.ndim != 2 or offsets.shape[1] != 2 or not np.issubdtype(offsets.dtype, np.integer):
+        raise ValueError(f"offsets must be an integer array [n, 2], got {offsets.dtype} with shape {offsets.shape}")
+    if offsets.size and (int(offsets.min()) < INT32.min or int(offsets.max()) > INT32.max):
+        raise ValueError(f"offsets must fit int32; got {int(offsets.min())}..{int(offsets.max())}")
+    gap, length = _gaps_lengths(offsets.astype(np.int64))
+    signed = bool((length < 0).any())
+    streams = [_zigzag(gap), _zigzag(length) if signed else length]
+    ks = [int(best_k(values[None, :], None, K_MAX, True)[0]) for values in streams]
+    coded = pack_streams([(values, np.full(values.size, k), True) for values, k in zip(streams, ks, strict=True)])
+    count = np.array([offsets.shape[0]], "<u4").view(np.uint8)
+    return make_blob(KIND_OFFSETS, [count, np.array(ks, np.uint8), *coded], SIGNED_LENGTHS if signed else 0)
+
+
+def decode_offsets(blob: np.ndarray, n: int) -> np.ndarray:
+    """Blob -> offsets [n, 2] int32, exactly as encoded. Raises CodecError when the blob is not a valid offsets blob
+    of n tokens (truncated, corrupt, another kind, or written for another length)."""
+    reader = BlobReader(blob, KIND_OFFSETS, "token-offsets")
+    if reader.param & ~SIGNED_LENGTHS:
+        raise CodecError(f"token-offsets blob has header parameter {reader.param} (flags 0..1): corrupt")
+    count = int(reader.take(4).view("<u4")[0])
+    if count != n:
+        raise CodecError(f"token-offsets blob holds {count} tokens, the sequence has {n}: corrupt, or another's blob")
+    k_gap, k_len = (int(k) for k in reader.take(2))
+    if max(k_gap, k_len) > K_MAX:
+        raise CodecError(f"token-offsets blob has code parameters {k_gap}, {k_len} (at most {K_MAX}): corrupt")
+    gap, length = reader.streams([(np.full(n, k_gap), True), (np.full(n, k_len), True)], MAX_BITS)
+    gap = _unzigzag(gap)
+    length = _unzigzag(length) if reader.param & SIGNED_LENGTHS else length
+    # start_i = gap_i + end_{i-1} and end_i = start_i + length_i, so end = cumsum(gap + length); int64 cannot
+    # overflow (n * 2**34 is far below 2**63 for any n a blob can hold).
+    end = np.cumsum(gap + length)
+    start = end - length
+    out = np.stack([start, end], axis=1)
+    if n and (int(out.min()) < INT32.min or int(out.max()) > INT32.max):
+        raise CodecError("token-offsets blob decodes to offsets outside int32: corrupt")
+    return out.astype(np.int32)
+
+
+def check_offsets(blob: np.ndarray, n: int) -> None:
+    """Raise CodecError unless `blob` decodes to the offsets of n tokens (what `verify` runs)."""
+    decode_offsets(blob, n)
