@@ -7,7 +7,8 @@ Fields the builder hands to the writer, per batch of n windows (padded to L posi
              pooled_hidden [n, P, H]
     topk     topk_ids [n, L, K] (sorted by log-prob, descending), topk_logprobs [n, L, K], tail_logprob [n, L]
     sampled  sample_ids [n, L, N] (distinct ids, -1 padding), sample_counts [n, L, N] (0 in padding)
-Every kind is read back as the same `Targets` (see `decode_targets`)."""
+Every kind is read back as the same `Targets` (see `decode_targets`), and offsets as the same int32 [n, 2] for
+every encoding (see `decode_offsets`)."""
 
 from __future__ import annotations
 
@@ -82,6 +83,11 @@ def _sample_blob(m: CacheManifest, batch: dict[str, Any]) -> np.ndarray:
                    for i, c in zip(ids, counts, strict=True)])
 
 
+def _offsets_blob(m: CacheManifest, batch: dict[str, Any]) -> np.ndarray:
+    codec = _codec()
+    return _blobs([codec.encode_offsets(o) for o in _valid_rows(batch, schema.OFFSETS)])
+
+
 def _sample_ids(m: CacheManifest, batch: dict[str, Any]) -> np.ndarray:
     counts = np.asarray(batch[schema.SAMPLE_COUNTS])
     return np.where(counts > 0, np.asarray(batch[schema.SAMPLE_IDS]), 0)  # unsigned on disk: count 0 marks padding
@@ -92,6 +98,7 @@ _ENCODERS = {
     schema.TEXT: lambda m, batch: encode_text(list(batch[schema.TEXT])),
     schema.TOPK_BLOB: _topk_blob,
     schema.SAMPLE_BLOB: _sample_blob,
+    schema.OFFSETS_BLOB: _offsets_blob,
     schema.SAMPLE_IDS: _sample_ids,
 }
 
@@ -135,3 +142,11 @@ def decode_targets(m: CacheManifest, raw: dict[str, Any], n: int) -> Targets:
         return sampled_targets(raw[schema.SAMPLE_IDS], raw[schema.SAMPLE_COUNTS], N)
     ids, counts = _codec().decode_sampled(raw[schema.SAMPLE_BLOB], n, N, V)
     return sampled_targets(np.asarray(ids), np.asarray(counts), N)
+
+
+def decode_offsets(m: CacheManifest, raw: dict[str, Any], n: int) -> np.ndarray:
+    """One sequence's stored offsets (the array trimmed to its n valid positions, or the compact blob) -> int32
+    [n, 2] C-contiguous: the same array for both encodings of one build. A damaged blob raises CodecError."""
+    if m.targets.encoding == "compact":
+        return _codec().decode_offsets(raw[schema.OFFSETS_BLOB], n)
+    return np.ascontiguousarray(raw[schema.OFFSETS], dtype=schema.OFFSET_DTYPE)

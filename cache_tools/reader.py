@@ -122,13 +122,14 @@ class TeacherCacheReader:
             raw = shard_io.read_row(self._file(pos), self.manifest, row)
             n = int(raw[schema.VALID_LENGTH])
             targets = encodings.decode_targets(self.manifest, raw, n)
+            offsets = encodings.decode_offsets(self.manifest, raw, n)
         except (OSError, ValueError, KeyError) as err:  # truncated file, damaged blob, dataset missing
             raise CacheError(f"{self.cache_dir / shard_file}: sequence {index} (row {row}) unreadable ({err}); run "
                              "`cache_tools verify` and rebuild that shard") from err
         seq = CachedSequence(
             index=int(index),
             input_ids=raw[schema.INPUT_IDS].astype(np.int64),
-            offsets=raw[schema.OFFSETS],
+            offsets=offsets,
             topk_ids=targets.ids,
             topk_logprobs=targets.logprobs,
             tail_logprob=targets.tail,
@@ -142,7 +143,8 @@ class TeacherCacheReader:
 
     def read_slice(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Contiguous run [start, stop) of every STORED dataset (padded, leading dim stop-start; text as str),
-        reading whole chunks per shard. Compact caches give their blobs here; `reader[i]` decodes."""
+        reading whole chunks per shard. Compact caches give their blobs here (targets and offsets); `reader[i]`
+        decodes."""
         if not 0 <= start <= stop <= self.num_sequences:
             raise IndexError(f"slice [{start}, {stop}) out of range [0, {self.num_sequences}]")
         names = schema.dataset_names(self.manifest)

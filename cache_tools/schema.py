@@ -15,8 +15,10 @@ Layout of a cache directory (format version 2)::
 
 Datasets in each shard: see `DATASETS` (S = sequences in the shard, L = max_length, K = top_k, N = num_samples,
 P = pooled layers, H = teacher hidden). Position t of a window holds the teacher's distribution over the token that
-FOLLOWS token t. Version 1 (read, never written) = version 2 with kind "topk", encoding "fp16", text stored as a
-variable-length UTF-8 string instead of bytes.
+FOLLOWS token t. Encoding "fp16" stores the sparse targets and the token offsets as plain arrays; "compact" stores
+each of the two as one variable-length uint8 blob per sequence (`cache_tools.codec`) covering the window's valid
+positions only (a top-k tail_logprob stays an array). Version 1 (read, never written) = version 2 with kind "topk",
+encoding "fp16", text stored as a variable-length UTF-8 string instead of bytes.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ SAMPLE_IDS = "sample_ids"
 SAMPLE_COUNTS = "sample_counts"
 TOPK_BLOB = "topk_blob"
 SAMPLE_BLOB = "sample_blob"
+OFFSETS_BLOB = "offsets_blob"
 
 LOGPROB_DTYPE = np.float16
 TAIL_DTYPE = np.float32
@@ -149,7 +152,11 @@ DATASETS: tuple[DatasetSpec, ...] = (
     DatasetSpec(TEXT, lambda m: (), _text_dtype, False, "the window's text as UTF-8 bytes (NUL-safe); offsets index "
                 "its characters", checks=("utf8",)),
     DatasetSpec(OFFSETS, lambda m: (m.max_length, 2), _fixed(OFFSET_DTYPE), True,
-                "(start, end) character offsets of each teacher token in text"),
+                "(start, end) character offsets of each teacher token in text; 0 past valid_length",
+                encodings=("fp16",), checks=("offsets_in_text",)),
+    DatasetSpec(OFFSETS_BLOB, lambda m: (), lambda m: VLEN_BYTES, False,
+                "codec.encode_offsets of the valid positions' offsets (lossless; read back as int32 [n, 2])",
+                encodings=("compact",), checks=("offsets_in_text",)),
     DatasetSpec(TOPK_IDS, lambda m: (m.max_length, m.targets.top_k), _ids, True,
                 "top-k ids, sorted by log-prob descending", kinds=("topk",), encodings=("fp16",),
                 checks=("topk_targets",)),

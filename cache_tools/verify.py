@@ -74,30 +74,48 @@ def _target_ids_fault(t: encodings.Targets, vocab_size: int) -> str | None:
 
 @dataclass
 class _Block:
-    """Rows [lo, hi) of one shard as the reader sees them: raw per-sequence datasets and decoded targets (all
-    positions of the block concatenated)."""
+    """Rows [lo, hi) of one shard as the reader sees them: raw per-sequence datasets, decoded targets (all positions
+    of the block concatenated) and each sequence's decoded offsets [n, 2]."""
 
+    lo: int
     raw: list[dict[str, Any]]
     targets: encodings.Targets
+    offsets: list[np.ndarray]
 
 
 def _read_block(f: h5py.File, lo: int, hi: int, m: schema.CacheManifest) -> _Block | str:
-    raw, decoded = [], []
+    raw, decoded, offsets = [], [], []
     for row in range(lo, hi):
         n = int(f[schema.VALID_LENGTH][row])
         if not 1 <= n <= m.max_length:  # checked first: every per-token read and decode is cut at n
             return f"valid_length outside 1..{m.max_length}"
         try:
             values = shard_io.read_row(f, m, row)
-            decoded.append(encodings.decode_targets(m, values, int(values[schema.VALID_LENGTH])))
+            decoded.append(encodings.decode_targets(m, values, n))
         except UnicodeDecodeError:
             return f"row {row}: text is not valid UTF-8"
         except (ValueError, KeyError, IndexError) as err:  # codec.CodecError is a ValueError
             return f"row {row}: targets not decodable ({err})"
+        try:
+            offsets.append(encodings.decode_offsets(m, values, n))
+        except (ValueError, KeyError) as err:
+            return f"row {row}: token offsets not decodable ({err})"
         raw.append(values)
     counts = None if decoded[0].counts is None else np.concatenate([t.counts for t in decoded])
     joined = [np.concatenate([getattr(t, name) for t in decoded]) for name in ("ids", "logprobs", "tail")]
-    return _Block(raw, encodings.Targets(*joined, counts=counts))
+    return _Block(lo, raw, encodings.Targets(*joined, counts=counts), offsets)
+
+
+def _offsets_fault(b: _Block) -> str | None:
+    """Every token's (start, end) must satisfy 0 <= start <= end <= len(text) of its window (characters)."""
+    for row, (values, offsets) in enumerate(zip(b.raw, b.offsets, strict=True), start=b.lo):
+        start, end, chars = offsets[:, 0], offsets[:, 1], len(values[schema.TEXT])
+        wrong = (start < 0) | (end < start) | (end > chars)
+        if wrong.any():
+            bad = int(np.argmax(wrong))
+            return (f"row {row}: token {bad} has offsets ({int(start[bad])}, {int(end[bad])}), not within "
+                    f"0 <= start <= end <= {chars} (the window's text length)")
+    return None
 
 
 def _column(block: _Block, name: str) -> np.ndarray:
@@ -115,6 +133,7 @@ CHECKS: dict[str, Callable[[schema.CacheManifest, _Block], str | None]] = {
     "pooled_finite": lambda m, b: None if np.isfinite(_column(b, schema.POOLED_HIDDEN).astype(np.float32)).all()
     else "non-finite pooled_hidden",
     "token_count": lambda m, b: None,  # checked per shard against the manifest, see verify_shard
+    "offsets_in_text": lambda m, b: _offsets_fault(b),  # decoding (compact) was checked while reading the block
 }
 
 

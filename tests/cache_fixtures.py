@@ -26,6 +26,15 @@ def _windows(tokenizer: Any, texts: list[str], max_length: int, num_sequences: i
     return [w for w in out if len(w) == max_length][:num_sequences]
 
 
+def _offsets(tokenizer: Any, ids: np.ndarray, text: str) -> np.ndarray:
+    """[L, 2] int32 character offsets of each token of a window in its text (= decode(ids)): token j spans what
+    decoding it adds to the prefix (empty where a byte-level token ends inside a character), so compact and fp16
+    caches are compared on real-looking offsets and `verify`'s 0 <= start <= end <= len(text) holds."""
+    ends = np.array([len(tokenizer.decode(ids[: j + 1])) for j in range(len(ids))], dtype=np.int64)
+    ends = np.minimum(np.maximum.accumulate(ends), len(text))
+    return np.stack([np.concatenate([[0], ends[:-1]]), ends], axis=1).astype(np.int32)
+
+
 def synthetic_manifest(tokenizer: Any, *, vocab_size: int, max_length: int, targets: schema.TargetsInfo,
                        pool_layers: tuple[int, ...], teacher_hidden: int, teacher_layers: int, shard_size: int,
                        tokenizer_hash: str | None = None, complete: bool = True) -> schema.CacheManifest:
@@ -118,12 +127,13 @@ def write_synthetic_cache(
                 fields[schema.TOPK_LOGPROBS][nan_sequence - first, 3, 0] = np.nan
         else:
             fields = sampled_fields(logprobs, targets.num_samples, rng)
+        texts_of_chunk = [tokenizer.decode(w) for w in chunk]
         writer.append({
             schema.INPUT_IDS: input_ids,
             schema.VALID_LENGTH: np.full(n, max_length, dtype=np.int32),
             schema.DOC_INDEX: np.arange(first, first + n, dtype=np.int64),
-            schema.TEXT: [tokenizer.decode(w) for w in chunk],
-            schema.OFFSETS: np.zeros((n, max_length, 2), dtype=np.int32),
+            schema.TEXT: texts_of_chunk,
+            schema.OFFSETS: np.stack([_offsets(tokenizer, w, t) for w, t in zip(chunk, texts_of_chunk, strict=True)]),
             schema.POOLED_HIDDEN: token_states[input_ids].mean(1).astype(np.float16),
             **fields,
         })

@@ -26,7 +26,8 @@ def write_v1_cache(cache_dir: Path, rng: np.random.Generator, *, num_sequences: 
         "valid_length": lengths,
         "doc_index": np.arange(num_sequences, dtype=np.int64),
         "text": [f"window {i} é" for i in range(num_sequences)],
-        "offsets": rng.integers(0, 9, size=(num_sequences, L, 2)).astype(np.int32),
+        # (start <= end) within the text, as a tokenizer gives them (`verify` checks that)
+        "offsets": np.sort(rng.integers(0, 9, size=(num_sequences, L, 2)), axis=-1).astype(np.int32),
         "topk_ids": np.stack([rng.permutation(V)[:K] for _ in range(num_sequences * L)]).reshape(
             num_sequences, L, K).astype(np.uint16),
         "topk_logprobs": np.log(np.take_along_axis(probs[..., :K], order, -1)).astype(np.float16),

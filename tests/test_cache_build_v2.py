@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 from cache_testing import assert_same_cache
-from test_cache_targets import assert_same_targets
+from test_cache_targets import assert_same_offsets, assert_same_targets
 
 from cache_tools import schema
 from cache_tools.build_options import BuildOptions
@@ -107,8 +107,10 @@ def test_compact_topk_build_matches_fp16(tmp_path, teacher_dir, text_file):
     build_cache(_opts(teacher_dir, text_file, compact, top_k=8, encoding="compact"))
     assert verify_cache(compact) == []
     a, b = TeacherCacheReader(fp16), TeacherCacheReader(compact)
+    assert len(a) == len(b) > 1
     for i in range(len(a)):
         assert_same_targets(b[i], a[i])
+        assert_same_offsets(b[i], a[i])  # the builder's real offsets, lossless: the same int32 [n, 2] bytes
 
 
 def test_text_with_nul_bytes_round_trips(tmp_path, teacher_dir, corpus):

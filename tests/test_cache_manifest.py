@@ -47,6 +47,8 @@ def test_v1_cache_reads_as_topk_fp16(v1_cache):
         np.testing.assert_array_equal(seq.topk_ids, arrays["topk_ids"][i, :n].astype(np.int64))
         np.testing.assert_array_equal(seq.topk_logprobs, arrays["topk_logprobs"][i, :n].astype(np.float32))
         np.testing.assert_array_equal(seq.tail_logprob, arrays["tail_logprob"][i, :n])
+        assert seq.offsets.dtype == np.int32
+        np.testing.assert_array_equal(seq.offsets, arrays["offsets"][i, :n])
     assert verify_cache(cache_dir) == []
 
 

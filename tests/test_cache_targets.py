@@ -46,6 +46,14 @@ def assert_same_targets(seq, ref) -> None:
     np.testing.assert_array_equal(seq.tail_logprob, ref.tail_logprob)
 
 
+def assert_same_offsets(seq, ref) -> None:
+    """Offsets are lossless in every layout: the same int32 [n, 2] array, byte for byte."""
+    assert seq.offsets.dtype == ref.offsets.dtype == np.int32 and seq.offsets.flags.c_contiguous
+    assert seq.offsets.shape == ref.offsets.shape == (seq.length, 2)
+    assert seq.offsets.tobytes() == ref.offsets.tobytes()
+    assert ref.offsets[-1, 1] > 0, "the fixture's offsets must cover the text (a zero array would prove nothing)"
+
+
 @pytest.mark.parametrize("kind, encoding", COMBOS)
 def test_reader_fields_same_for_every_kind_and_encoding(make_cache, kind, encoding):
     cache = make_cache(kind, encoding)
@@ -58,6 +66,7 @@ def test_reader_fields_same_for_every_kind_and_encoding(make_cache, kind, encodi
         assert seq.topk_ids.dtype == np.int64 and seq.topk_ids.shape == (seq.length, reader.top_k)
         assert seq.topk_logprobs.dtype == np.float32 and seq.tail_logprob.dtype == np.float32
         assert_same_targets(seq, ref)
+        assert_same_offsets(seq, ref)
         if kind == "sampled":
             used = seq.topk_ids >= 0
             assert np.isneginf(seq.tail_logprob).all() and used[:, 0].all()
@@ -99,6 +108,17 @@ def _plant(cache, name: str, edit) -> None:
     m.save(cache)
 
 
+def _offsets_blob(blob, *edits: tuple[int, tuple[int, int]]):
+    """A valid offsets blob (checksum and all) holding the offsets of `blob` with some tokens' (start, end) changed:
+    damage only the content check can see."""
+    from cache_tools import codec
+
+    offsets = codec.decode_offsets(blob, 16)
+    for token, pair in edits:
+        offsets[token] = pair
+    return codec.encode_offsets(offsets)
+
+
 def _set(ds, index, value):
     data = ds[...]
     data[index] = value
@@ -111,6 +131,10 @@ def _set(ds, index, value):
     ("sampled", "fp16", schema.SAMPLE_IDS, lambda ds: _set(ds, (0, 3, 1), ds[0, 3, 0]), "duplicate ids"),
     ("topk", "fp16", schema.TOPK_IDS, lambda ds: _set(ds, (2, 0, 1), ds[2, 0, 0]), "duplicate ids"),
     ("topk", "fp16", schema.TOPK_LOGPROBS, lambda ds: _set(ds, (0, 1, 0), 0.5), "log-probs > 0"),
+    ("topk", "fp16", schema.OFFSETS, lambda ds: _set(ds, (2, 3, 1), 10**6), "row 2: token 3 has offsets ("),
+    ("sampled", "fp16", schema.OFFSETS, lambda ds: _set(ds, (1, 0, 0), -1), "row 1: token 0 has offsets (-1, "),
+    ("topk", "compact", schema.OFFSETS_BLOB, lambda ds: ds.__setitem__(3, _offsets_blob(ds[3], (4, (5, 4)))),
+     "row 3: token 4 has offsets (5, 4), not within 0 <= start <= end <= "),
 ])
 def test_verify_finds_planted_faults(make_cache, kind, encoding, name, edit, fault):
     cache = make_cache(kind, encoding)
@@ -120,10 +144,13 @@ def test_verify_finds_planted_faults(make_cache, kind, encoding, name, edit, fau
     assert len(faults) == 1 and fault in faults[0] and faults[0].startswith("shard-00000.h5: sequences 0..3"), faults
 
 
-@pytest.mark.parametrize("kind", ["topk", "sampled"])
-def test_undecodable_blob_is_a_fault_and_a_one_line_read_error(make_cache, kind):
+@pytest.mark.parametrize("kind, blob, fault", [
+    ("topk", schema.TOPK_BLOB, "row 1: targets not decodable"),
+    ("sampled", schema.SAMPLE_BLOB, "row 1: targets not decodable"),
+    ("topk", schema.OFFSETS_BLOB, "row 1: token offsets not decodable (token-offsets blob"),
+])
+def test_undecodable_blob_is_a_fault_and_a_one_line_read_error(make_cache, kind, blob, fault):
     cache = make_cache(kind, "compact")
-    blob = schema.TOPK_BLOB if kind == "topk" else schema.SAMPLE_BLOB
     with h5py.File(cache / schema.shard_name(0), "r+") as f:
         f[blob][1] = f[blob][1][:5]  # a truncated blob
     m = schema.load_manifest(cache)
@@ -131,7 +158,7 @@ def test_undecodable_blob_is_a_fault_and_a_one_line_read_error(make_cache, kind)
     m.shards[0].bytes, m.shards[0].sha256 = path.stat().st_size, schema.file_sha256(path)
     m.save(cache)
     faults = verify_cache(cache)
-    assert len(faults) == 1 and "row 1: targets not decodable" in faults[0], faults
+    assert len(faults) == 1 and fault in faults[0] and "\n" not in faults[0], faults
     with pytest.raises(schema.CacheError, match=r"shard-00000.h5: sequence 1 \(row 1\) unreadable"):
         TeacherCacheReader(cache)[1]
 
@@ -145,7 +172,8 @@ def test_shard_attrs_and_layout_follow_the_table(make_cache):
         ("sampled", "compact", N)
     with shard_io.open_shard(cache / schema.shard_name(0)) as f:
         assert sorted(f.keys()) == sorted(schema.dataset_names(m))
-        assert schema.TOPK_IDS not in f and schema.SAMPLE_COUNTS not in f
+        assert schema.TOPK_IDS not in f and schema.SAMPLE_COUNTS not in f and schema.OFFSETS not in f
+        assert f[schema.OFFSETS_BLOB].shape == (4,) and f[schema.OFFSETS_BLOB][0].dtype == np.uint8
 
 
 def test_every_check_the_table_names_exists():

@@ -131,6 +131,8 @@ DAMAGES = [
     Damage("positive_logprob", _content(schema.TOPK_LOGPROBS, _set((0, 2, 0), 0.5)), (S1, "> 0"), "repaired", S1),
     Damage("duplicate_topk_id", _content(schema.TOPK_IDS, _duplicate_id), (S1, "duplicate"), "repaired", S1),
     Damage("valid_length_zero", _content(schema.VALID_LENGTH, _set(0, 0)), (S1, "token count"), "repaired", S1),
+    Damage("offsets_outside_text", _content(schema.OFFSETS, _set((0, 1, 1), 10**6)), (S1, "token 1 has offsets"),
+           "repaired", S1),
 ]
 IDS = [d.name for d in DAMAGES]
 # One repair per family in the fast subset (a resume costs ~2 s); the rest run under -m faults (faults_full).
