@@ -13,7 +13,7 @@ from test_codec import corrupt_variants
 
 from cache_tools import codec
 from cache_tools.codec import CodecError, check_offsets, decode_offsets, encode_offsets, encode_sampled
-from cache_tools.codec_offsets import SIGNED_LENGTHS
+from cache_tools.codec_offsets import NO_GAPS, SIGNED_LENGTHS
 
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
 
@@ -48,9 +48,36 @@ def test_roundtrip_tokenizer_like(n):
     rng = np.random.default_rng(n)
     offsets = tokenizer_like(rng, n)
     blob = assert_roundtrip(offsets)
-    assert blob[4] == 0, "well-formed offsets (end >= start) use the unsigned length stream"
-    if n >= 512:  # the point of the codec: ~1 byte per token instead of 8
+    assert not blob[4] & SIGNED_LENGTHS, "well-formed offsets (end >= start) use the unsigned length stream"
+    if n >= 512:  # the point of the codec: under a byte per token instead of 8 (lengths uniform in 1..12 here)
         assert blob.size < 1.0 * n, blob.size / n
+
+
+def test_contiguous_tokens_store_no_gaps():
+    """The common window (tokens tile the text, no empty token): no gap stream, lengths above the shortest."""
+    lengths = np.random.default_rng(1).integers(1, 9, 512)
+    ends = np.cumsum(lengths)
+    offsets = np.stack([ends - lengths, ends], axis=1)
+    blob = assert_roundtrip(offsets)
+    assert blob[4] == NO_GAPS
+    assert blob.size < 0.6 * 512, blob.size  # ~4.4 bits per token for lengths uniform in 1..8 (the gaps: 0)
+    with_gap = offsets.copy()
+    with_gap[100:] += 1  # one skipped character
+    assert assert_roundtrip(with_gap)[4] == 0 and encode_offsets(with_gap).size > blob.size
+
+
+def test_roundtrip_builder_windows_with_split_characters(tokenizer, corpus):
+    """The builder's own windows (byte-level BPE over text with multi-byte characters, EOS between documents):
+    tokens that share a character give negative gaps, and every window round-trips."""
+    from cache_tools.text_data import pack_windows
+
+    docs = [corpus[0][:300], "Grüße aus Köln, naïve café, 東京は晴れ 🙂🙂 Ελληνικά " * 6, corpus[1][:200]]
+    windows = list(pack_windows(tokenizer, enumerate(docs), 64))
+    negative = 0
+    for window in windows:
+        assert_roundtrip(window.offsets)
+        negative += int((window.offsets[1:, 0] < window.offsets[:-1, 1]).sum())
+    assert len(windows) > 3 and negative > 0
 
 
 @pytest.mark.parametrize("n", [1, 3, 100])
@@ -58,7 +85,7 @@ def test_roundtrip_random_int32(n):
     rng = np.random.default_rng(100 + n)
     offsets = rng.integers(I32_MIN, I32_MAX, size=(n, 2), endpoint=True, dtype=np.int64)
     blob = assert_roundtrip(offsets)
-    assert blob[4] == (SIGNED_LENGTHS if (offsets[:, 1] < offsets[:, 0]).any() else 0)
+    assert blob[4] & SIGNED_LENGTHS == (SIGNED_LENGTHS if (offsets[:, 1] < offsets[:, 0]).any() else 0)
 
 
 @pytest.mark.parametrize("offsets", [
@@ -120,12 +147,17 @@ def _reseal(bad: np.ndarray) -> np.ndarray:
 
 
 def test_resealed_count_and_parameters_out_of_range_are_refused():
-    blob = encode_offsets(tokenizer_like(np.random.default_rng(4), 20))
+    offsets = np.stack([np.arange(20) * 3, np.arange(20) * 3 + 2], axis=1)  # lengths 2, gaps 1: base 2, flags 0
+    blob = encode_offsets(offsets)
     size = codec.HEADER.size
-    for pos, value, match in ((4, 2, "header parameter"), (size, 21, "holds 21 tokens, the sequence has 20"),
-                              (size + 4, 25, "code parameters"), (size + 5, 200, "code parameters")):
+    for pos, value, match in ((4, 4, "header parameter"), (size, 21, "holds 21 tokens, the sequence has 20"),
+                              (size + 8, 25, "code parameters"), (size + 9, 200, "code parameters"),
+                              (4, SIGNED_LENGTHS, "base 2 with flags 1"), (size + 4, 0, "")):
         bad = blob.copy()
         bad[pos] = value
+        if not match:  # a valid blob of other offsets (base 0: empty tokens 1 apart): verify's range check is for that
+            assert decode_offsets(_reseal(bad), 20).tolist() == [[i, i] for i in range(20)]
+            continue
         with pytest.raises(CodecError, match=match):
             decode_offsets(_reseal(bad), 20)
 
