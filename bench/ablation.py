@@ -130,29 +130,44 @@ def bytes_per_token(cache: Path) -> float:
     return sum(s.bytes for s in manifest.shards) / max(1, manifest.num_tokens)
 
 
+def _paired(values: list[float], reference: list[float] | None) -> tuple[float | None, float | None]:
+    """Mean and standard error of the per-seed relative difference (value - reference) / reference. Paired: a seed
+    fixes the initial weights and the batches for every variant, so seed-to-seed spread cancels out of the gap."""
+    if not reference or len(reference) != len(values):
+        return None, None
+    gaps = [(v - r) / r for v, r in zip(values, reference, strict=True)]
+    sem = statistics.stdev(gaps) / math.sqrt(len(gaps)) if len(gaps) > 1 else 0.0
+    return statistics.mean(gaps), sem
+
+
 def summarise(losses: dict[str, list[float]], cache_bytes: dict[str, float]) -> list[dict[str, Any]]:
-    """Per variant: mean, std and standard error of the held-out loss over seeds, and the gap to LM-only / online KD."""
+    """Per variant: mean, std and standard error of the held-out loss over seeds, and the paired gap (mean and
+    standard error over seeds) to LM-only and to online KD."""
     rows = []
-    base = statistics.mean(losses["lm_only"]) if "lm_only" in losses else None
-    online = statistics.mean(losses["online_full_kd"]) if "online_full_kd" in losses else None
     for name, values in losses.items():
         mean = statistics.mean(values)
         std = statistics.stdev(values) if len(values) > 1 else 0.0
+        teacher = name == "teacher"
+        vs_lm, vs_lm_sem = _paired(values, None if teacher else losses.get("lm_only"))
+        vs_online, vs_online_sem = _paired(values, None if teacher else losses.get("online_full_kd"))
         rows.append({"variant": name, "losses": values, "mean": mean, "std": std, "sem": std / math.sqrt(len(values)),
-                     "vs_lm_only": (mean - base) / base if base and name != "teacher" else None,
-                     "vs_online_kd": (mean - online) / online if online and name != "teacher" else None,
-                     "bytes_per_token": cache_bytes.get(name)})
+                     "vs_lm_only": vs_lm, "vs_lm_only_sem": vs_lm_sem, "vs_online_kd": vs_online,
+                     "vs_online_kd_sem": vs_online_sem, "bytes_per_token": cache_bytes.get(name)})
     return rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    pct = lambda x: "-" if x is None else f"{100 * x:+.2f}%"  # noqa: E731
-    print("\n| variant | held-out loss, mean +- std (sem) | vs LM-only | vs online KD | cache bytes/token |")
+    def pct(x: float | None, sem: float | None) -> str:
+        return "-" if x is None else f"{100 * x:+.2f}% ({100 * sem:.2f})"
+
+    print("\n| variant | held-out loss, mean +- std (sem) | vs LM-only, paired (sem) | vs online KD, paired (sem) "
+          "| cache bytes/token |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
         size = "-" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.1f}"
-        print(f"| {r['variant']} | {r['mean']:.4f} +- {r['std']:.4f} ({r['sem']:.4f}) | {pct(r['vs_lm_only'])} | "
-              f"{pct(r['vs_online_kd'])} | {size} |")
+        print(f"| {r['variant']} | {r['mean']:.4f} +- {r['std']:.4f} ({r['sem']:.4f}) | "
+              f"{pct(r['vs_lm_only'], r['vs_lm_only_sem'])} | {pct(r['vs_online_kd'], r['vs_online_kd_sem'])} | "
+              f"{size} |")
 
 
 def main(argv: list[str] | None = None) -> int:

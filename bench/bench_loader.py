@@ -49,6 +49,39 @@ def loader_tokens_per_s(dataset: Any, batch: int, epochs: int, pad_id: int) -> t
     return tokens / elapsed, tokens
 
 
+# The v2 target layouts against today's fp16 top-k (issue 10 goal: compact and sampled loaders >= 0.8x fp16).
+ENCODINGS = {"topk compact": ["--encoding", "compact"],
+             "sampled N=64 compact": ["--encoding", "compact", "--targets", "sampled", "--samples", "64"]}
+
+
+def encoding_loaders(assets: dict[str, Any], shape: dict[str, Any], root: Any, pad_id: int) -> dict[str, float]:
+    """Direct-path loader tokens/s (2 workers, validating builder) for the fp16 top-k cache and each v2 layout in
+    `ENCODINGS`, all built from the same teacher, text and windows. The fp16 cache is measured first and last
+    (its mean is the baseline), so drift in machine load during the run shows as a gap between the two."""
+    from cache_tools.reader import TeacherCacheReader
+    from distill.data.dataset import CacheDataset, DirectTargets
+    from distill.data.validation import SequenceValidator
+
+    caches = {"topk fp16": root / f"cache-{shape['max_length']}-{shape['top_k']}-{shape['samples']}"}
+    for name, flags in ENCODINGS.items():
+        caches[name] = root / f"cache-{shape['max_length']}-{shape['samples']}-{name.replace(' ', '_')}"
+        if not (caches[name] / "manifest.json").is_file():
+            top_k = None if "sampled" in name else shape["top_k"]
+            build_cache(assets["teacher"], assets["text"], caches[name], top_k=top_k, max_length=shape["max_length"],
+                        max_samples=shape["samples"], extra=flags)
+
+    def measure(cache: Any) -> float:
+        reader = TeacherCacheReader(cache)
+        dataset = CacheDataset(reader, np.arange(len(reader)), DirectTargets(SequenceValidator(reader)))
+        return loader_tokens_per_s(dataset, shape["batch"], shape["epochs"], pad_id)[0]
+
+    first = measure(caches["topk fp16"])
+    out = {name: measure(cache) for name, cache in caches.items() if name != "topk fp16"}
+    out["topk fp16 (first)"], out["topk fp16 (last)"] = first, measure(caches["topk fp16"])
+    out["topk fp16"] = (first + out["topk fp16 (last)"]) / 2
+    return out
+
+
 def trainer_tokens_per_s(example_batch: dict[str, torch.Tensor], student: str, device: str, iters: int) -> float:
     """One optimiser step (forward, fused CE+KD, backward, AdamW) of a Llama student on a real collated batch."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -134,6 +167,9 @@ def run(quick: bool, device: str) -> dict[str, Any]:
           f"({cross_tps / direct_tps:.3f}x), cross precomputed {stored_tps:.0f} tokens/s "
           f"({stored_tps / direct_tps:.3f}x); prepare {prep['seconds']:.1f} s; builder ms/window "
           f"{json.dumps(builder_ms)}", flush=True)
+    by_encoding = encoding_loaders(assets, shape, root, teacher_tok.pad_token_id)
+    print(f"[loader] direct, by layout (tokens/s): {json.dumps({k: round(v) for k, v in by_encoding.items()})}",
+          flush=True)
     batch = DistillCollator(student_tok.pad_token_id)([cross(reader[int(i)]) for i in indices[: shape["batch"]]])
     trainer_tps = trainer_tokens_per_s(batch, shape["student"], device, iters=2 if quick else 3)
     return {
@@ -143,7 +179,10 @@ def run(quick: bool, device: str) -> dict[str, Any]:
             "cross loader/direct loader": ratio(cross_tps, direct_tps, "", "direct loader tokens/s"),
             "cross loader precomputed/direct loader": ratio(stored_tps, direct_tps, ">= 0.7",
                                                             "direct loader tokens/s"),
+            **{f"{name} loader/fp16 loader": ratio(by_encoding[name], by_encoding["topk fp16"], ">= 0.8",
+                                                   "fp16 top-k direct loader tokens/s") for name in ENCODINGS},
         },
+        "tokens_per_s_by_layout": by_encoding,
         "tokens_per_s": {"cross_loader": cross_tps, "cross_loader_precomputed": stored_tps,
                          "direct_loader": direct_tps, "trainer": trainer_tps},
         "prepare_xtok": {"seconds": prep["seconds"], "windows": prep["windows"], "workers": 2,

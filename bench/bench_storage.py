@@ -17,7 +17,7 @@ from typing import Any
 
 from bench.common import WORK_ROOT, ratio, run_standalone, tiny_assets
 
-MAX_LENGTH, WINDOWS = 512, 8
+MAX_LENGTH, WINDOWS = 512, 32
 # One full shard of all windows: per-row costs (scalar chunks, blob references) as in a full 1024-window shard.
 SHARD_SIZE = WINDOWS
 # name -> build-cache flags. fp16 = today's layout (the baseline); lzf compresses array datasets only.

@@ -13,6 +13,11 @@ from cache_tools.teacher import BuildError
 
 DEFAULT_TOP_K = 256
 DEFAULT_SAMPLES = 64
+# `--encoding auto` per target kind. Sampled: compact is lossless, ~8x smaller and loads as fast as fp16 top-k.
+# Top-k: compact is 3.3x smaller but decodes at ~0.4x the fp16 loader's tokens/s (docs/RESULTS.md, section 5), so
+# it stays opt-in.
+AUTO_ENCODING = "auto"
+AUTO_ENCODINGS = {"topk": "fp16", "sampled": "compact"}
 
 
 @dataclass
@@ -36,8 +41,10 @@ class BuildOptions:
     sample_temperature: float = field(default=1.0, metadata={"help": "temperature the samples are drawn at"})
     seed: int = field(default=0, metadata={"help": "sampling seed (with the global sequence index: resume- and "
                                                    "rank-independent)"})
-    encoding: Literal["fp16", "compact"] = field(
-        default="fp16", metadata={"help": "fp16: plain arrays; compact: one packed blob per sequence"})
+    encoding: Literal["auto", "fp16", "compact"] = field(
+        default="auto", metadata={"help": "fp16: plain arrays; compact: one packed blob per sequence (~3.3x smaller "
+                                          "top-k, lossless sampled); auto: compact for sampled targets, fp16 for "
+                                          "top-k (whose compact decoding is the slower loader)"})
     pool_layers: list[int] = field(
         default_factory=lambda: [-1],
         metadata={"help": "hidden_states indices to mean-pool (0 = embeddings, -1 = last layer); space or comma "
@@ -83,13 +90,14 @@ def targets_info(opts: BuildOptions) -> schema.TargetsInfo:
     """Check the target flags together (one line naming the flag on a conflict) and return the manifest record."""
     if opts.targets not in schema.TARGET_KINDS:
         raise BuildError(f"--targets {opts.targets}: use one of {', '.join(schema.TARGET_KINDS)}")
-    if opts.encoding not in schema.ENCODINGS:
-        raise BuildError(f"--encoding {opts.encoding}: use one of {', '.join(schema.ENCODINGS)}")
+    if opts.encoding not in (AUTO_ENCODING, *schema.ENCODINGS):
+        raise BuildError(f"--encoding {opts.encoding}: use one of {', '.join((AUTO_ENCODING, *schema.ENCODINGS))}")
+    encoding = opts.encoding if opts.encoding != AUTO_ENCODING else AUTO_ENCODINGS[opts.targets]
     if opts.targets == "topk":
         if opts.samples is not None:
             raise BuildError(f"--samples {opts.samples} needs --targets sampled; drop it or pass --targets sampled")
         top_k = DEFAULT_TOP_K if opts.top_k is None else opts.top_k
-        return schema.TargetsInfo(kind="topk", encoding=opts.encoding, top_k=top_k, num_samples=0,
+        return schema.TargetsInfo(kind="topk", encoding=encoding, top_k=top_k, num_samples=0,
                                   sample_temperature=1.0, seed=0)
     if opts.top_k is not None:
         raise BuildError(f"--top-k {opts.top_k} with --targets sampled: sampled targets keep every distinct draw of "
@@ -102,7 +110,7 @@ def targets_info(opts: BuildOptions) -> schema.TargetsInfo:
                          f"({schema.SAMPLE_COUNT_DTYPE.__name__}, at most {schema.MAX_SAMPLES}); lower --samples")
     if not opts.sample_temperature > 0:
         raise BuildError(f"--sample-temperature {opts.sample_temperature}: must be > 0")
-    return schema.TargetsInfo(kind="sampled", encoding=opts.encoding, top_k=0, num_samples=samples,
+    return schema.TargetsInfo(kind="sampled", encoding=encoding, top_k=0, num_samples=samples,
                               sample_temperature=float(opts.sample_temperature), seed=int(opts.seed))
 
 

@@ -40,7 +40,17 @@ def test_both_flag_spellings_and_pool_layer_lists_parse_alike():
     assert dashed.sample_temperature == 0.5 and dashed.max_length == 32
     defaults = _parse()
     assert (defaults.targets, defaults.encoding, defaults.top_k, defaults.samples, defaults.pool_layers) == \
-        ("topk", "fp16", None, None, [-1])
+        ("topk", "auto", None, None, [-1])
+
+
+@pytest.mark.parametrize("flags, encoding", [
+    ([], "fp16"), (["--targets", "sampled"], "compact"),
+    (["--encoding", "compact"], "compact"), (["--targets", "sampled", "--encoding", "fp16"], "fp16"),
+])
+def test_auto_encoding_is_compact_for_sampled_and_fp16_for_topk(flags, encoding):
+    from cache_tools.build_options import targets_info
+
+    assert targets_info(_parse(*flags)).encoding == encoding
 
 
 @pytest.mark.parametrize("flags, message", [

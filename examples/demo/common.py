@@ -40,7 +40,7 @@ class DemoSettings:
     compression: str = "lzf"
     kd_weight: float = 1.0
     ce_weight: float = 1.0
-    temperature: float = 2.0
+    temperature: float = 1.0  # RS-KD samples at T = 1 (at T = 2 sampled KD tracks full-vocabulary KD: see RESULTS)
     eval_windows: int = 64
     seed: int = 0
 
