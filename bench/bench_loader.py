@@ -54,7 +54,7 @@ ENCODINGS = {"topk compact": ["--encoding", "compact"],
              "sampled N=64 compact": ["--encoding", "compact", "--targets", "sampled", "--samples", "64"]}
 
 
-def encoding_loaders(assets: dict[str, Any], shape: dict[str, Any], root: Any, pad_id: int) -> dict[str, float]:
+def encoding_loaders(assets: dict[str, Any], shape: dict[str, Any], fp16_cache: Any, pad_id: int) -> dict[str, float]:
     """Direct-path loader tokens/s (2 workers, validating builder) for the fp16 top-k cache and each v2 layout in
     `ENCODINGS`, all built from the same teacher, text and windows. The fp16 cache is measured first and last
     (its mean is the baseline), so drift in machine load during the run shows as a gap between the two."""
@@ -62,9 +62,9 @@ def encoding_loaders(assets: dict[str, Any], shape: dict[str, Any], root: Any, p
     from distill.data.dataset import CacheDataset, DirectTargets
     from distill.data.validation import SequenceValidator
 
-    caches = {"topk fp16": root / f"cache-{shape['max_length']}-{shape['top_k']}-{shape['samples']}"}
+    caches = {"topk fp16": fp16_cache}
     for name, flags in ENCODINGS.items():
-        caches[name] = root / f"cache-{shape['max_length']}-{shape['samples']}-{name.replace(' ', '_')}"
+        caches[name] = fp16_cache.parent / f"{fp16_cache.name}-{name.replace(' ', '_')}"
         if not (caches[name] / "manifest.json").is_file():
             top_k = None if "sampled" in name else shape["top_k"]
             build_cache(assets["teacher"], assets["text"], caches[name], top_k=top_k, max_length=shape["max_length"],
@@ -167,7 +167,7 @@ def run(quick: bool, device: str) -> dict[str, Any]:
           f"({cross_tps / direct_tps:.3f}x), cross precomputed {stored_tps:.0f} tokens/s "
           f"({stored_tps / direct_tps:.3f}x); prepare {prep['seconds']:.1f} s; builder ms/window "
           f"{json.dumps(builder_ms)}", flush=True)
-    by_encoding = encoding_loaders(assets, shape, root, teacher_tok.pad_token_id)
+    by_encoding = encoding_loaders(assets, shape, cache, teacher_tok.pad_token_id)
     print(f"[loader] direct, by layout (tokens/s): {json.dumps({k: round(v) for k, v in by_encoding.items()})}",
           flush=True)
     batch = DistillCollator(student_tok.pad_token_id)([cross(reader[int(i)]) for i in indices[: shape["batch"]]])
