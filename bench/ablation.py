@@ -26,7 +26,7 @@ import torch
 
 from bench.common import WORK_ROOT, apply_offline_env, build_cache
 from bench.online_kd import full_logit_kd_loss
-from cache_tools.fsutil import atomic_write_text
+from cache_tools.format.fsutil import atomic_write_text
 
 TOPK_VARIANTS = [f"kd_k{k}_{t}" for k in (8, 32, 256) for t in ("tail", "notail")]
 SAMPLED_VARIANTS = ["kd_sampled16", "kd_sampled64"]
@@ -124,7 +124,7 @@ def build_caches(demo: Path, variants: list[str], max_length: int, sample_seed: 
 
 
 def bytes_per_token(cache: Path) -> float:
-    from cache_tools.schema import load_manifest
+    from cache_tools.format.schema import load_manifest
 
     manifest = load_manifest(cache)
     return sum(s.bytes for s in manifest.shards) / max(1, manifest.num_tokens)
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     apply_offline_env()
     from transformers import AutoModelForCausalLM
 
-    from cache_tools.reader import TeacherCacheReader
+    from cache_tools.format.reader import TeacherCacheReader
     from distill.evaluate import evaluate_windows as evaluate_model
     from examples.demo.evaluation import held_out_windows
 

@@ -52,7 +52,7 @@ def _teacher_forward_s(teacher_dir, text, shape: dict, device: str, dtype: torch
     """Seconds of plain teacher forwards over the build's windows and batches (tokenised beforehand, not timed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cache_tools.text_data import load_documents, pack_windows
+    from cache_tools.format.text_data import load_documents, pack_windows
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     windows = list(pack_windows(tok, load_documents(str(text)), shape["max_length"]))

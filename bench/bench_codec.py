@@ -1,4 +1,4 @@
-"""Codec benchmark: bytes/token, KD accuracy and decode speed of `cache_tools.codec` at the Qwen vocabulary.
+"""Codec benchmark: bytes/token, KD accuracy and decode speed of `cache_tools.format.codec` at the Qwen vocabulary.
 
     python -m bench.bench_codec [--quick]        (or: python -m bench --only codec)
 
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import ratio, run_standalone
-from cache_tools.codec import LEVEL_BITS
+from cache_tools.format.codec import LEVEL_BITS
 
 VOCAB = 151_936
 K = 256
@@ -51,7 +51,7 @@ def kd_loss_and_grad(student: np.ndarray, ids: np.ndarray, lp: np.ndarray, tail:
 
 def accuracy(rows, settings, rng) -> dict[str, Any]:
     from bench.codec_teachers import topk_targets
-    from cache_tools.codec import decode_topk, encode_topk
+    from cache_tools.format.codec import decode_topk, encode_topk
 
     logp = rows.logprobs[: settings["loss_rows"]]
     ids, lp, tail = topk_targets(logp, K)
@@ -97,7 +97,7 @@ def id_code_bytes(ids: np.ndarray, uniform: bool = True) -> dict[str, float]:
     uniform-subset information figures, for the design note."""
     from math import lgamma, log
 
-    from cache_tools.codec_bits import best_k, code_cost
+    from cache_tools.format.codec_bits import best_k, code_cost
 
     gaps = np.diff(np.sort(ids, 1), axis=1, prepend=-1) - 1
     out = {}
@@ -125,7 +125,7 @@ def cpu_seconds(fn, reps: int) -> float:
 
 def sizes_and_speed(rows, settings, rng) -> dict[str, Any]:
     from bench.codec_teachers import entropy, topk_targets
-    from cache_tools.codec import decode_sampled, decode_topk, encode_sampled, encode_topk
+    from cache_tools.format.codec import decode_sampled, decode_topk, encode_sampled, encode_topk
 
     ids, lp, _ = topk_targets(rows.logprobs, K)
     n, seq = ids.shape[0], settings["seq"]

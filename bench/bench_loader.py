@@ -58,7 +58,7 @@ def encoding_loaders(assets: dict[str, Any], shape: dict[str, Any], fp16_cache: 
     """Direct-path loader tokens/s (2 workers, validating builder) for the fp16 top-k cache and each v2 layout in
     `ENCODINGS`, all built from the same teacher, text and windows. The fp16 cache is measured first and last
     (its mean is the baseline), so drift in machine load during the run shows as a gap between the two."""
-    from cache_tools.reader import TeacherCacheReader
+    from cache_tools.format.reader import TeacherCacheReader
     from distill.data.dataset import CacheDataset, DirectTargets
     from distill.data.validation import SequenceValidator
 
@@ -116,7 +116,7 @@ def trainer_tokens_per_s(example_batch: dict[str, torch.Tensor], student: str, d
 def run(quick: bool, device: str) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from cache_tools.reader import TeacherCacheReader
+    from cache_tools.format.reader import TeacherCacheReader
     from distill.data.dataset import CacheDataset, DirectTargets, DistillCollator
     from distill.data.validation import SequenceValidator
     from distill.data.xtok.pipeline import CrossTokenizerTargets, aggregate_stats

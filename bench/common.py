@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cache_tools import fsutil
+from cache_tools.format import fsutil
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORK_ROOT = REPO_ROOT / "bench" / ".work"  # git-ignored scratch (see bench/.gitignore)

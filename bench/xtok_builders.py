@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     apply_offline_env()
     from transformers import AutoTokenizer
 
-    from cache_tools.reader import TeacherCacheReader
+    from cache_tools.format.reader import TeacherCacheReader
     from distill.data.xtok.pipeline import CrossTokenizerTargets
     from examples.tiny_models import stdlib_docstrings, train_bpe_tokenizer
 

@@ -8,8 +8,8 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cache_tools import schema
-from cache_tools.teacher import BuildError
+from cache_tools.format import schema
+from cache_tools.format.errors import BuildError
 
 DEFAULT_TOP_K = 256
 DEFAULT_SAMPLES = 64

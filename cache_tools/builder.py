@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 import cache_tools
-from cache_tools import dist, output_dir, schema, teacher, text_data
+from cache_tools import dist, output_dir, teacher
 from cache_tools.build_options import BuildOptions, check_options
-from cache_tools.teacher import BuildError
+from cache_tools.format import schema, text_data
+from cache_tools.format.errors import BuildError
 from cache_tools.writer_thread import BackgroundShardWriter, to_host
 
 __all__ = ["BuildOptions", "build_cache"]

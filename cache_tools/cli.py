@@ -11,7 +11,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from cache_tools import errors
+from cache_tools.format import errors
 
 if TYPE_CHECKING:
     from cache_tools.build_options import BuildOptions
@@ -65,7 +65,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from cache_tools.verify import verify_cache
+    from cache_tools.format.verify import verify_cache
 
     faults = verify_cache(args.cache_dir)
     if faults:
@@ -85,7 +85,4 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)  # inside the boundary: a bad build-cache value is a one-line error
         return handlers[args.command](args)
 
-    from cache_tools.teacher import BuildError
-
-    return errors.run_cli(f"{PROG} {command}".strip(), body, expected=(BuildError, ValueError),
-                          interrupted_hint="rerun with --resume to continue")
+    return errors.run_cli(f"{PROG} {command}".strip(), body, interrupted_hint="rerun with --resume to continue")

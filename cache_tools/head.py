@@ -8,8 +8,9 @@ import math
 
 import torch
 
-from cache_tools import schema
-from cache_tools.sampling import NonFiniteLogits, sample_targets
+from cache_tools.format import schema
+from cache_tools.format.errors import NonFiniteLogits
+from cache_tools.sampling import sample_targets
 
 # fp32 logits per chunk are at most this many bytes (x3 for the temporaries of topk/logsumexp/scatter).
 _CHUNK_LOGIT_BYTES = 1 << 27

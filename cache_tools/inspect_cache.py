@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from cache_tools import schema, shard_io
+from cache_tools.format import schema, shard_io
 
 
 def _shard_storage(cache_dir: Path, m: schema.CacheManifest) -> tuple[dict[str, int], list[str]]:

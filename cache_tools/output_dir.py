@@ -23,11 +23,10 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cache_tools import schema
-from cache_tools.errors import UserError, describe_os_error
-from cache_tools.shard_io import write_sidecar
-from cache_tools.teacher import BuildError
-from cache_tools.verify import verify_cache, verify_shard
+from cache_tools.format import schema
+from cache_tools.format.errors import BuildError, UserError, describe_os_error
+from cache_tools.format.shard_io import write_sidecar
+from cache_tools.format.verify import verify_cache, verify_shard
 
 LOCK_NAME = ".build-cache.lock"  # exists (and is flock-ed) only while a build runs
 _SHARD = re.compile(rf"^{re.escape(schema.SHARD_PREFIX)}(\d+)\.(h5|json)$")

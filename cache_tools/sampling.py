@@ -15,19 +15,11 @@ import math
 
 import torch
 
-from cache_tools.errors import UserError
+from cache_tools.format.errors import NonFiniteLogits, UserError
 
 # float64 [chunk, V] buffers per chunk are at most this many bytes (the scaled logits and their running sum).
 _CHUNK_BYTES = 1 << 27
 
-
-class NonFiniteLogits(UserError):
-    """Some rows' logits hold NaN or +inf (or are all -inf), so they define no distribution. `rows` are the row
-    indices in the caller's input; the builder turns them into global sequence indices for its message."""
-
-    def __init__(self, rows: list[int]) -> None:
-        self.rows = rows
-        super().__init__(f"non-finite teacher logits in {len(rows)} row(s), first {rows[:5]}")
 
 
 def sequence_uniforms(seed: int, global_index: int, length: int, num_samples: int) -> torch.Tensor:

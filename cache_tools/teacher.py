@@ -10,18 +10,15 @@ from typing import Any, NoReturn
 
 import torch
 
-from cache_tools import schema
-from cache_tools.errors import UserError, one_line
+from cache_tools.format import schema
+from cache_tools.format.errors import BuildError, NonFiniteLogits, UserError, one_line  # noqa: F401
 from cache_tools.head import sampled_targets, topk_targets
-from cache_tools.sampling import NonFiniteLogits, sample_targets, sequence_uniforms  # noqa: F401 - re-exported
+from cache_tools.sampling import sample_targets, sequence_uniforms  # noqa: F401 - re-exported
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {name: getattr(torch, torch_name) for name, torch_name in schema.DTYPE_NAMES.items()}
 # Key of the sampled counts in `teacher_batch`'s result (format v2 may map it to a schema dataset name).
 SAMPLE_COUNTS = schema.SAMPLE_COUNTS
 
-
-class BuildError(UserError):
-    """Bad input to a build: a one-line message naming the flag/file and the fix."""
 
 
 @dataclass

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from cache_tools import schema
-from cache_tools.errors import UserError
-from cache_tools.shard_io import ShardWriter
+from cache_tools.format import schema
+from cache_tools.format.errors import UserError
+from cache_tools.format.shard_io import ShardWriter
 
 _STOP = object()
 

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from cache_tools.errors import run_cli
+from cache_tools.format.errors import run_cli
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,8 +26,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.data.xtok.token_bytes import TokenizerError
-
     def body() -> int:
         args = parser().parse_args(argv)
         from transformers import AutoTokenizer
@@ -39,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2, sort_keys=True, default=str) if args.json else format_coverage(report))
         return 0
 
-    return run_cli("python -m distill.coverage", body, expected=(TokenizerError, ValueError))
+    return run_cli("python -m distill.coverage", body)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from cache_tools.teacher import DTYPES
+from cache_tools.format.schema import DTYPE_NAMES
 
 PROG = "python -m distill.evaluate"
 
@@ -108,8 +108,8 @@ def kd_config_for(run: dict[str, Any], args: argparse.Namespace) -> Any:
     overrides. ConfigError (one line) for impossible values."""
     from types import SimpleNamespace
 
+    from cache_tools.format.errors import ConfigError
     from distill.losses import KDConfig
-    from distill.training.config import ConfigError
 
     flags = dict(run)
     if args.kd_kind:
@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--student", required=True, help="run folder (OUT) or exported student folder")
     parser.add_argument("--cache", default=None, help="held-out teacher cache (default: the run's eval cache)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_sequences", type=int, default=None)
     parser.add_argument("--kd_kind", default=None, help="override the run's KD divergence")
@@ -139,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
 def _main(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.training.config import ConfigError
+    from cache_tools.format.errors import ConfigError
 
     model_dir, run = run_settings(Path(args.student))
     cache = args.cache or run.get("eval_cache")
@@ -151,7 +151,7 @@ def _main(args: argparse.Namespace) -> int:
                           "folder or an exported student folder")
     kd_config = kd_config_for(run, args)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[args.dtype])
+    student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, DTYPE_NAMES[args.dtype]))
     metrics = evaluate_student(student, tokenizer, cache, batch_size=args.batch_size,
                                max_sequences=args.max_sequences, kd_config=kd_config, device=args.device)
     metrics["kd_kind"], metrics["temperature"] = kd_config.kind, kd_config.temperature
@@ -160,7 +160,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cache_tools.errors import run_cli
+    from cache_tools.format.errors import run_cli
 
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     return run_cli(PROG, lambda: _main(args))

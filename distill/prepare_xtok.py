@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from cache_tools.errors import run_cli
+from cache_tools.format.errors import run_cli
 
 PROG = "python -m distill.prepare_xtok"
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers; tokenizers' own threads would hang
 
     def body() -> int:
-        from cache_tools.reader import TeacherCacheReader
+        from cache_tools.format.reader import TeacherCacheReader
         from distill.data.xtok.pipeline import CrossTokenizerTargets
         from distill.data.xtok.prepare import prepare_store
 
@@ -54,9 +54,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{done['bytes'] / 2**20:.1f} MiB")
         return 0
 
-    from distill.data.xtok.token_bytes import TokenizerError
-
-    return run_cli(PROG, body, expected=(TokenizerError,))
+    return run_cli(PROG, body)
 
 
 if __name__ == "__main__":

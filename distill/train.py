@@ -2,7 +2,7 @@
 
 Distillation: `--student S --cache DIR --output_dir OUT`. LM-only (no cache, CE only, e.g. to pretrain a small
 teacher): `--student_config config.json --tokenizer DIR --dataset file.txt --kd_weight 0 --output_dir OUT`.
-Bad input -> one line on stderr naming the file/flag and the fix, exit code 2 (`cache_tools.errors.run_cli`); nothing
+Bad input -> one line on stderr naming the file/flag and the fix, exit code 2 (`errors.run_cli`); nothing
 half-written.
 
 `build_trainer(cfg)` assembles the same pieces for benchmarks and tests.
@@ -33,7 +33,7 @@ def load_tokenizer(cfg: Any) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as err:
-        from distill.training.config import ConfigError
+        from cache_tools.format.errors import ConfigError
 
         raise ConfigError(f"--tokenizer {source}: cannot load a tokenizer ({type(err).__name__}); pass a tokenizer "
                           "directory or hub id") from err
@@ -46,7 +46,7 @@ def load_student_config(cfg: Any) -> Any:
     """The student's config alone (cheap): lets us check the cache against the student before loading weights."""
     from transformers import AutoConfig
 
-    from distill.training.config import ConfigError
+    from cache_tools.format.errors import ConfigError
 
     source = cfg.model.student_config or cfg.model.student
     try:
@@ -61,7 +61,7 @@ def load_student(cfg: Any, tokenizer: Any, config: Any) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, set_seed
 
-    from distill.training.config import ConfigError
+    from cache_tools.format.errors import ConfigError
     from distill.training.modeling import head_rows
 
     trust = cfg.model.trust_remote_code
@@ -123,7 +123,7 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
                             int(student_config.get_text_config().num_hidden_layers))
     student = load_student(cfg, tokenizer, student_config)
     if head_rows(student) != rows:
-        from distill.training.config import ConfigError
+        from cache_tools.format.errors import ConfigError
 
         raise ConfigError(f"--student: LM head has {head_rows(student)} rows but config.vocab_size is {rows}; fix "
                           "the model's config")
@@ -163,17 +163,10 @@ def finish_distributed() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cache_tools.errors import run_cli
+    from cache_tools.format.errors import run_cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    return run_cli(PROG, lambda: _main(argv), expected=_expected_errors())
-
-
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    from distill.data.xtok.token_bytes import TokenizerError
-    from distill.training.trainer import NonFiniteLossError
-
-    return (NonFiniteLossError, TokenizerError)
+    return run_cli(PROG, lambda: _main(argv))
 
 
 def _main(argv: list[str]) -> int:

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from cache_tools import schema
-from cache_tools.shard_io import ShardWriter
+from cache_tools.format import schema
+from cache_tools.format.shard_io import ShardWriter
 
 
 def _windows(tokenizer: Any, texts: list[str], max_length: int, num_sequences: int) -> list[np.ndarray]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from cache_tools import schema, shard_io
+from cache_tools.format import schema, shard_io
 
 
 def cache_arrays(cache_dir: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from cache_tools import schema
 from cache_tools.cli import main
+from cache_tools.format import schema
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_tokenizer_larger_than_head(capsys, tmp_path, good_args, corpus):
 
 
 def test_incomplete_cache_refused_by_reader(tmp_path):
-    from cache_tools.reader import TeacherCacheReader
+    from cache_tools.format.reader import TeacherCacheReader
 
     schema.CacheManifest(tokenizer=schema.TokenizerInfo(vocab_size=10, content_hash="x")).save(tmp_path)
     with pytest.raises(schema.CacheError, match=r"manifest.json: cache is incomplete; .*--resume"):

@@ -11,10 +11,10 @@ import pytest
 import torch
 from cache_testing import assert_same_cache, cache_arrays, save_boosted_teacher
 
-from cache_tools import schema
 from cache_tools.builder import BuildOptions, build_cache
-from cache_tools.reader import TeacherCacheReader
-from cache_tools.teacher import BuildError
+from cache_tools.format import schema
+from cache_tools.format.errors import BuildError
+from cache_tools.format.reader import TeacherCacheReader
 
 MAX_LENGTH, TOP_K, SHARD_SIZE = 48, 16, 8
 

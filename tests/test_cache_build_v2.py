@@ -10,12 +10,12 @@ import pytest
 from cache_testing import assert_same_cache
 from test_cache_targets import assert_same_offsets, assert_same_targets
 
-from cache_tools import schema
 from cache_tools.build_options import BuildOptions
 from cache_tools.builder import build_cache
 from cache_tools.cli import _parser, build_options, main
-from cache_tools.reader import TeacherCacheReader
-from cache_tools.verify import verify_cache
+from cache_tools.format import schema
+from cache_tools.format.reader import TeacherCacheReader
+from cache_tools.format.verify import verify_cache
 
 
 def _opts(teacher, text_file, out, **kw) -> BuildOptions:

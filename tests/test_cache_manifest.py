@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from cache_v1 import write_v1_cache
 
-from cache_tools import schema
-from cache_tools.reader import TeacherCacheReader
-from cache_tools.verify import verify_cache
+from cache_tools.format import schema
+from cache_tools.format.reader import TeacherCacheReader
+from cache_tools.format.verify import verify_cache
 
 REPO = Path(__file__).resolve().parent.parent
 V1_COMMIT = "f265a7a"  # last commit whose cache_tools wrote and read only format version 1
@@ -100,9 +100,9 @@ def test_manifest_json_round_trip_is_typed(tmp_path):
 
 
 def _v1_reader_module(tmp_path: Path):
-    """cache_tools.schema as of the last version 1 commit, loaded beside today's package."""
+    """cache_tools.format.schema as of the last version 1 commit, loaded beside today's package."""
     try:
-        source = subprocess.run(["git", "-C", str(REPO), "show", f"{V1_COMMIT}:cache_tools/schema.py"],
+        source = subprocess.run(["git", "-C", str(REPO), "show", f"{V1_COMMIT}:cache_tools/format/schema.py"],
                                 capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         pytest.skip(f"needs git history with commit {V1_COMMIT}")
@@ -123,5 +123,5 @@ def test_v2_cache_refused_by_v1_reader_with_version_error(tmp_path, tokenizer, c
     with pytest.raises(old.CacheError) as info:
         old.load_manifest(cache)
     assert "format version 2, this tool reads 1" in str(info.value) and "\n" not in str(info.value)
-    attrs = __import__("cache_tools.shard_io", fromlist=["read_attrs"]).read_attrs(cache / schema.shard_name(0))
+    attrs = __import__("cache_tools.format.shard_io", fromlist=["read_attrs"]).read_attrs(cache / schema.shard_name(0))
     assert attrs[schema.ATTR_FORMAT_VERSION] == 2 and attrs[schema.ATTR_TARGET_KIND] == "topk"

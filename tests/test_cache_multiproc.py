@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from cache_testing import assert_same_cache, cli_command, subprocess_env
 
-from cache_tools import schema
+from cache_tools.format import schema
 
 pytestmark = pytest.mark.slow
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from cache_tools import schema
 from cache_tools.builder import BuildOptions, build_cache
 from cache_tools.cli import main
-from cache_tools.reader import TeacherCacheReader
+from cache_tools.format import schema
+from cache_tools.format.reader import TeacherCacheReader
 
 SHARD_SIZE = 5
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from cache_testing import assert_same_cache, cache_arrays
 
-from cache_tools import schema
 from cache_tools.builder import BuildOptions, build_cache
 from cache_tools.cli import main
-from cache_tools.teacher import BuildError
+from cache_tools.format import schema
+from cache_tools.format.errors import BuildError
 
 
 def _opts(teacher, text_file, out, **kw) -> BuildOptions:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from cache_fixtures import write_synthetic_cache
 
-from cache_tools import schema, shard_io
+from cache_tools.format import schema, shard_io
+from cache_tools.format.reader import TeacherCacheReader
+from cache_tools.format.verify import verify_cache
 from cache_tools.inspect_cache import cache_summary, format_summary
-from cache_tools.reader import TeacherCacheReader
-from cache_tools.verify import verify_cache
 
 N, K = 12, 8
 COMBOS = [("topk", "fp16"), ("topk", "compact"), ("sampled", "fp16"), ("sampled", "compact")]
@@ -111,7 +111,7 @@ def _plant(cache, name: str, edit) -> None:
 def _offsets_blob(blob, *edits: tuple[int, tuple[int, int]]):
     """A valid offsets blob (checksum and all) holding the offsets of `blob` with some tokens' (start, end) changed:
     damage only the content check can see."""
-    from cache_tools import codec
+    from cache_tools.format import codec
 
     offsets = codec.decode_offsets(blob, 16)
     for token, pair in edits:
@@ -177,7 +177,7 @@ def test_shard_attrs_and_layout_follow_the_table(make_cache):
 
 
 def test_every_check_the_table_names_exists():
-    from cache_tools.verify import CHECKS
+    from cache_tools.format.verify import CHECKS
 
     named = {check for spec in schema.DATASETS for check in spec.checks}
     assert named and named <= set(CHECKS), named - set(CHECKS)

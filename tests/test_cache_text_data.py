@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cache_tools.text_data import load_documents, pack_windows
+from cache_tools.format.text_data import load_documents, pack_windows
 
 DOCS = ["The first document.", "", "Second one, a little longer than the first.", "Third: short."]
 

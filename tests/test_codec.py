@@ -1,4 +1,4 @@
-"""cache_tools.codec: compact top-k and lossless sampled blobs round-trip, adversarial shapes and values, and every
+"""format.codec: compact top-k and lossless sampled blobs round-trip, adversarial shapes and values, and every
 corrupt blob is refused with CodecError (never silently decoded into wrong targets)."""
 
 from __future__ import annotations
@@ -9,16 +9,9 @@ import zlib
 import numpy as np
 import pytest
 
-from cache_tools import codec
-from cache_tools.codec import (
-    CodecError,
-    check_sampled,
-    check_topk,
-    decode_sampled,
-    decode_topk,
-    encode_sampled,
-    encode_topk,
-)
+from cache_tools.format import codec
+from cache_tools.format.codec import check_sampled, check_topk, decode_sampled, decode_topk, encode_sampled, encode_topk
+from cache_tools.format.errors import CodecError
 
 QWEN_ROWS = 151_936  # > 2**16: ids need 18 bits
 

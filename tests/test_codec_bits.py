@@ -1,4 +1,4 @@
-"""cache_tools.codec_bits (the Rice / Exp-Golomb sections under every blob) and damage the checksum cannot catch."""
+"""format.codec_bits (the Rice / Exp-Golomb sections under every blob) and damage the checksum cannot catch."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 from test_codec import QWEN_ROWS, random_sampled, random_topk
 
-from cache_tools import codec
-from cache_tools.codec import CodecError, decode_sampled, decode_topk, encode_sampled, encode_topk
+from cache_tools.format import codec
+from cache_tools.format.codec import decode_sampled, decode_topk, encode_sampled, encode_topk
+from cache_tools.format.errors import CodecError
 
 
 @pytest.mark.parametrize("exp_golomb", [False, True])
 def test_codes_roundtrip_through_bit_sections(exp_golomb):
-    from cache_tools.codec_bits import BlobReader, best_k, make_blob, pack_streams
+    from cache_tools.format.codec_bits import BlobReader, best_k, make_blob, pack_streams
 
     rng = np.random.default_rng(int(exp_golomb))
     values = np.concatenate([rng.integers(0, 1 << rng.integers(1, 18), 300) for _ in range(20)]).reshape(20, 300)
@@ -70,7 +71,7 @@ def test_resealed_random_damage_is_refused_or_decodes_to_valid_targets():
 def test_wide_fields_are_plain_msb_first_bits():
     """Fields wider than MAX_FIELD_BITS (int32 token offsets need 33 bits) are written and read in two parts; on disk
     they are the same MSB-first bits as any field, and a reader only accepts them up to the width it asks for."""
-    from cache_tools.codec_bits import MAX_FIELD_BITS, BlobReader, make_blob, pack_streams, split_codes
+    from cache_tools.format.codec_bits import MAX_FIELD_BITS, BlobReader, make_blob, pack_streams, split_codes
 
     values = np.array([0, 1, 2**25, 2**33 - 1, 5, 2**30 + 7, 2**26 - 1], np.int64)
     ks = np.full(values.size, 3)

@@ -1,4 +1,4 @@
-"""cache_tools.codec_offsets (token offsets of compact caches): lossless round trip on random, tokenizer-like and
+"""cache_tools.format.codec_offsets (token offsets of compact caches): lossless round trip on random, tokenizer-like and
 adversarial offsets (overlapping tokens, empty tokens, the int32 extremes, n = 0 / 1), bad input refused, and every
 corrupt blob refused with CodecError (never decoded into other offsets)."""
 
@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from test_codec import corrupt_variants
 
-from cache_tools import codec
-from cache_tools.codec import CodecError, check_offsets, decode_offsets, encode_offsets, encode_sampled
-from cache_tools.codec_offsets import NO_GAPS, SIGNED_LENGTHS
+from cache_tools.format import codec
+from cache_tools.format.codec import check_offsets, decode_offsets, encode_offsets, encode_sampled
+from cache_tools.format.codec_offsets import NO_GAPS, SIGNED_LENGTHS
+from cache_tools.format.errors import CodecError
 
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
 
@@ -69,7 +70,7 @@ def test_contiguous_tokens_store_no_gaps():
 def test_roundtrip_builder_windows_with_split_characters(tokenizer, corpus):
     """The builder's own windows (byte-level BPE over text with multi-byte characters, EOS between documents):
     tokens that share a character give negative gaps, and every window round-trips."""
-    from cache_tools.text_data import pack_windows
+    from cache_tools.format.text_data import pack_windows
 
     docs = [corpus[0][:300], "Grüße aus Köln, naïve café, 東京は晴れ 🙂🙂 Ελληνικά " * 6, corpus[1][:200]]
     windows = list(pack_windows(tokenizer, enumerate(docs), 64))

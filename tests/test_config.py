@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from cache_tools.format.errors import ConfigError
 from distill.train import main
-from distill.training.config import ConfigError, parse_config, validate, write_resolved_config
+from distill.training.config import parse_config, validate, write_resolved_config
 
 
 def _yaml(tmp_path, data) -> str:

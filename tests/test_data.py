@@ -8,8 +8,8 @@ import torch
 from cache_fixtures import write_synthetic_cache
 from torch.utils.data import DataLoader
 
-from cache_tools.reader import TeacherCacheReader
-from cache_tools.schema import CacheError
+from cache_tools.format.errors import CacheError
+from cache_tools.format.reader import TeacherCacheReader
 from distill.data.dataset import CacheDataset, DirectTargets, DistillCollator, build_cache_data, split_eval_indices
 from distill.losses import IGNORE_INDEX
 
@@ -77,7 +77,7 @@ def test_eval_split_is_deterministic_and_shard_aligned(cache_dir):
 def test_foreign_tokenizer_without_teacher_tokenizer_is_one_line_error(tmp_path, tokenizer, corpus):
     """A different student tokenizer takes the cross-tokenizer path, which needs the cache's own tokenizer: when it
     can be found neither in DIR/tokenizer/ nor at the manifest's path, the error says so in one line."""
-    from distill.data.xtok.token_bytes import TokenizerError
+    from cache_tools.format.errors import TokenizerError
 
     cache = write_synthetic_cache(tmp_path / "c", tokenizer, corpus, num_sequences=4, tokenizer_hash="f" * 64)
     with pytest.raises(TokenizerError, match="teacher tokenizer 'test-tokenizer': cannot load") as info:

@@ -123,3 +123,11 @@ def test_skew_kl_from_the_command_line(tmp_path):
     assert (kd.kind, kd.skew_alpha) == ("skew_kl", 0.3)
     ((value, _), _) = _fused_and_naive(kd)
     assert value.item() > 0.01
+
+
+def test_loss_target_kinds_match_the_cache_format():
+    """The losses name the target kinds themselves (they never import the format); both lists must agree."""
+    from cache_tools.format.schema import TARGET_KINDS as FORMAT_KINDS
+    from distill.losses import TARGET_KINDS as LOSS_KINDS
+
+    assert tuple(LOSS_KINDS) == tuple(FORMAT_KINDS)

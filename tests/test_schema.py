@@ -7,9 +7,9 @@ import pickle
 import numpy as np
 import pytest
 
-from cache_tools import schema
-from cache_tools.reader import TeacherCacheReader
-from cache_tools.shard_io import ShardWriter
+from cache_tools.format import schema
+from cache_tools.format.reader import TeacherCacheReader
+from cache_tools.format.shard_io import ShardWriter
 
 L, K, P, H, V = 8, 4, 2, 6, 300
 

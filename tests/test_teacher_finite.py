@@ -8,9 +8,11 @@ import pytest
 import torch
 from cache_testing import cache_arrays
 
-from cache_tools import cli, schema, teacher
+from cache_tools import cli, teacher
 from cache_tools.builder import BuildOptions, build_cache
-from cache_tools.teacher import BuildError, Sampling
+from cache_tools.format import schema
+from cache_tools.format.errors import BuildError
+from cache_tools.teacher import Sampling
 
 MAX_LENGTH, SHARD_SIZE = 32, 4
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cache_tools import sampling
-from cache_tools.errors import UserError
-from cache_tools.teacher import NonFiniteLogits, sample_targets, sequence_uniforms
+from cache_tools.format.errors import NonFiniteLogits, UserError
+from cache_tools.teacher import sample_targets, sequence_uniforms
 
 
 def _frequencies(ids: torch.Tensor, counts: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from cache_tools import head, schema
+from cache_tools import head
+from cache_tools.format import schema
 
 
 def _check_exact(logits: torch.Tensor, k: int) -> None:

@@ -11,9 +11,9 @@ import pytest
 import torch
 from cache_fixtures import write_synthetic_cache
 
+from cache_tools.format.errors import NonFiniteLossError
 from distill.train import build_trainer, main
 from distill.training.config import parse_config, validate
-from distill.training.trainer import NonFiniteLossError
 
 TRAIN_SCALARS = [f"loss/{c}" for c in ("ce", "kd", "feature", "contrastive")] + \
     [f"weighted/{c}" for c in ("ce", "kd", "feature", "contrastive")] + \
@@ -285,7 +285,7 @@ def built_history(out: Path) -> list[dict]:
 def test_sampled_cache_trains_with_its_target_kind(tmp_path, student_dir, tokenizer, corpus):
     """A sampled (RS-KD) cache: the model's KDConfig carries targets="sampled" (no tail bucket, counts/N as the
     teacher), KD is computed and finite."""
-    from cache_tools import schema
+    from cache_tools.format import schema
 
     targets = schema.TargetsInfo(kind="sampled", encoding="fp16", top_k=0, num_samples=16, sample_temperature=1.0)
     cache = write_synthetic_cache(tmp_path / "c", tokenizer, corpus, num_sequences=8, targets=targets)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from cache_fixtures import write_synthetic_cache
 
+from cache_tools.format.errors import ConfigError
 from distill.train import main
 from distill.training.checkpoints import MARKER, checkpoint_fault, resolve_resume
-from distill.training.config import ConfigError
 
 
 @pytest.fixture(scope="module")

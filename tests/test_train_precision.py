@@ -8,9 +8,10 @@ import pytest
 import torch
 from cache_fixtures import write_synthetic_cache
 
+from cache_tools.format.errors import ConfigError
 from distill.losses import fused_ce_kd_loss
 from distill.train import main
-from distill.training.config import ConfigError, parse_config, validate
+from distill.training.config import parse_config, validate
 
 
 @pytest.fixture(scope="module")

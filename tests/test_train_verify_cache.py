@@ -9,7 +9,7 @@ import shutil
 import pytest
 from cache_fixtures import write_synthetic_cache
 
-from cache_tools.schema import MANIFEST_NAME
+from cache_tools.format.schema import MANIFEST_NAME
 from distill.train import main
 
 

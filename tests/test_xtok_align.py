@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from xtok_fixtures import trained_tokenizer
 
-from cache_tools import schema
-from cache_tools.reader import CachedSequence
-from cache_tools.text_data import pack_windows
+from cache_tools.format import schema
+from cache_tools.format.reader import CachedSequence
+from cache_tools.format.text_data import pack_windows
 from distill.data.xtok.pipeline import CrossTokenizerTargets
 
 CASES = {

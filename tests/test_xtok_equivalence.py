@@ -12,7 +12,7 @@ import xtok_reference as ref
 from test_xtok_align import CASES, make_sequence, manifest_for
 from xtok_fixtures import trained_tokenizer, write_text_cache
 
-from cache_tools.reader import TeacherCacheReader
+from cache_tools.format.reader import TeacherCacheReader
 from distill.data.xtok.pipeline import CrossTokenizerTargets
 from distill.data.xtok.topk_map import TopKMapper, map_topk
 

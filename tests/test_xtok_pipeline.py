@@ -11,10 +11,10 @@ import pytest
 import torch
 from xtok_fixtures import trained_tokenizer, write_text_cache
 
-from cache_tools.reader import TeacherCacheReader
+from cache_tools.format.errors import TokenizerError
+from cache_tools.format.reader import TeacherCacheReader
 from distill.data.dataset import CacheDataset, DirectTargets, DistillCollator
 from distill.data.xtok.pipeline import CrossTokenizerTargets, aggregate_stats
-from distill.data.xtok.token_bytes import TokenizerError
 from distill.losses import fused_ce_kd_loss
 
 TEACHER_HEAD_ROWS = 151_936
@@ -75,7 +75,7 @@ def test_real_shapes_cross_tokenizer_batch_trains(real_shape_cache, tokenizer, s
 
 
 def test_same_tokenizer_gives_exactly_the_direct_targets(tmp_path, tokenizer, corpus):
-    from cache_tools.text_data import pack_windows
+    from cache_tools.format.text_data import pack_windows
 
     # Windows that hold whole documents (EOS-separated), so re-tokenising a window's text is the teacher's own split.
     docs = [corpus[i][:300] for i in range(0, 40, 4)]

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from xtok_fixtures import trained_tokenizer, write_text_cache
 
-from cache_tools import schema
-from cache_tools.reader import TeacherCacheReader
-from cache_tools.text_data import pack_windows
+from cache_tools.format import schema
+from cache_tools.format.reader import TeacherCacheReader
+from cache_tools.format.text_data import pack_windows
 from distill.data.dataset import CacheDataset
 from distill.data.xtok.pipeline import CrossTokenizerTargets
 from distill.data.xtok.prepare import prepare_store

@@ -8,7 +8,7 @@ import pytest
 from test_xtok_align import CASES, make_sequence, manifest_for
 from xtok_fixtures import sampled_rows, trained_tokenizer, write_text_cache
 
-from cache_tools.reader import CachedSequence, TeacherCacheReader
+from cache_tools.format.reader import CachedSequence, TeacherCacheReader
 from distill.data.xtok.pipeline import CrossTokenizerTargets
 from distill.data.xtok.topk_map import TopKMapper
 

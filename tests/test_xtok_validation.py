@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from xtok_fixtures import trained_tokenizer, write_text_cache
 
-from cache_tools import schema
-from cache_tools.reader import TeacherCacheReader
+from cache_tools.format import schema
+from cache_tools.format.reader import TeacherCacheReader
 from distill.data.dataset import DirectTargets, make_target_builder
 from distill.data.validation import SequenceValidator
 from distill.data.xtok.pipeline import CrossTokenizerTargets

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from cache_tools import schema
-from cache_tools.shard_io import ShardWriter
-from cache_tools.text_data import pack_windows
+from cache_tools.format import schema
+from cache_tools.format.shard_io import ShardWriter
+from cache_tools.format.text_data import pack_windows
 
 
 def synthetic_topk(ids: np.ndarray, vocab_size: int, top_k: int, rng: np.random.Generator,

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from cache_tools.reader import CachedSequence
+from cache_tools.format.reader import CachedSequence
 from distill.data.xtok.topk_map import MappedTopK  # the result container (unchanged); the logic below is the copy
 
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cache_tools import schema
-from cache_tools.reader import CachedSequence, TeacherCacheReader
+from cache_tools.format import schema
+from cache_tools.format.reader import CachedSequence, TeacherCacheReader
 from distill.losses import IGNORE_INDEX
 
 TargetBuilder = Callable[[CachedSequence], dict[str, Any]]
@@ -197,8 +197,8 @@ def build_cache_data(
 def build_text_data(spec: str, tokenizer: Any, *, max_length: int, text_column: str = "text",
                     max_samples: int | None = None) -> BuiltData:
     """LM-only mode: load documents, pack them into windows of `max_length` tokens (EOS between documents)."""
-    from cache_tools.text_data import load_documents, pack_windows
-    from distill.training.config import ConfigError
+    from cache_tools.format.errors import ConfigError
+    from cache_tools.format.text_data import load_documents, pack_windows
 
     try:
         docs = load_documents(spec, text_column=text_column, max_samples=max_samples)

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from cache_tools import schema
-from cache_tools.reader import CachedSequence, TeacherCacheReader
+from cache_tools.format import schema
+from cache_tools.format.reader import CachedSequence, TeacherCacheReader
 
 
 def is_sampled(manifest: schema.CacheManifest) -> bool:

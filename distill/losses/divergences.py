@@ -26,8 +26,6 @@ from typing import Any
 
 import torch
 
-from cache_tools.schema import TARGET_KINDS  # what a cache can hold: the format decides
-
 Tensor = torch.Tensor
 
 # From `python -m bench.bench_loss --chunks 256,512,1024` (CPU, fp32, N=8192, H=576, K=256): time per step is flat
@@ -36,6 +34,12 @@ Tensor = torch.Tensor
 DEFAULT_CHUNK_SIZE = 256
 # What the per-example dict's teacher fields hold: "topk" = top-k log-probs + tail mass (tempered by the loss);
 # "sampled" = log(count / N) of N draws made at the cache's sample temperature, tail -inf (used as given).
+
+
+# What `topk_logprobs` / `tail_logprob` may hold: exact top-k + tail, or RS-KD draws. The cache format names the same
+# kinds (`cache_tools.format.schema.TARGET_KINDS`); tests/test_losses_registry.py keeps the two equal, so the losses
+# need not import the format.
+TARGET_KINDS = ("topk", "sampled")
 
 
 @dataclass(frozen=True)

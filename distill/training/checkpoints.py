@@ -50,7 +50,7 @@ class CheckpointCompleteCallback(TrainerCallback):
 
 def write_marker(folder: Path) -> None:
     """Record every file of `folder` (relative path -> size in bytes), atomically."""
-    from cache_tools.fsutil import atomic_write_text
+    from cache_tools.format.fsutil import atomic_write_text
 
     files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != MARKER}
@@ -133,7 +133,7 @@ def resolve_resume(value: str | bool | None, output_dir: str | os.PathLike) -> s
     true: the newest complete checkpoint in `output_dir`; a path: that checkpoint if complete, else the newest
     complete one before it in the same folder. Passing over incomplete checkpoints prints one warning line (rank 0);
     no complete one at all is a ConfigError."""
-    from distill.training.config import ConfigError
+    from cache_tools.format.errors import ConfigError
 
     text = str(value).strip().lower() if value is not None else ""
     if value is None or value is False or text in _FALSE:

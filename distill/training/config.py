@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from cache_tools.errors import UserError
-from cache_tools.fsutil import atomic_write_text
+from cache_tools.format.errors import ConfigError
+from cache_tools.format.fsutil import atomic_write_text
 from distill.data.xtok.vocab_map import RULES as XTOK_RULES
 from distill.losses import DEFAULT_CHUNK_SIZE, KD_KINDS, KDConfig
 from distill.losses.schedules import parse_ramp
@@ -25,9 +25,6 @@ from distill.training.components import COMPONENTS
 
 RESOLVED_CONFIG_NAME = "distill_config.yaml"
 
-
-class ConfigError(UserError, ValueError):
-    """A bad configuration; the message names the key(s) and the fix."""
 
 
 @dataclass

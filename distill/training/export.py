@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cache_tools.fsutil import atomic_path, atomic_write_text
+from cache_tools.format.fsutil import atomic_path, atomic_write_text
 from distill.training.components import COMPONENTS
 
 STUDENT_DIR = "student"

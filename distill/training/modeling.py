@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from cache_tools.format.errors import ConfigError
 from distill.losses import KDConfig, fused_ce_kd_loss
 from distill.losses.aux import PooledProjection, pool_layers
 from distill.training.components import AUX, COMPONENTS, aux_params, wants_aux, weights_of
-from distill.training.config import ConfigError
 
 
 @dataclass

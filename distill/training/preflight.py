@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from distill.training.config import ConfigError
+from cache_tools.format.errors import ConfigError
 
 
 def verify_caches(data: Any) -> None:
@@ -21,8 +21,8 @@ def verify_caches(data: Any) -> None:
     exit 2) naming the flag, the cache and its first fault. Every rank checks (no process group is needed)."""
     if not data.verify_cache:
         return
-    from cache_tools.schema import CacheError
-    from cache_tools.verify import verify_cache
+    from cache_tools.format.errors import CacheError
+    from cache_tools.format.verify import verify_cache
 
     for flag, cache in (("--cache", data.cache), ("--eval_cache", data.eval_cache)):
         if not cache:

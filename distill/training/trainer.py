@@ -23,6 +23,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import EvalLoopOutput
 
+from cache_tools.format.errors import NonFiniteLossError
 from distill.data.dataset import XTOK_STATS
 from distill.losses import IGNORE_INDEX
 from distill.training.components import COMPONENTS
@@ -33,9 +34,6 @@ def _data_parallel_world_size() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
-
-class NonFiniteLossError(RuntimeError):
-    """Too many non-finite losses in a row."""
 
 
 class DistillTrainer(Trainer):

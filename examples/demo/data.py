@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cache_tools.fsutil import atomic_path, atomic_write_text
+from cache_tools.format.fsutil import atomic_path, atomic_write_text
 
 EVAL_EVERY = 20  # every 20th document is held out: deterministic, and spread over the whole corpus (all modules)
 
@@ -14,7 +14,7 @@ EVAL_EVERY = 20  # every 20th document is held out: deterministic, and spread ov
 def load_texts(text_file: str | None, dataset: str | None, max_docs: int | None, min_chars: int) -> list[str]:
     """The demo's documents, in a fixed order. Default: stdlib docstrings (every Python install has them)."""
     if text_file or dataset:
-        from cache_tools.text_data import load_documents
+        from cache_tools.format.text_data import load_documents
 
         spec = text_file or dataset
         try:

@@ -11,15 +11,15 @@ from typing import Any
 
 import torch
 
-from cache_tools.fsutil import atomic_write_text
-from cache_tools.schema import load_manifest
+from cache_tools.format.fsutil import atomic_write_text
+from cache_tools.format.schema import load_manifest
 
 
 def held_out_windows(tokenizer_dir: Path, eval_file: Path, max_length: int, max_windows: int) -> torch.Tensor:
     """Pack the held-out documents into full windows of `max_length` tokens -> [W, max_length] int64."""
     from transformers import AutoTokenizer
 
-    from cache_tools.text_data import load_documents, pack_windows
+    from cache_tools.format.text_data import load_documents, pack_windows
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     rows = []

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from cache_tools.fsutil import OFFLINE_ENV
+from cache_tools.format.fsutil import OFFLINE_ENV
 from examples.demo.common import (
     CPU_LAUNCH_CONFIG,
     DemoError,
@@ -127,7 +127,7 @@ def run_pipeline(args: argparse.Namespace, s: DemoSettings) -> Path:
         if metrics[name]["top1_agreement"] is None:  # different tokenizers: no shared positions on raw windows
             metrics[name]["top1_agreement"] = demo_eval.logged_eval_top1(runs / name)
     seconds["evaluate"] = time.perf_counter() - t0
-    from cache_tools.schema import load_manifest
+    from cache_tools.format.schema import load_manifest
 
     manifest = load_manifest(out / "cache")
     info = {

@@ -22,8 +22,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache_tools import schema
-from cache_tools.fsutil import file_sha256
+from cache_tools.format import schema
+from cache_tools.format.fsutil import file_sha256
 
 # The one small cache every case starts from: ~5 shards of 4 windows of 32 tokens.
 BUILD_FLAGS = ("--max-length", "32", "--top-k", "8", "--shard-size", "4", "--batch-size", "2", "--max-samples", "3",

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cache_tools import schema
-from cache_tools.text_data import load_documents, pack_windows
+from cache_tools.format import schema
+from cache_tools.format.text_data import load_documents, pack_windows
 from faults.harness import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.faults
@@ -73,7 +73,7 @@ def test_rows_without_text_are_counted(tmp_path, build_args, capsys):
     assert len(warnings) == 1, outcome.stderr
     assert "3 of 8 rows" in warnings[0] and f"line 2 of {dataset}" in warnings[0], warnings[0]
     assert run_cli(["verify", str(out)], capsys).code == 0
-    from cache_tools.reader import TeacherCacheReader
+    from cache_tools.format.reader import TeacherCacheReader
 
     reader = TeacherCacheReader(out)
     used = {reader[i].doc_index for i in range(len(reader))}
@@ -96,7 +96,7 @@ def test_nul_bytes_round_trip_through_the_cache(tmp_path, build_args, capsys):
     argv[argv.index("--dataset") + 1] = str(dataset)
     outcome = run_cli(argv, capsys)
     assert outcome.code == 0, "\n".join(outcome.stderr)
-    from cache_tools.reader import TeacherCacheReader
+    from cache_tools.format.reader import TeacherCacheReader
 
     reader = TeacherCacheReader(out)
     stored = "".join(reader[i].text for i in range(len(reader)))

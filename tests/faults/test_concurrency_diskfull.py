@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cache_testing import assert_same_cache
 
-from cache_tools import schema
+from cache_tools.format import schema
 from faults.harness import (
     assert_one_line_error,
     hold_after_manifest,
@@ -43,8 +43,8 @@ def test_second_build_refused_while_first_runs(tmp_path, clean_cache, build_args
 
 
 def test_lock_refuses_in_process_and_releases(tmp_path):
+    from cache_tools.format.errors import BuildError
     from cache_tools.output_dir import BuildLock
-    from cache_tools.teacher import BuildError
 
     first = BuildLock(tmp_path / "c")
     with pytest.raises(BuildError, match=rf"another build \(pid {os.getpid()}\)"):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from cache_testing import assert_same_cache
 
-from cache_tools import schema
+from cache_tools.format import schema
 from faults.harness import (
     assert_one_line_error,
     edit_manifest,
@@ -178,7 +178,7 @@ def test_resume_repairs_or_refuses(damage, cache_copy, clean_cache, build_args, 
 @pytest.mark.parametrize("damage", [d for d in DAMAGES if d.reader_refuses], ids=[d.name for d in DAMAGES
                                                                                  if d.reader_refuses])
 def test_reader_refuses(damage, cache_copy, request):
-    from cache_tools.reader import TeacherCacheReader
+    from cache_tools.format.reader import TeacherCacheReader
 
     damage.apply(cache_copy, request)
     with pytest.raises(schema.CacheError) as info:

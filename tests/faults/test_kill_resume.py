@@ -1,4 +1,4 @@
-"""Kill a build with SIGKILL at every injected point (`DISTILL_FAULT`, see cache_tools/faults.py), then run the same
+"""Kill a build with SIGKILL at every injected point (`DISTILL_FAULT`, cache_tools/format/faults.py), then run the same
 command with --resume: the result must be byte-identical to a clean build, and nothing temporary may be left."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import signal
 import pytest
 from cache_testing import assert_same_cache
 
-from cache_tools import schema
+from cache_tools.format import schema
 from faults.harness import hold_after_manifest, run_cli, run_forked, start_forked, wait_child, wait_for
 
 pytestmark = pytest.mark.faults
@@ -82,7 +82,7 @@ def test_interrupted_build_resumes(sig, tmp_path, clean_cache, build_args, capsy
 
 def test_killed_build_is_reported_by_verify_and_reader(tmp_path, build_args, capsys):
     """A killed build's folder is not mistaken for a cache: verify exits 2 naming the fix, the reader refuses."""
-    from cache_tools.reader import TeacherCacheReader
+    from cache_tools.format.reader import TeacherCacheReader
 
     out = tmp_path / "cache"
     assert run_forked(build_args(out), fault="shard.rename@3").signal == signal.SIGKILL
@@ -96,7 +96,7 @@ def test_killed_build_is_reported_by_verify_and_reader(tmp_path, build_args, cap
 
 def test_fault_point_parsing(monkeypatch):
     """`name@N` fires at the N-th hit only; other names and no variable are no-ops."""
-    from cache_tools import faults
+    from cache_tools.format import faults
 
     kills = []
     monkeypatch.setattr(os, "kill", lambda pid, sig: kills.append(sig))

@@ -201,7 +201,7 @@ def test_cache_truncated_while_training(tmp_path, student_dir, cache_dir):
 
 @pytest.fixture(scope="module")
 def sampled_cache(tmp_path_factory, tokenizer, corpus):
-    from cache_tools import schema
+    from cache_tools.format import schema
 
     targets = schema.TargetsInfo(kind="sampled", encoding="fp16", top_k=0, num_samples=16, sample_temperature=1.0)
     return write_synthetic_cache(tmp_path_factory.mktemp("sampled") / "c", tokenizer, corpus, num_sequences=8,

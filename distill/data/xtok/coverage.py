@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from cache_tools.reader import TeacherCacheReader
+from cache_tools.format.reader import TeacherCacheReader
 from distill.data.xtok.pipeline import CrossTokenizerTargets, aggregate_stats
 from distill.data.xtok.token_bytes import tokenizer_label
 

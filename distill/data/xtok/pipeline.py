@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from cache_tools import schema
-from cache_tools.reader import CachedSequence, TeacherCacheReader
+from cache_tools.format import schema
+from cache_tools.format.errors import TokenizerError
+from cache_tools.format.reader import CachedSequence, TeacherCacheReader
 from distill.data.validation import SequenceValidator, check_mapped
 from distill.data.xtok.align import (
     align,
@@ -26,7 +27,7 @@ from distill.data.xtok.align import (
     student_consumed,
 )
 from distill.data.xtok.store import STAT_KEYS, TargetStore, open_store, store_key
-from distill.data.xtok.token_bytes import TokenizerError, plain_backend, token_bytes_table, tokenizer_label
+from distill.data.xtok.token_bytes import plain_backend, token_bytes_table, tokenizer_label
 from distill.data.xtok.topk_map import TopKMapper
 from distill.data.xtok.vocab_map import load_or_build_vocab_map, require_student_eos, special_pairs
 

@@ -17,8 +17,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cache_tools.fsutil import atomic_path, atomic_write_text
-from cache_tools.reader import TeacherCacheReader
+from cache_tools.format.fsutil import atomic_path, atomic_write_text
+from cache_tools.format.reader import TeacherCacheReader
 from distill.data.xtok.pipeline import CrossTokenizerTargets
 from distill.data.xtok.store import ARRAYS, TargetStore, compact, shard_attrs, store_path
 

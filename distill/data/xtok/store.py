@@ -28,8 +28,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cache_tools import schema
-from cache_tools.fsutil import file_sha256
+from cache_tools.format import schema
+from cache_tools.format.fsutil import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from cache_tools.format.errors import TokenizerError
+
 log = logging.getLogger(__name__)
 
 BYTE_LEVEL = "byte_level"
@@ -24,9 +26,6 @@ METASPACE = "metaspace"
 PLAIN = "plain"
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
-
-class TokenizerError(ValueError):
-    """A tokenizer cannot be used for cross-tokenizer distillation. One-line message naming it and the fix."""
 
 
 def tokenizer_label(tokenizer: Any) -> str:

@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from cache_tools import schema
-from cache_tools.fsutil import atomic_path, file_sha256
+from cache_tools.format import schema
+from cache_tools.format.errors import TokenizerError
+from cache_tools.format.fsutil import atomic_path, file_sha256
 from distill.data.xtok import token_bytes
-from distill.data.xtok.token_bytes import TokenBytes, TokenizerError, plain_backend, tokenizer_label
+from distill.data.xtok.token_bytes import TokenBytes, plain_backend, tokenizer_label
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Compact per-sequence encodings of sparse teacher targets and token offsets (format v2), pure vectorised numpy.
 
-Three blob kinds, each one sequence of n positions, 1-D uint8 (framing and codes: `cache_tools.codec_bits`):
+Three blob kinds, each one sequence of n positions, 1-D uint8 (framing and codes: `cache_tools.format.codec_bits`):
 
 - top-k (`encode_topk` / `decode_topk`): per position K distinct ids and their log-probs. The ids are sorted
   ascending and their gaps (minus one) Exp-Golomb-coded with a per-position parameter: a teacher's support is dense
@@ -15,7 +15,7 @@ Three blob kinds, each one sequence of n positions, 1-D uint8 (framing and codes
   where most of a top-256 row sits. Decoding re-sorts each row by level; ties keep id order.
 - sampled (`encode_sampled` / `decode_sampled`): per position the distinct sampled ids and their counts (summing to
   N), LOSSLESS: the number of distinct ids (fixed width), then id gaps and count - 1, Exp-Golomb-coded.
-- offsets (`encode_offsets` / `decode_offsets`, in `cache_tools.codec_offsets`): the (start, end) character offsets
+- offsets (`encode_offsets` / `decode_offsets`, in `codec_offsets`): the (start, end) character offsets
   of each token, LOSSLESS, as Exp-Golomb-coded gaps and lengths.
 
 Layout of top-k and sampled blobs after the header: [top-k] row maxima float32 [n], row ranges uint8 [n]; one byte
@@ -31,18 +31,18 @@ from functools import lru_cache
 
 import numpy as np
 
-from cache_tools.codec_bits import (
+from cache_tools.format.codec_bits import (
     ENCODING_VERSION,
     HEADER,
     MAX_FIELD_BITS,
     BlobReader,
-    CodecError,
     best_k,
     make_blob,
     pack_fields,
     pack_streams,
 )
-from cache_tools.codec_offsets import check_offsets, decode_offsets, encode_offsets
+from cache_tools.format.codec_offsets import check_offsets, decode_offsets, encode_offsets
+from cache_tools.format.errors import CodecError
 
 __all__ = ["ENCODING_VERSION", "HEADER", "MAX_FIELD_BITS", "CodecError", "encode_topk", "decode_topk", "check_topk",
            "encode_sampled", "decode_sampled", "check_sampled", "LEVEL_BITS", "QUANT_SCALE", "QUANT_MAX_D",

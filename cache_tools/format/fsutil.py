@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from cache_tools.faults import fault_point
+from cache_tools.format.faults import fault_point
 
 TMP_SUFFIX = ".tmp"
 

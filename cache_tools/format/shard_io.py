@@ -16,8 +16,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cache_tools import encodings, schema
-from cache_tools.faults import fault_point
+from cache_tools.format import encodings, schema
+from cache_tools.format.faults import fault_point
 
 
 class ShardWriter:

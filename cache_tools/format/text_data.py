@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cache_tools.errors import one_line
+from cache_tools.format.errors import DatasetInputError, TokenizerError, one_line
 
 # File extension -> `datasets` packaged builder.
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -98,9 +98,6 @@ def _open_dataset(spec: str, split: str, streaming: bool) -> Any:
         raise _describe_load_error(spec, path, err) from err
 
 
-class DatasetInputError(ValueError):
-    """Bad dataset input: one line naming the file (and line) and the fix."""
-
 
 def _root_cause(err: BaseException) -> BaseException:
     """The innermost cause: `datasets` wraps the real problem in "An error occurred while generating the dataset"."""
@@ -153,13 +150,14 @@ def load_documents(
     streaming: bool = False,
 ) -> Iterator[tuple[int, str]]:
     """Yield `(doc_index, text)` for each row of the dataset `spec` (local .txt/.jsonl/.json/.parquet/.csv file or
-    folder, a `save_to_disk` folder, or hub `name[:config]`). `doc_index` is the row number. Errors (ValueError, one
-    line naming the spec and the fix) are raised on the first `next()`, before any document is yielded."""
+    folder, a `save_to_disk` folder, or hub `name[:config]`). `doc_index` is the row number. Errors
+    (DatasetInputError, one line naming the spec and the fix) are raised on the first `next()`, before any document
+    is yielded."""
     ds = _open_dataset(spec, split, streaming)
     columns = getattr(ds, "column_names", None)
     if columns is not None and text_column not in columns:
-        raise ValueError(f"--text-column {text_column!r}: not in dataset {spec} (columns: {columns}); pass the right "
-                         "--text-column")
+        raise DatasetInputError(f"--text-column {text_column!r}: not in dataset {spec} (columns: {columns}); pass the "
+                                "right --text-column")
     missing, first_missing = 0, -1
     rows = iter(ds)
     index = 0
@@ -209,7 +207,7 @@ def _row_place(spec: str, row: int) -> str:
 def _eos(tokenizer: Any) -> tuple[int, str]:
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token; pass a tokenizer "
+        raise TokenizerError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token; pass a tokenizer "
                          "with eos_token set (--tokenizer)")
     return int(eos_id), str(tokenizer.eos_token)
 
@@ -217,7 +215,7 @@ def _eos(tokenizer: Any) -> tuple[int, str]:
 def _tokenized(tokenizer: Any, documents: Iterable[tuple[int, str]]) -> Iterator[tuple[int, str, list, list]]:
     """(doc_index, text, ids, offsets) per non-empty document, tokenising groups of documents per call."""
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("tokenizer is not a fast (Rust) tokenizer; character offsets need one (save it with "
+        raise TokenizerError("tokenizer is not a fast (Rust) tokenizer; character offsets need one (save it with "
                          "`tokenizers` or pass a fast --tokenizer)")
     group: list[tuple[int, str]] = []
 
@@ -280,7 +278,7 @@ def pack_windows(tokenizer: Any, documents: Iterable[tuple[int, str]], max_lengt
     """Concatenate the documents' tokens with EOS between documents and cut the stream into windows of exactly
     `max_length` tokens (the last may be shorter). A long document spans several windows; nothing is truncated."""
     if max_length < 1:
-        raise ValueError(f"--max-length must be >= 1, got {max_length}")
+        raise DatasetInputError(f"--max-length must be >= 1, got {max_length}")
     eos_id, eos_text = _eos(tokenizer)
     current = _WindowBuilder()
     previous_doc = -1

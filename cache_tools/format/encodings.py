@@ -1,5 +1,5 @@
 """Between what the builder produces / the reader returns (target FIELDS) and what a shard stores (DATASETS of
-`schema.DATASETS`), for every target kind and encoding. The packed encodings themselves are `cache_tools.codec`
+`schema.DATASETS`), for every target kind and encoding. The packed encodings themselves are `cache_tools.format.codec`
 (pure numpy, imported only when a compact cache is written or read).
 
 Fields the builder hands to the writer, per batch of n windows (padded to L positions):
@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from cache_tools import schema
-from cache_tools.schema import CacheManifest
+from cache_tools.format import schema
+from cache_tools.format.schema import CacheManifest
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Targets:
 
 
 def _codec() -> Any:
-    from cache_tools import codec  # the compact encodings; only compact caches need it
+    from cache_tools.format import codec  # the compact encodings; only compact caches need it
 
     return codec
 

@@ -11,7 +11,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cache_tools import encodings, schema, shard_io
+from cache_tools.format import encodings, schema, shard_io
 
 _ROWS_PER_READ = 64  # sequences checked at a time, so memory stays bounded on big shards
 

@@ -1,4 +1,4 @@
-"""Bit-level building blocks of `cache_tools.codec` (vectorised numpy): fixed-width fields, unary numbers, per-row
+"""Bit-level building blocks of `codec` (vectorised numpy): fixed-width fields, unary numbers, per-row
 Rice parameters, and the blob framing (header with magic, kind, version, one parameter byte and a crc32).
 
 Rice coding of a value v >= 0 with parameter k: the quotient v >> k in unary (that many ones, then a zero) and the
@@ -13,15 +13,14 @@ import zlib
 
 import numpy as np
 
+from cache_tools.format.errors import CodecError
+
 ENCODING_VERSION = 1
 MAGIC = b"DK"
 HEADER = struct.Struct("<2sccBI")  # magic, kind, version, kind-specific parameter, crc32 of all other bytes
 MAX_FIELD_BITS = 25  # widest fixed-width field the 4-byte window reader handles (25 + 7 bit offset <= 32)
 MAX_WIDE_BITS = 2 * MAX_FIELD_BITS  # widest field a stream may hold: read as a high and a low part (int32 offsets)
 
-
-class CodecError(ValueError):
-    """A blob that cannot be decoded (truncated, corrupt, or not what the caller said it holds)."""
 
 
 # ---- bit packing ------------------------------------------------------------------------------------------------

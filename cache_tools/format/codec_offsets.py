@@ -13,7 +13,7 @@ token two signed numbers are coded:
   bit per token). If some length is negative, zigzag-mapped instead, base 0 (header flag `SIGNED_LENGTHS`): any
   int32 pairs round-trip and well-formed ones pay nothing for it.
 
-Each stream is Exp-Golomb-coded (`cache_tools.codec_bits`; robust to the odd very long token) with one parameter per
+Each stream is Exp-Golomb-coded (`codec_bits`; robust to the odd very long token) with one parameter per
 sequence (`best_k`). Layout after the header (whose parameter byte holds the flags): the token count n (uint32: a
 blob read for a sequence of another length is refused, not decoded into shifted offsets), the length base (uint32),
 k of the gaps, k of the lengths (one byte each), the unary section (byte count uint32 + the section) and the fields.
@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cache_tools.codec_bits import BlobReader, CodecError, best_k, make_blob, pack_streams
+from cache_tools.format.codec_bits import BlobReader, best_k, make_blob, pack_streams
+from cache_tools.format.errors import CodecError
 
 __all__ = ["KIND_OFFSETS", "SIGNED_LENGTHS", "NO_GAPS", "encode_offsets", "decode_offsets", "check_offsets"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache_tools import encodings, schema, shard_io
+from cache_tools.format import encodings, schema, shard_io
 
 
 @dataclass

@@ -22,6 +22,46 @@ class UserError(Exception):
     """A failure the user can fix. `str(err)` is one line naming the file/flag and the fix."""
 
 
+# Every expected failure of either side is one of these; `run_cli` needs no list of them.
+
+
+class CacheError(UserError):
+    """A problem with a cache directory or its contents. The message is one line naming the file and the fix."""
+
+
+class CodecError(UserError, ValueError):
+    """A blob that cannot be decoded (truncated, corrupt, or not what the caller said it holds)."""
+
+
+class BuildError(UserError):
+    """Bad input to a build: a one-line message naming the flag/file and the fix."""
+
+
+class DatasetInputError(UserError):
+    """Bad dataset input: one line naming the file (and line) and the fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad training configuration; the message names the key(s) and the fix."""
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer cannot be used (e.g. for cross-tokenizer distillation). One line naming it and the fix."""
+
+
+class NonFiniteLogits(UserError):
+    """Some rows' logits hold NaN or +inf (or are all -inf), so they define no distribution. `rows` are the row
+    indices in the caller's input; the builder turns them into global sequence indices for its message."""
+
+    def __init__(self, rows: list[int]) -> None:
+        self.rows = rows
+        super().__init__(f"non-finite teacher logits in {len(rows)} row(s), first {rows[:5]}")
+
+
+class NonFiniteLossError(UserError):
+    """Too many non-finite training losses in a row."""
+
+
 def one_line(err: BaseException | str) -> str:
     """The last non-empty line of an error message (library errors often put the cause last). An error re-raised
     from a DataLoader worker carries the worker's traceback: its last line is `module.Type: message`; keep the
@@ -52,18 +92,17 @@ def print_error(prog: str, message: str) -> None:
     print(f"{prog}: error: {one_line(message)}", file=sys.stderr, flush=True)
 
 
-def run_cli(prog: str, body: Callable[[], int], *, expected: tuple[type[BaseException], ...] = (),
-            interrupted_hint: str = "") -> int:
+def run_cli(prog: str, body: Callable[[], int], *, interrupted_hint: str = "") -> int:
     """Run a command's body inside the error boundary and return its exit status.
 
-    - `UserError` and the `expected` exception types: one line on stderr, exit 2.
+    - `UserError`: one line on stderr, exit 2.
     - `OSError` (disk full, permissions, a path that is a file): one line via `describe_os_error`, exit 2.
     - KeyboardInterrupt: one line (+ `interrupted_hint`), exit 130.
     - Anything else: the traceback, then one line saying it is a bug to report; exit 1.
     """
     try:
         return body()
-    except (UserError, *expected) as err:
+    except UserError as err:
         print_error(prog, str(err))
         return EXIT_BAD_INPUT
     except OSError as err:

@@ -1,4 +1,4 @@
-"""`manifest.json` as typed nested dataclasses (part of the format contract; `cache_tools.schema` re-exports it).
+"""`manifest.json` as typed nested dataclasses (part of the format contract; `cache_tools.format.schema` re-exports it).
 
 Loading checks every key and its type against the dataclasses, so a hand-edited or damaged manifest is a one-line
 `CacheError` naming the file and the key, never a KeyError deep inside a reader. Version 1 manifests (top-k only,
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cache_tools.errors import UserError
-from cache_tools.fsutil import atomic_write_text
+from cache_tools.format.errors import CacheError
+from cache_tools.format.fsutil import atomic_write_text
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 caches (top-k, fp16) are read through `_upgrade_v1`
@@ -25,10 +25,9 @@ MANIFEST_NAME = "manifest.json"
 
 TARGET_KINDS = ("topk", "sampled")
 ENCODINGS = ("fp16", "compact")
+# Precision names a manifest records (`teacher.dtype`) and both command lines take, with their torch dtype names.
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
-
-class CacheError(UserError):
-    """A problem with a cache directory or its contents. The message is one line naming the file and the fix."""
 
 
 @dataclass
@@ -86,7 +85,7 @@ class TargetsInfo:
     """What each position stores. kind "topk": the K most likely tokens + exact tail mass; kind "sampled": the
     distinct ids among `num_samples` draws (with replacement, at `sample_temperature`, seeded by `seed` and the
     global sequence index) and their counts. `encoding` "fp16" = plain arrays, "compact" = one packed blob per
-    sequence (`cache_tools.codec`)."""
+    sequence (`cache_tools.format.codec`)."""
 
     kind: str = "topk"
     encoding: str = "fp16"

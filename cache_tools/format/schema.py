@@ -1,7 +1,7 @@
 """The teacher-cache contract: the ONE module both the teacher side (`cache_tools`) and the student side (`distill`)
 import. Everything about the on-disk layout lives here as data: file names, the table of datasets (`DATASETS`: shape,
 dtype, chunking, compression, which target kinds/encodings store it, what `verify` checks), attribute names, the
-manifest (typed, in `cache_tools.manifest`, re-exported here) and the format version. Writer, reader, verifier,
+manifest (typed, in `cache_tools.format.manifest`, re-exported here) and the format version. Writer, reader, verifier,
 inspector and test fixtures derive from `DATASETS`; change the layout only together with `FORMAT_VERSION`.
 
 Layout of a cache directory (format version 2)::
@@ -16,7 +16,7 @@ Layout of a cache directory (format version 2)::
 Datasets in each shard: see `DATASETS` (S = sequences in the shard, L = max_length, K = top_k, N = num_samples,
 P = pooled layers, H = teacher hidden). Position t of a window holds the teacher's distribution over the token that
 FOLLOWS token t. Encoding "fp16" stores the sparse targets and the token offsets as plain arrays; "compact" stores
-each of the two as one variable-length uint8 blob per sequence (`cache_tools.codec`) covering the window's valid
+each of the two as one variable-length uint8 blob per sequence (`cache_tools.format.codec`) covering the window's valid
 positions only (a top-k tail_logprob stays an array). Version 1 (read, never written) = version 2 with kind "topk",
 encoding "fp16", text stored as a variable-length UTF-8 string instead of bytes.
 """
@@ -32,14 +32,15 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cache_tools.fsutil import TMP_SUFFIX, atomic_write_text, file_sha256  # noqa: F401 - re-exported for the package
-from cache_tools.manifest import (  # noqa: F401 - the manifest is part of this contract; import it from here
+from cache_tools.format.errors import CacheError  # noqa: F401 - re-exported
+from cache_tools.format.fsutil import TMP_SUFFIX, atomic_write_text, file_sha256  # noqa: F401 - re-exported for the package
+from cache_tools.format.manifest import (  # noqa: F401 - the manifest is part of this contract; import it from here
+    DTYPE_NAMES,
     ENCODINGS,
     FORMAT_VERSION,
     MANIFEST_NAME,
     READABLE_VERSIONS,
     TARGET_KINDS,
-    CacheError,
     CacheManifest,
     DatasetInfo,
     PoolingInfo,
