@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from cache_tools.format.errors import DatasetInputError
 from cache_tools.format.text_data import load_documents, pack_windows
 
 DOCS = ["The first document.", "", "Second one, a little longer than the first.", "Third: short."]
@@ -40,9 +41,9 @@ def test_every_local_format(data_dir, name):
 def test_column_max_samples_streaming(data_dir):
     docs = list(load_documents(str(data_dir / "d.jsonl"), text_column="body", max_samples=3, streaming=True))
     assert [text for _, text in docs] == DOCS[:3]
-    with pytest.raises(ValueError, match=r"--text-column 'text': not in dataset .*body"):
+    with pytest.raises(DatasetInputError, match=r"--text-column 'text': not in dataset .*body"):
         next(load_documents(str(data_dir / "d.jsonl")))
-    with pytest.raises(ValueError, match=r"--dataset .*missing.txt: no such file"):
+    with pytest.raises(DatasetInputError, match=r"--dataset .*missing.txt: no such file"):
         next(load_documents(str(data_dir / "missing.txt")))
 
 
