@@ -97,7 +97,7 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
         ResolvedConfigCallback,
         SkipNonFiniteCallback,
     )
-    from distill.training.checkpoints import CheckpointCompleteCallback
+    from distill.training.checkpoints import CheckpointCompleteCallback, guard_checkpoint_saves
     from distill.training.config import student_pool_layers
     from distill.training.modeling import DistillModel, aux_settings, head_rows, resolve_pool_layers
     from distill.training.trainer import DistillTrainer
@@ -142,6 +142,7 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
     trainer.add_callback(SkipNonFiniteCallback(trainer))
     trainer.add_callback(ResolvedConfigCallback(cfg))
     trainer.add_callback(CheckpointCompleteCallback())  # marks each checkpoint once fully written (resume skips others)
+    guard_checkpoint_saves(trainer)  # a full disk mid-save: one line naming the folder, the partial folder removed
     run = cfg.run
     if run.early_stopping_patience > 0:
         trainer.add_callback(DistillEarlyStoppingCallback(run.early_stopping_patience, run.early_stopping_min_delta,

@@ -8,6 +8,7 @@ import the teacher side, never the reverse)."""
 from __future__ import annotations
 
 import errno
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -62,6 +63,32 @@ class NonFiniteLossError(UserError):
     """Too many non-finite training losses in a row."""
 
 
+class CheckpointSaveError(UserError):
+    """A checkpoint could not be written (disk full, file-size limit, quota). One line naming the folder and fix."""
+
+
+# How libraries that wrap the OS error in their own type (safetensors' Rust writer, torch's zip writer) word a full
+# disk: "No space left on device (os error 28)", "File too large (os error 27)", "Disk quota exceeded".
+_DISK_FULL = re.compile(r"no space left on device|file too large|disk quota exceeded|os error (?:27|28|122)\b",
+                        re.IGNORECASE)
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full_reason(err: BaseException) -> str | None:
+    """The reason text when `err` (or an error it was raised from) is a full disk / file-size limit / quota, else
+    None. Recognises OSError by errno and the wrapped forms other libraries raise by their message."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
+            return err.strerror or one_line(err)
+        match = _DISK_FULL.search(str(err))
+        if match:
+            return match.group(0)
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def one_line(err: BaseException | str) -> str:
     """The last non-empty line of an error message (library errors often put the cause last). An error re-raised
     from a DataLoader worker carries the worker's traceback: its last line is `module.Type: message`; keep the
@@ -79,7 +106,7 @@ def describe_os_error(err: OSError, action: str = "") -> str:
     where = f"{err.filename}: " if getattr(err, "filename", None) else ""
     what = f"{action} failed: " if action else ""
     reason = err.strerror or one_line(err)
-    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if err.errno in _DISK_ERRNOS:
         fix = "free disk space (or raise the file-size limit), then rerun with --resume"
     elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         fix = "choose a writable folder or fix its permissions"
@@ -111,7 +138,12 @@ def run_cli(prog: str, body: Callable[[], int], *, interrupted_hint: str = "") -
     except KeyboardInterrupt:
         print(f"{prog}: interrupted{'; ' + interrupted_hint if interrupted_hint else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception:  # noqa: BLE001 - the boundary: keep the traceback, add what to do
+    except Exception as err:  # noqa: BLE001 - the boundary: keep the traceback, add what to do
+        reason = disk_full_reason(err)
+        if reason is not None:  # a library's own error type around a full disk: still the user's to fix
+            print_error(prog, f"{reason}: a write failed because the disk is full or a size limit was reached; "
+                              "free disk space, then rerun")
+            return EXIT_BAD_INPUT
         traceback.print_exc()
         print(f"{prog}: internal error: {REPORT_HINT}", file=sys.stderr, flush=True)
         return 1

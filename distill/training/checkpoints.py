@@ -12,6 +12,9 @@ before markers existed) is judged by its structure instead: a readable trainer_s
 DeepSpeed saved the optimizer in its own folder, an optimizer state, each not truncated (safetensors header and
 length, zip directory of torch files).
 
+`guard_checkpoint_saves(trainer)` turns a save that fails on a full disk into one line naming the folder and the
+fix, after removing the partial folder (no marker: resume would pass over it anyway; removing it frees space).
+
 `resolve_resume(value, output_dir)` turns `--resume_from_checkpoint` (true / a path / unset) into the folder to
 resume from, skipping incomplete ones with one warning line.
 """
@@ -21,10 +24,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainerCallback
 
@@ -46,6 +51,32 @@ class CheckpointCompleteCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
             write_marker(folder)
+
+
+def guard_checkpoint_saves(trainer: Any) -> None:
+    """Wrap `trainer._save_checkpoint` (the one place every periodic save goes through) so that a full disk ends the
+    run with a `CheckpointSaveError` instead of a library traceback. Other errors pass through unchanged."""
+    save = trainer._save_checkpoint
+
+    def guarded(model: Any, trial: Any, *args: Any, **kwargs: Any) -> Any:
+        from cache_tools.format.errors import CheckpointSaveError, disk_full_reason
+
+        folder = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+        try:
+            return save(model, trial, *args, **kwargs)
+        except Exception as err:
+            reason = disk_full_reason(err)
+            if reason is None:
+                raise
+            removed = folder.is_dir() and not (folder / MARKER).exists()
+            if removed:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise CheckpointSaveError(
+                f"{folder}: saving the checkpoint failed ({reason}: the disk is full or a size limit was reached)"
+                f"{'; the partial folder was removed' if removed else ''}; free disk space, then rerun with "
+                "--resume_from_checkpoint true (it resumes from the last complete checkpoint)") from err
+
+    trainer._save_checkpoint = guarded
 
 
 def write_marker(folder: Path) -> None:

@@ -199,6 +199,43 @@ def test_cache_truncated_while_training(tmp_path, student_dir, cache_dir):
     _assert_nothing_half_written(out)
 
 
+# Runs `distill.train.main` with a file-size limit switched on after step N: the save of checkpoint-N then fails the
+# way a full disk fails it (EFBIG where ENOSPC would come).
+DISK_FULL_HARNESS = """
+import os, resource, signal, sys
+from transformers import TrainerCallback
+import distill.train as train
+
+class Full(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == int(os.environ.get("FULL_AT_STEP", "-1")):
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+
+build = train.build_trainer
+train.build_trainer = lambda cfg, **kw: build(cfg, extra_callbacks=[Full()])
+raise SystemExit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.faults
+@pytest.mark.faults_full
+def test_disk_full_while_saving_a_checkpoint(tmp_path, student_dir, cache_dir):
+    """One line naming the folder and the fix, exit 2, the partial folder removed; `--resume_from_checkpoint true`
+    then resumes from the last complete checkpoint."""
+    harness = tmp_path / "harness.py"
+    harness.write_text(DISK_FULL_HARNESS)
+    out = tmp_path / "out"
+    common = ["--max_steps", 4, "--save_strategy", "steps", "--save_steps", 2, "--save_total_limit", 10]
+    proc = _run(_argv(student_dir, cache_dir, out, *common), harness=harness, env={"FULL_AT_STEP": "4"})
+    line = _assert_one_line_error(proc, str(out / "checkpoint-4"), "free disk space", "--resume_from_checkpoint true")
+    assert "partial folder was removed" in line
+    assert not (out / "checkpoint-4").exists() and not (out / "student").exists()
+    resumed = _run(_argv(student_dir, cache_dir, out, *common, "--max_steps", 6, "--resume_from_checkpoint", "true"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (out / "student" / "config.json").is_file()
+
+
 @pytest.fixture(scope="module")
 def sampled_cache(tmp_path_factory, tokenizer, corpus):
     from cache_tools.format import schema
