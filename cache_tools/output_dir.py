@@ -97,7 +97,7 @@ class BuildLock:
 
 
 def settings_key(manifest: schema.CacheManifest) -> str:
-    return schema.stable_hash(manifest.settings())[:16]
+    return manifest.settings_key()
 
 
 def _read_manifest(output: Path) -> schema.CacheManifest | None:

@@ -8,6 +8,7 @@ top-level ``top_k``) are mapped to the version 2 classes on load (kind "topk", e
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import types
@@ -144,14 +145,11 @@ class CacheManifest:
     def settings(self) -> dict[str, Any]:
         """Everything that decides the cache's contents (a resumed build must match it exactly), flattened to
         dotted keys ("targets.top_k") so a mismatch can be named precisely."""
-        data = dataclasses.asdict(self)
-        flat: dict[str, Any] = {}
-        for key in _SETTINGS_KEYS:
-            if isinstance(data[key], dict):
-                flat.update({f"{key}.{sub}": value for sub, value in data[key].items()})
-            else:
-                flat[key] = data[key]
-        return flat
+        return _flat_settings(dataclasses.asdict(self))
+
+    def settings_key(self) -> str:
+        """16 hex digits over `settings()`: the prefix of the id of a build with these settings."""
+        return stable_hash(self.settings())[:16]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -171,9 +169,9 @@ class CacheManifest:
             fix = "upgrade cache_tools/distill" if version > FORMAT_VERSION else "rebuild the cache"
             raise CacheError(f"{where}: format version {version}, this tool reads versions "
                              f"{', '.join(map(str, READABLE_VERSIONS))}; {fix}")
-        if version == 1:
-            data = _upgrade_v1(data, where)
-        return _load(cls, data, where, "")
+        loaded = _load(cls, _upgrade_v1(data, where) if version == 1 else data, where, "")
+        _check_build_id(data, where)  # after the structure: a missing key is named as such
+        return loaded
 
     def save(self, cache_dir: str | os.PathLike) -> None:
         atomic_write_text(Path(cache_dir) / MANIFEST_NAME, self.to_json())
@@ -181,6 +179,38 @@ class CacheManifest:
 
 _SETTINGS_KEYS = ("format_version", "teacher", "tokenizer", "targets", "max_length", "pooling", "dataset",
                   "compute_dtype", "batch_size", "shard_size", "compression")
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of a JSON-serialisable object with sorted keys (stable across processes and runs)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _flat_settings(data: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key in _SETTINGS_KEYS:
+        if key not in data:  # a key added to the settings later than the manifest was written
+            continue
+        if isinstance(data[key], dict):
+            flat.update({f"{key}.{sub}": value for sub, value in data[key].items()})
+        else:
+            flat[key] = data[key]
+    return flat
+
+
+def _check_build_id(data: dict[str, Any], where: str) -> None:
+    """A manifest written by `build-cache` names its build, and the build id starts with the hash of the settings it
+    was built with. Settings that no longer hash to it were changed after the build (a hand edit: say an encoding
+    that is not the shards'), so nothing else in the file can be trusted either. Hashed from the JSON as written, so a
+    manifest of an older version still matches its own id after the dataclasses gained fields."""
+    build_id = data.get("build_id")
+    if not isinstance(build_id, str) or not build_id:
+        return  # written before build ids existed, or not by build-cache
+    if not build_id.startswith(stable_hash(_flat_settings(data))[:16] + "-"):
+        raise CacheError(f"{where}: its settings were changed after build {build_id} wrote it (they no longer match "
+                         "its build id); rerun that build's command with --resume: it rebuilds the manifest from the "
+                         "shards' sidecars")
 
 
 def _upgrade_v1(data: dict[str, Any], where: str) -> dict[str, Any]:

@@ -23,7 +23,6 @@ encoding "fp16", text stored as a variable-length UTF-8 string instead of bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from cache_tools.format.manifest import (  # noqa: F401 - the manifest is part o
     TeacherInfo,
     TokenizerInfo,
     load_manifest,
+    stable_hash,
 )
 
 SHARD_PREFIX = "shard-"
@@ -220,12 +220,6 @@ def id_dtype_for(vocab_size: int) -> np.dtype:
     if vocab_size <= 0:
         raise ValueError(f"vocab_size must be positive, got {vocab_size}")
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
-
-
-def stable_hash(obj: Any) -> str:
-    """sha256 of a JSON-serialisable object with sorted keys (stable across processes and runs)."""
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()
 
 
 def tokenizer_hash(tokenizer: Any) -> str:

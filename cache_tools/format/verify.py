@@ -180,6 +180,17 @@ def verify_shard(cache_dir: Path, m: schema.CacheManifest, shard: schema.ShardIn
     return faults
 
 
+def _tokenizer_faults(cache_dir: Path, m: schema.CacheManifest) -> list[str]:
+    """`build-cache` saves the teacher tokenizer with every cache it names a build id for (cross-tokenizer students
+    and `inspect` read it from there); a cache without a build id (hand-made, older) may lack it."""
+    folder = cache_dir / schema.TOKENIZER_DIR
+    if not m.build_id or (folder / "tokenizer_config.json").is_file():
+        return []
+    state = "holds no tokenizer_config.json" if folder.is_dir() else "missing"
+    return [f"{schema.TOKENIZER_DIR}/: {state} (the teacher tokenizer saved with the cache); run build-cache --resume "
+            "with the build's command to restore it"]
+
+
 def verify_cache(cache_dir: str | Path) -> list[str]:
     """All faults found (empty list = sound). Each fault is one line naming the file."""
     cache_dir = Path(cache_dir)
@@ -203,6 +214,7 @@ def verify_cache(cache_dir: str | Path) -> list[str]:
     for extra in sorted(p.name for p in cache_dir.glob(f"{schema.SHARD_PREFIX}*.h5") if p.name not in listed):
         faults.append(f"{extra}: not listed in the manifest (left by another build?); delete it or run build-cache "
                       "--resume, which discards it")
+    faults.extend(_tokenizer_faults(cache_dir, m))
     if expected_first != m.num_sequences:
         faults.append(f"{schema.MANIFEST_NAME}: shards hold {expected_first} sequences, manifest says "
                       f"{m.num_sequences}; rerun build-cache --resume to rebuild the manifest")

@@ -48,6 +48,14 @@ def other_settings_cache(tmp_path_factory, teacher_dir, text_file) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def compact_cache(tmp_path_factory, teacher_dir, text_file) -> Path:
+    """The reference build in the compact encoding (the reference cache is fp16)."""
+    out = tmp_path_factory.mktemp("faults_compact") / "cache"
+    _build(build_argv(teacher_dir, text_file, out, "--encoding", "compact"))
+    return out
+
+
 @pytest.fixture
 def cache_copy(tmp_path, clean_cache) -> Path:
     out = tmp_path / "cache"

@@ -118,6 +118,10 @@ DAMAGES = [
     Damage("manifest_checksum_edited", _manifest(_sha_of_s1), (S1, "sha256"), "repaired"),
     Damage("manifest_marked_incomplete", _manifest(lambda m: m.update(complete=False)),
            (schema.MANIFEST_NAME, "incomplete"), "repaired", None, True),
+    Damage("manifest_encoding_edited", _manifest(lambda m: m["targets"].update(encoding="compact")),
+           (schema.MANIFEST_NAME, "changed after build", "--resume"), "repaired", None, True),
+    Damage("tokenizer_deleted", lambda c, r: shutil.rmtree(c / schema.TOKENIZER_DIR),
+           (schema.TOKENIZER_DIR, "missing", "--resume"), "repaired"),
     Damage("nan_logprob", _content(schema.TOPK_LOGPROBS, _set((0, 0, 0), np.nan)), (S1, "non-finite"), "repaired",
            S1, True),
     Damage("inf_tail", _content(schema.TAIL_LOGPROB, _set((0, 1), np.inf)), (S1, "non-finite"), "repaired", S1,
@@ -189,6 +193,24 @@ def test_reader_refuses(damage, cache_copy, request):
     assert "\n" not in message
     assert S1 in message or schema.MANIFEST_NAME in message, message
     assert any(word in message for word in ("verify", *FIX_WORDS)), message
+
+
+@pytest.mark.faults_full
+def test_compact_manifest_edited_to_fp16(tmp_path, compact_cache, build_args, capsys):
+    """The other direction of `manifest_encoding_edited`: verify, the reader and --resume agree, and the resume (the
+    build's own command) restores the compact cache byte for byte."""
+    from cache_tools.format.reader import TeacherCacheReader
+
+    cache = tmp_path / "cache"
+    shutil.copytree(compact_cache, cache)
+    edit_manifest(cache, lambda m: m["targets"].update(encoding="fp16"))
+    outcome = run_cli(["verify", str(cache)], capsys)
+    assert outcome.code == 2 and "changed after build" in outcome.stderr[0] and "--resume" in outcome.stderr[0]
+    with pytest.raises(schema.CacheError, match="changed after build.*--resume"):
+        TeacherCacheReader(cache)
+    outcome = run_cli(build_args(cache, "--encoding", "compact", "--resume"), capsys)
+    assert outcome.code == 0, "\n".join(outcome.stderr)
+    assert_same_cache(compact_cache, cache)
 
 
 def test_matrix_covers_the_issue(request):
