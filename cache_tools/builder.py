@@ -30,13 +30,11 @@ __all__ = ["BuildOptions", "build_cache"]
 
 def _windows(opts: BuildOptions, tokenizer: Any) -> Iterator[text_data.Window]:
     """Packed windows; the first is produced here so dataset errors and empty datasets fail before any output."""
-    try:
-        docs = text_data.load_documents(opts.dataset, split=opts.split, text_column=opts.text_column,
-                                        max_samples=opts.max_samples, streaming=opts.streaming)
-        windows = text_data.pack_windows(tokenizer, docs, opts.max_length)
-        first = next(windows, None)
-    except ValueError as err:
-        raise BuildError(str(err)) from err
+    # text_data raises its own one-line UserErrors (DatasetInputError, TokenizerError) naming the spec and the fix.
+    docs = text_data.load_documents(opts.dataset, split=opts.split, text_column=opts.text_column,
+                                    max_samples=opts.max_samples, streaming=opts.streaming)
+    windows = text_data.pack_windows(tokenizer, docs, opts.max_length)
+    first = next(windows, None)
     if first is None:
         raise BuildError(f"--dataset {opts.dataset}: no text (every row of column {opts.text_column!r} in split "
                          f"{opts.split!r} is empty); check --dataset/--split/--text-column")

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cache_tools.format.errors import BuildError
+
 # A barrier waits for the slowest rank's whole share of the build, which can take hours.
 _BARRIER_TIMEOUT = datetime.timedelta(hours=48)
 
@@ -29,7 +31,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value) if value else default
     except ValueError as err:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer; fix the launcher") from err
+        raise BuildError(f"environment variable {name}={value!r} is not an integer; fix the launcher") from err
 
 
 def init_distributed() -> DistInfo:

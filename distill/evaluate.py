@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from cache_tools.format.errors import ConfigError, run_cli
 from cache_tools.format.schema import DTYPE_NAMES
 
 PROG = "python -m distill.evaluate"
@@ -48,10 +49,10 @@ def evaluate_student(
     Returns {"ce", "perplexity", "kd", "top1_agreement", "teacher_mass_covered", "loss", "sequences"}."""
     from torch.utils.data import DataLoader
 
-    from distill.data.dataset import DistillCollator, build_cache_data, kd_config_for_caches
+    from distill.data.dataset import DistillCollator, build_cache_data
     from distill.losses import KDConfig
     from distill.training.metrics import MetricAccumulator
-    from distill.training.modeling import DistillModel, head_rows
+    from distill.training.modeling import DistillModel, head_rows, kd_config_for_caches
 
     data = build_cache_data(cache_dir, tokenizer, head_rows(student), eval_fraction=0.0)
     kd_config = kd_config_for_caches(kd_config or KDConfig(), data.readers)  # targets = the cache's kind
@@ -108,7 +109,6 @@ def kd_config_for(run: dict[str, Any], args: argparse.Namespace) -> Any:
     overrides. ConfigError (one line) for impossible values."""
     from types import SimpleNamespace
 
-    from cache_tools.format.errors import ConfigError
     from distill.losses import KDConfig
 
     flags = dict(run)
@@ -139,8 +139,6 @@ def _parser() -> argparse.ArgumentParser:
 def _main(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cache_tools.format.errors import ConfigError
-
     model_dir, run = run_settings(Path(args.student))
     cache = args.cache or run.get("eval_cache")
     if not cache:
@@ -160,7 +158,6 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cache_tools.format.errors import run_cli
 
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     return run_cli(PROG, lambda: _main(args))

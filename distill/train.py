@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cache_tools.format.errors import ConfigError, run_cli
+
 PROG = "python -m distill.train"
 
 
@@ -33,8 +35,6 @@ def load_tokenizer(cfg: Any) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as err:
-        from cache_tools.format.errors import ConfigError
-
         raise ConfigError(f"--tokenizer {source}: cannot load a tokenizer ({type(err).__name__}); pass a tokenizer "
                           "directory or hub id") from err
     if tok.pad_token_id is None:
@@ -45,8 +45,6 @@ def load_tokenizer(cfg: Any) -> Any:
 def load_student_config(cfg: Any) -> Any:
     """The student's config alone (cheap): lets us check the cache against the student before loading weights."""
     from transformers import AutoConfig
-
-    from cache_tools.format.errors import ConfigError
 
     source = cfg.model.student_config or cfg.model.student
     try:
@@ -61,7 +59,6 @@ def load_student(cfg: Any, tokenizer: Any, config: Any) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, set_seed
 
-    from cache_tools.format.errors import ConfigError
     from distill.training.modeling import head_rows
 
     trust = cfg.model.trust_remote_code
@@ -88,7 +85,7 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from distill.data.dataset import DistillCollator, build_cache_data, build_text_data, kd_config_for_caches
+    from distill.data.dataset import DistillCollator, build_cache_data, build_text_data
     from distill.losses import KDConfig
     from distill.training.callbacks import (
         DistillEarlyStoppingCallback,
@@ -99,7 +96,13 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
     )
     from distill.training.checkpoints import CheckpointCompleteCallback, guard_checkpoint_saves
     from distill.training.config import student_pool_layers
-    from distill.training.modeling import DistillModel, aux_settings, head_rows, resolve_pool_layers
+    from distill.training.modeling import (
+        DistillModel,
+        aux_settings,
+        head_rows,
+        kd_config_for_caches,
+        resolve_pool_layers,
+    )
     from distill.training.trainer import DistillTrainer
 
     tokenizer = load_tokenizer(cfg)
@@ -115,7 +118,8 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
         data = build_text_data(d.dataset, tokenizer, max_length=d.max_length, text_column=d.text_column,
                                max_samples=d.max_samples)
     loss = cfg.loss
-    # kd_kind, temperature, use_tail, loss_chunk_size, divergence parameters; targets = the caches' target kind
+    # The one KDConfig of the run: its flags (kd_kind, temperature, use_tail, loss_chunk_size, divergence
+    # parameters) and the caches' target kind; the model hands it to the kernel unchanged.
     kd_config = kd_config_for_caches(KDConfig.from_args(loss), data.readers)
     aux = aux_settings(data.reader, loss)
     if aux is not None:  # before loading weights: a bad --pool_student_layers is a one-line error at once
@@ -123,8 +127,6 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
                             int(student_config.get_text_config().num_hidden_layers))
     student = load_student(cfg, tokenizer, student_config)
     if head_rows(student) != rows:
-        from cache_tools.format.errors import ConfigError
-
         raise ConfigError(f"--student: LM head has {head_rows(student)} rows but config.vocab_size is {rows}; fix "
                           "the model's config")
     set_seed(cfg.training.seed)  # projection heads: the same initial values on every rank and every run
@@ -164,8 +166,6 @@ def finish_distributed() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cache_tools.format.errors import run_cli
-
     argv = list(sys.argv[1:] if argv is None else argv)
     return run_cli(PROG, lambda: _main(argv))
 

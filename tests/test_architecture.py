@@ -6,7 +6,8 @@
 - on the student side, data never imports training, and the losses never import the cache format (they are pure
   functions of tensors);
 - library code (`cache_tools`, `distill`) never imports demo, benchmark or test code (`examples`, `bench`, `tests`,
-  or the test fixture modules), so the installed package works without them.
+  or the test fixture modules), so the installed package works without them;
+- error classes are imported at module level (a function-local import hides which errors a module raises).
 """
 
 from __future__ import annotations
@@ -82,11 +83,29 @@ def test_library_never_imports_demo_bench_or_tests(path):
     assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"
 
 
+def local_error_imports(path: Path) -> list[str]:
+    """'function: names' for every import of the error module made inside a function body."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.ImportFrom) and inner.module in ("cache_tools.format.errors", "errors"):
+                    found.append(f"{node.name}: {', '.join(a.name for a in inner.names)}")
+    return found
+
+
+@pytest.mark.parametrize("path", modules("cache_tools") + modules("distill"), ids=lambda p: str(p.relative_to(REPO)))
+def test_error_classes_are_imported_at_module_level(path):
+    assert not local_error_imports(path), f"{path.relative_to(REPO)}: {local_error_imports(path)}"
+
+
 def test_the_check_sees_imports_inside_functions(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from distill.losses import KDConfig\n    import bench.common\n")
     assert {"distill", "bench"} <= imported_top_levels(probe)
     assert "distill.losses.KDConfig" in imported_modules(probe)
+    probe.write_text("def f():\n    from cache_tools.format.errors import CacheError\n")
+    assert local_error_imports(probe) == ["f: CacheError"]
 
 
 def test_bench_and_examples_are_not_installed():

@@ -106,17 +106,17 @@ def test_nan_targets_caught_at_load(tmp_path, tokenizer, corpus):
 
 def test_sampled_targets_refuse_kd_they_cannot_serve(tmp_path):
     """A sampled (RS-KD) cache defines forward KL only, at the temperature the samples were drawn at, and sets the
-    KDConfig's target kind; a top-k or format-v1 manifest (no `targets` record) accepts every kind and temperature."""
+    KDConfig's target kind; a top-k manifest (format v1 manifests load as top-k) accepts every kind and temperature."""
     from types import SimpleNamespace
 
-    from distill.data.dataset import kd_config_for_caches
     from distill.losses import KD_KINDS, KDConfig
+    from distill.training.modeling import kd_config_for_caches
 
     def reader(targets, name="c"):
-        manifest = SimpleNamespace(**({"targets": targets} if targets else {}))
-        return SimpleNamespace(manifest=manifest, cache_dir=tmp_path / name)
+        return SimpleNamespace(manifest=SimpleNamespace(targets=targets), cache_dir=tmp_path / name)
 
     sampled = reader(SimpleNamespace(kind="sampled", sample_temperature=2.0, num_samples=64))
+    top_k = SimpleNamespace(kind="topk", sample_temperature=1.0, num_samples=0)
     assert kd_config_for_caches(KDConfig(kind="forward_kl", temperature=2.0), [sampled]).targets == "sampled"
     with pytest.raises(CacheError, match="reverse_kl") as info:
         kd_config_for_caches(KDConfig(kind="reverse_kl", temperature=2.0), [sampled])
@@ -124,7 +124,6 @@ def test_sampled_targets_refuse_kd_they_cannot_serve(tmp_path):
     with pytest.raises(CacheError, match="--temperature 1 differs.*set --temperature 2"):
         kd_config_for_caches(KDConfig(kind="forward_kl", temperature=1.0), [sampled])
     with pytest.raises(CacheError, match="different target kinds"):
-        kd_config_for_caches(KDConfig(temperature=2.0), [sampled, reader(None, "eval")])
+        kd_config_for_caches(KDConfig(temperature=2.0), [sampled, reader(top_k, "eval")])
     for kind in KD_KINDS:
-        for top_k in (reader(SimpleNamespace(kind="topk")), reader(None)):
-            assert kd_config_for_caches(KDConfig(kind=kind, temperature=3.0), [top_k]).targets == "topk"
+        assert kd_config_for_caches(KDConfig(kind=kind, temperature=3.0), [reader(top_k)]).targets == "topk"

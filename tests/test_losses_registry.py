@@ -12,9 +12,10 @@ import torch
 
 from distill.losses import DIVERGENCES, KD_KINDS, KDConfig, fused_ce_kd_loss, naive_ce_kd_loss
 from distill.losses.buckets import bucket_kd, bucket_kd_and_grad
-from distill.losses.divergences import FLAG_NAMES, PARAMS, Divergence, Param
+from distill.losses.config import FLAG_NAMES
+from distill.losses.divergences import PARAMS, Divergence, Param
 
-BASE_FIELDS = {"kind", "temperature", "use_tail", "chunk_size", "targets"}
+BASE_FIELDS = {"kind", "temperature", "use_tail", "chunk_size", "targets", "teacher_tempered"}
 
 
 def test_trainer_config_takes_the_kinds_from_the_registry():
@@ -131,3 +132,25 @@ def test_loss_target_kinds_match_the_cache_format():
     from distill.losses import TARGET_KINDS as LOSS_KINDS
 
     assert tuple(LOSS_KINDS) == tuple(FORMAT_KINDS)
+
+
+def test_teacher_tempering_is_an_explicit_field():
+    """The loss tempers the teacher unless told it already is; the default follows the target kind."""
+    from distill.losses.buckets import bucket_log_probs, tail_temperature
+
+    assert KDConfig().tempers_teacher and not KDConfig(targets="sampled").tempers_teacher
+    tempered = KDConfig(temperature=2.0, teacher_tempered=True)
+    assert not tempered.tempers_teacher and tail_temperature(tempered) == 2.0
+    student, teacher, valid = _random_buckets(3)
+    log_p, _ = bucket_log_probs(student, teacher, valid, tempered)
+    as_given = torch.where(valid, teacher, -1.0e9).log_softmax(-1)
+    torch.testing.assert_close(log_p, as_given)
+    assert "teacher_tempered" in KDConfig(targets="sampled", teacher_tempered=False).problems()[0]
+    assert KDConfig(targets="topk").for_targets("sampled").validate().teacher_tempered is None
+
+
+def test_a_kdconfig_is_checked_once_when_built():
+    bad = KDConfig(kind="tvd")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        bad.kind = "forward_kl"  # what construction checked cannot change afterwards
+    assert bad.problems() == bad.problems() and bad.problems()[0].startswith("KDConfig.kind")

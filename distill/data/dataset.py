@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cache_tools.format import schema
+from cache_tools.format.errors import ConfigError
 from cache_tools.format.reader import CachedSequence, TeacherCacheReader
 from distill.losses import IGNORE_INDEX
 
@@ -60,30 +61,6 @@ def check_student_compatible(reader: TeacherCacheReader, tokenizer: Any, student
             f"the student's LM head ({student_vocab_rows} rows); resize the student's embeddings or use a matching "
             "student"
         )
-
-
-def kd_config_for_caches(kd_config: Any, readers: list[TeacherCacheReader]) -> Any:
-    """`kd_config` with `targets` set to the kind of target the caches hold ("topk" | "sampled"); CacheError (one
-    line, naming the manifest and the fix) when they differ or the KD settings are not defined on them: sampled
-    (RS-KD) targets define forward KL only, at the temperature they were drawn at (`check_kd_for_targets`). A
-    manifest without a `targets` record (format v1) holds top-k targets."""
-    import dataclasses
-
-    from distill.losses import check_kd_for_targets
-
-    kinds = {getattr(getattr(r.manifest, "targets", None), "kind", "topk") for r in readers}
-    if len(kinds) > 1:
-        raise schema.CacheError(f"{', '.join(str(r.cache_dir) for r in readers)}: training and eval caches hold "
-                                "different target kinds (top-k and sampled); evaluate on a cache of the same kind")
-    for reader in readers:
-        targets = getattr(reader.manifest, "targets", None)
-        kind = getattr(targets, "kind", "topk")
-        problems = check_kd_for_targets(dataclasses.replace(kd_config, targets=kind), kind,
-                                        float(getattr(targets, "sample_temperature", 1.0)))
-        if problems:
-            raise schema.CacheError(f"{reader.cache_dir / schema.MANIFEST_NAME}: {kind} targets: "
-                                    + "; ".join(problems))
-    return dataclasses.replace(kd_config, targets=kinds.pop()) if kinds else kd_config
 
 
 def make_target_builder(reader: TeacherCacheReader, tokenizer: Any, student_vocab_rows: int, *,
@@ -197,14 +174,11 @@ def build_cache_data(
 def build_text_data(spec: str, tokenizer: Any, *, max_length: int, text_column: str = "text",
                     max_samples: int | None = None) -> BuiltData:
     """LM-only mode: load documents, pack them into windows of `max_length` tokens (EOS between documents)."""
-    from cache_tools.format.errors import ConfigError
     from cache_tools.format.text_data import load_documents, pack_windows
 
-    try:
-        docs = load_documents(spec, text_column=text_column, max_samples=max_samples)
-        windows = [w.input_ids.astype(np.int64) for w in pack_windows(tokenizer, docs, max_length)]
-    except ValueError as err:  # text_data's errors are already one line naming the spec and the fix
-        raise ConfigError(str(err)) from err
+    # text_data raises its own one-line UserErrors (DatasetInputError, TokenizerError) naming the spec and the fix.
+    docs = load_documents(spec, text_column=text_column, max_samples=max_samples)
+    windows = [w.input_ids.astype(np.int64) for w in pack_windows(tokenizer, docs, max_length)]
     windows = [w for w in windows if len(w) >= 2]  # a 1-token window has no next-token label
     if not windows:
         raise ConfigError(f"--dataset {spec}: no text windows of >= 2 tokens; check --text_column {text_column}")

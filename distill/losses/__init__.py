@@ -2,8 +2,9 @@
 losses and weight schedules."""
 
 from distill.losses.buckets import kd_slots
-from distill.losses.core import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, CEKDOutput, KDConfig, fused_ce_kd_loss
-from distill.losses.divergences import DIVERGENCES, KD_KINDS, TARGET_KINDS, check_kd_for_targets
+from distill.losses.config import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, TARGET_KINDS, KDConfig, check_kd_for_targets
+from distill.losses.core import CEKDOutput, fused_ce_kd_loss
+from distill.losses.divergences import DIVERGENCES, KD_KINDS
 from distill.losses.reference import naive_ce_kd_loss
 
 __all__ = [

@@ -5,9 +5,10 @@ Shapes: N rows, K teacher slots, R rows of a chunk, B = K + 1 buckets (the liste
 Shared by the fused kernel (`distill.losses.kernel`) and the naive reference (`distill.losses.reference`), so the rules
 below exist once:
 - KD rows: `kd_mask` and at least one non-empty slot (`topk_ids >= 0`); empty slots are ignored everywhere.
-- Temperature T: the student's bucket distribution is softmax(logits / T). The teacher's is softmax(log-mass / T) for
-  top-k targets (a listed token is tempered exactly as in full-vocabulary KD, the tail bucket as ONE token), and the
-  masses as given for sampled targets (counts/N were drawn at the temperature the trainer checks equals T). KD x T^2.
+- Temperature T: the student's bucket distribution is softmax(logits / T). The teacher's is softmax(log-mass / T) when
+  the loss tempers it (`KDConfig.tempers_teacher`, top-k targets: a listed token is tempered exactly as in
+  full-vocabulary KD, the tail bucket as ONE token), and the masses as given when it is already tempered (sampled
+  targets: counts/N were drawn at the temperature the trainer checks equals T). KD x T^2.
 - A teacher log-mass of -inf (the tail of sampled targets) is zero mass: it becomes BUCKET_FILL, so 0 * log 0 terms
   and their gradients are 0, never NaN.
 """
@@ -18,7 +19,8 @@ import math
 
 import torch
 
-from distill.losses.divergences import DIVERGENCES, KDConfig
+from distill.losses.config import KDConfig
+from distill.losses.divergences import DIVERGENCES
 
 # Stand-in log-value for buckets that do not exist (empty slots, a missing tail) or have zero teacher mass:
 # exp(FILL / T) is exactly 0 in fp32 for any sane T, while staying finite keeps 0 * log(0)-style terms and their
@@ -37,11 +39,12 @@ def tail_temperature(config: KDConfig) -> float:
     """The temperature at which the student's tail bucket aggregates its tokens (its logit is
     t * logsumexp(tail logits / t), and its gradient spreads over them by softmax(tail logits / t)).
 
-    Top-k targets: 1, i.e. the tail is tempered as ONE token on both sides (the teacher's tail is known only as a
-    total), so KD is zero for identical distributions. Sampled targets: T, so the student's bucket distribution is
-    exactly the full-vocabulary softmax(z / T) aggregated (a teacher tail, if any, is a count at T too); forward KL's
-    gradient is T * (softmax(z / T) - counts/N) on every token."""
-    return config.temperature if config.targets == "sampled" else 1.0
+    Raw teacher log-probs (top-k, `config.tempers_teacher`): 1, i.e. the tail is tempered as ONE token on both sides
+    (the teacher's tail is known only as a total), so KD is zero for identical distributions. An already tempered
+    teacher (sampled draws): T, so the student's bucket distribution is exactly the full-vocabulary softmax(z / T)
+    aggregated (a teacher tail, if any, is a mass at T too); forward KL's gradient is T * (softmax(z / T) - counts/N)
+    on every token."""
+    return 1.0 if config.tempers_teacher else config.temperature
 
 
 def bucket_log_probs(
@@ -54,7 +57,7 @@ def bucket_log_probs(
     t = config.temperature
     student = torch.where(valid, student_logits, BUCKET_FILL) / t
     teacher = torch.where(valid, teacher_logmass.float().clamp(min=BUCKET_FILL), BUCKET_FILL)
-    if config.targets != "sampled":
+    if config.tempers_teacher:
         teacher = teacher / t
     return torch.log_softmax(teacher, dim=-1), torch.log_softmax(student, dim=-1)
 

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 
 from distill.losses.buckets import kd_slots
-from distill.losses.divergences import DEFAULT_CHUNK_SIZE, KDConfig
-from distill.losses.kernel import IGNORE_INDEX, FusedCEKD
+from distill.losses.config import IGNORE_INDEX, KDConfig
+from distill.losses.kernel import FusedCEKD
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "IGNORE_INDEX", "KDConfig", "CEKDOutput", "fused_ce_kd_loss", "prepare"]
+__all__ = ["CEKDOutput", "fused_ce_kd_loss", "prepare"]
 
 
 @dataclass
@@ -83,7 +83,8 @@ class Prepared:
 
 
 def prepare(hidden, weight, labels, topk_ids, topk_logprobs, tail_logprob, kd_mask, config) -> Prepared:
-    """Validate `config` and the inputs (ValueError, one line); shapes as in `fused_ce_kd_loss`."""
+    """Refuse a `config` whose construction found problems and check the inputs (ValueError, one line); shapes as in
+    `fused_ce_kd_loss`."""
     config = (config or KDConfig()).validate()
     check_inputs(hidden, weight, labels, topk_ids, topk_logprobs, tail_logprob, kd_mask)
     labels, topk_ids = labels.long(), topk_ids.long()

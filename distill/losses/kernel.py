@@ -17,9 +17,7 @@ import torch
 from torch import Tensor
 
 from distill.losses.buckets import bucket_kd_and_grad, kd_slots, tail_temperature, teacher_top1
-from distill.losses.divergences import KDConfig
-
-IGNORE_INDEX = -100
+from distill.losses.config import IGNORE_INDEX, KDConfig
 
 
 class FusedCEKD(torch.autograd.Function):

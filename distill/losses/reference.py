@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from distill.losses.buckets import bucket_kd, tail_temperature, teacher_top1
-from distill.losses.core import CEKDOutput, KDConfig, cekd_output, loss_scale, prepare
-from distill.losses.kernel import IGNORE_INDEX
+from distill.losses.config import IGNORE_INDEX, KDConfig
+from distill.losses.core import CEKDOutput, cekd_output, loss_scale, prepare
 
 
 def naive_ce_kd_loss(

@@ -33,6 +33,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from cache_tools.format.errors import ConfigError
+
 MARKER = "checkpoint_complete.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -164,8 +166,6 @@ def resolve_resume(value: str | bool | None, output_dir: str | os.PathLike) -> s
     true: the newest complete checkpoint in `output_dir`; a path: that checkpoint if complete, else the newest
     complete one before it in the same folder. Passing over incomplete checkpoints prints one warning line (rank 0);
     no complete one at all is a ConfigError."""
-    from cache_tools.format.errors import ConfigError
-
     text = str(value).strip().lower() if value is not None else ""
     if value is None or value is False or text in _FALSE:
         return None

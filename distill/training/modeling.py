@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from cache_tools.format.errors import ConfigError
-from distill.losses import KDConfig, fused_ce_kd_loss
+from cache_tools.format.errors import CacheError, ConfigError
+from cache_tools.format.schema import MANIFEST_NAME
+from distill.losses import KDConfig, check_kd_for_targets, fused_ce_kd_loss
 from distill.losses.aux import PooledProjection, pool_layers
 from distill.training.components import AUX, COMPONENTS, aux_params, wants_aux, weights_of
 
@@ -50,6 +51,23 @@ def aux_settings(reader: Any, loss_args: Any) -> AuxSettings | None:
     return AuxSettings(teacher_hidden=int(read(pooling, "hidden_size")),
                        teacher_pool_layers=list(read(pooling, "layers")),
                        teacher_num_layers=int(read(teacher, "num_hidden_layers")), params=aux_params(loss_args))
+
+
+def kd_config_for_caches(kd_config: KDConfig, readers: list[Any]) -> KDConfig:
+    """`kd_config` for the kind of targets the caches hold ("topk" | "sampled"): the one place the training route
+    sets it. CacheError (one line, naming the manifest and the fix) when the caches differ or the KD settings are not
+    defined on them: sampled (RS-KD) targets define forward KL only, at the temperature they were drawn at."""
+    kinds = {r.manifest.targets.kind for r in readers}
+    if len(kinds) > 1:
+        raise CacheError(f"{', '.join(str(r.cache_dir) for r in readers)}: training and eval caches hold different "
+                         "target kinds (top-k and sampled); evaluate on a cache of the same kind")
+    for reader in readers:
+        targets = reader.manifest.targets
+        problems = check_kd_for_targets(kd_config.for_targets(targets.kind), targets.kind,
+                                        float(targets.sample_temperature))
+        if problems:
+            raise CacheError(f"{reader.cache_dir / MANIFEST_NAME}: {targets.kind} targets: " + "; ".join(problems))
+    return kd_config.for_targets(kinds.pop()) if kinds else kd_config
 
 
 def resolve_pool_layers(requested: list[int] | None, aux: AuxSettings, student_num_layers: int) -> list[int]:

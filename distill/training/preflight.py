@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cache_tools.format.errors import ConfigError
+from cache_tools.format.errors import CacheError, ConfigError
 
 
 def verify_caches(data: Any) -> None:
@@ -21,7 +21,6 @@ def verify_caches(data: Any) -> None:
     exit 2) naming the flag, the cache and its first fault. Every rank checks (no process group is needed)."""
     if not data.verify_cache:
         return
-    from cache_tools.format.errors import CacheError
     from cache_tools.format.verify import verify_cache
 
     for flag, cache in (("--cache", data.cache), ("--eval_cache", data.eval_cache)):
