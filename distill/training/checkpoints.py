@@ -33,7 +33,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from cache_tools.format.errors import ConfigError
+from cache_tools.format.errors import CheckpointSaveError, ConfigError, disk_full_reason
 
 MARKER = "checkpoint_complete.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -61,8 +61,6 @@ def guard_checkpoint_saves(trainer: Any) -> None:
     save = trainer._save_checkpoint
 
     def guarded(model: Any, trial: Any, *args: Any, **kwargs: Any) -> Any:
-        from cache_tools.format.errors import CheckpointSaveError, disk_full_reason
-
         folder = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
         try:
             return save(model, trial, *args, **kwargs)
