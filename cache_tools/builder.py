@@ -28,11 +28,12 @@ from cache_tools.writer_thread import BackgroundShardWriter, to_host
 __all__ = ["BuildOptions", "build_cache"]
 
 
-def _windows(opts: BuildOptions, tokenizer: Any) -> Iterator[text_data.Window]:
-    """Packed windows; the first is produced here so dataset errors and empty datasets fail before any output."""
+def _windows(opts: BuildOptions, tokenizer: Any, rows: schema.RowsInfo) -> Iterator[text_data.Window]:
+    """Packed windows; the first is produced here so dataset errors and empty datasets fail before any output.
+    `rows` receives the dataset's row counts once every window was taken."""
     # text_data raises its own one-line UserErrors (DatasetInputError, TokenizerError) naming the spec and the fix.
     docs = text_data.load_documents(opts.dataset, split=opts.split, text_column=opts.text_column,
-                                    max_samples=opts.max_samples, streaming=opts.streaming)
+                                    max_samples=opts.max_samples, streaming=opts.streaming, rows=rows)
     windows = text_data.pack_windows(tokenizer, docs, opts.max_length)
     first = next(windows, None)
     if first is None:
@@ -178,7 +179,8 @@ def _build(opts: BuildOptions, info: dist.DistInfo, wall_start: float) -> dict[s
     targets = check_options(opts)
     pool_layers = teacher.check_settings(config, tokenizer, top_k=max(1, targets.top_k), max_length=opts.max_length,
                                          pool_layers=opts.pool_layers)
-    windows = _windows(opts, tokenizer)
+    rows = schema.RowsInfo()
+    windows = _windows(opts, tokenizer, rows)
     loaded = teacher.load_teacher(opts.teacher, opts.tokenizer, trust_remote_code=opts.trust_remote_code,
                                   dtype=dtype, device=device)
     manifest = _manifest(opts, loaded, pool_layers, dtype, targets)
@@ -242,6 +244,7 @@ def _build(opts: BuildOptions, info: dist.DistInfo, wall_start: float) -> dict[s
         manifest.num_sequences = sum(s.num_sequences for s in shards)
         manifest.num_tokens = sum(s.num_tokens for s in shards)
         manifest.complete = True
+        manifest.rows = rows
         manifest.save(out_dir)  # written last: its presence with complete=true means every shard is there
         total_bytes = sum(s.bytes for s in shards)
         wall = time.perf_counter() - wall_start

@@ -61,6 +61,8 @@ def cache_summary(cache_dir: str | Path) -> dict[str, Any]:
         "compute_dtype": m.compute_dtype,
         "compression": m.compression,
         "dataset": m.dataset.spec,
+        "rows_read": m.rows.read,
+        "rows_without_text": m.rows.without_text,
         "num_shards": len(m.shards),
         "num_sequences": m.num_sequences,
         "num_tokens": m.num_tokens,
@@ -68,6 +70,7 @@ def cache_summary(cache_dir: str | Path) -> dict[str, Any]:
         "bytes_per_token": total_bytes / tokens if m.num_tokens else 0.0,
         "bytes_per_token_by_dataset": {name: size / tokens for name, size in per_dataset.items()},
         "shard_problems": problems,
+        "rows_first_without_text": m.rows.first_without_text,
         "created_at": m.created_at,
     }
 
@@ -82,6 +85,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             value = ", ".join(f"{k}={v}" for k, v in value.items())
         elif key == "bytes_per_token_by_dataset":
             value = ", ".join(f"{k} {v:.1f}" for k, v in value.items())
+        elif key == "rows_without_text" and value:
+            value = f"{value} (skipped; first at {summary['rows_first_without_text']})"
         elif key == "shard_problems":
             value = "; ".join(value) or "none"
         lines.append(f"{key:<{width}}  {value}")

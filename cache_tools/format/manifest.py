@@ -82,6 +82,16 @@ class DatasetInfo:
 
 
 @dataclass
+class RowsInfo:
+    """What a build read from its dataset: rows read, and rows skipped because they hold no text (the text field is
+    missing or null), with where the first of those is ("line N of FILE" or "row N")."""
+
+    read: int = 0
+    without_text: int = 0
+    first_without_text: str = ""
+
+
+@dataclass
 class TargetsInfo:
     """What each position stores. kind "topk": the K most likely tokens + exact tail mass; kind "sampled": the
     distinct ids among `num_samples` draws (with replacement, at `sample_temperature`, seeded by `seed` and the
@@ -128,6 +138,8 @@ class CacheManifest:
     # "<settings hash>-<random>", fixed when a build starts, kept across resumes, recorded in every sidecar (see
     # cache_tools.output_dir). Optional on load: caches written before it existed have none.
     build_id: str = ""
+    # Not a setting (it follows from the dataset): what `inspect` reports about skipped rows. Optional on load.
+    rows: RowsInfo = field(default_factory=RowsInfo)
 
     @property
     def vocab_size(self) -> int:
@@ -223,7 +235,7 @@ def _upgrade_v1(data: dict[str, Any], where: str) -> dict[str, Any]:
     return data
 
 
-_OPTIONAL_KEYS = ("build_id",)  # added within version 2; absent from caches written before
+_OPTIONAL_KEYS = ("build_id", "rows")  # added within version 2; absent from caches written before
 
 
 class _Bad(Exception):

@@ -43,6 +43,7 @@ from cache_tools.format.manifest import (  # noqa: F401 - the manifest is part o
     CacheManifest,
     DatasetInfo,
     PoolingInfo,
+    RowsInfo,
     ShardInfo,
     TargetsInfo,
     TeacherInfo,

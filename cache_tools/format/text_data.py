@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from cache_tools.format.errors import DatasetInputError, TokenizerError, one_line
+from cache_tools.format.manifest import RowsInfo
 
 # File extension -> `datasets` packaged builder.
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -148,31 +149,34 @@ def load_documents(
     text_column: str = "text",
     max_samples: int | None = None,
     streaming: bool = False,
+    rows: RowsInfo | None = None,
 ) -> Iterator[tuple[int, str]]:
     """Yield `(doc_index, text)` for each row of the dataset `spec` (local .txt/.jsonl/.json/.parquet/.csv file or
     folder, a `save_to_disk` folder, or hub `name[:config]`). `doc_index` is the row number. Errors
     (DatasetInputError, one line naming the spec and the fix) are raised on the first `next()`, before any document
-    is yielded."""
+    is yielded. Rows without text are skipped (one warning with the count at the end); `rows`, when given, receives
+    the counts once the dataset is exhausted."""
     ds = _open_dataset(spec, split, streaming)
     columns = getattr(ds, "column_names", None)
     if columns is not None and text_column not in columns:
         raise DatasetInputError(f"--text-column {text_column!r}: not in dataset {spec} (columns: {columns}); pass the "
                                 "right --text-column")
     missing, first_missing = 0, -1
-    rows = iter(ds)
+    records = iter(ds)
     index = 0
     while max_samples is None or index < max_samples:
         try:
-            row = next(rows)
+            row = next(records)
         except StopIteration:
             break
         except DatasetInputError:
             raise
         except Exception as err:  # streaming datasets fail here, not at load: the same one line as at load
             raise _describe_load_error(spec, Path(spec).expanduser(), err) from err
-        if text_column not in row:
+        if text_column not in row and columns is not None:
             raise DatasetInputError(f"--text-column {text_column!r}: not in dataset {spec} (columns: {sorted(row)})")
-        text = row[text_column]
+        # A streamed JSON row lists only its own fields: one without the text field is a row without text.
+        text = row.get(text_column)
         if text is None:  # JSON rows without the field read as null too: counted and reported, not silently dropped
             missing += 1
             first_missing = index if first_missing < 0 else first_missing
@@ -182,9 +186,15 @@ def load_documents(
                                     f"{type(text).__name__}, not text; pass the right --text-column")
         yield index, text  # NUL and every other character pass through unchanged (the shard stores text losslessly)
         index += 1
+    if columns is None and index and missing == index:  # streamed: no row at all has the field
+        raise DatasetInputError(f"--text-column {text_column!r}: no row of dataset {spec} has it (missing or null); "
+                                "pass the right --text-column")
+    place = _row_place(spec, first_missing) if missing else ""
+    if rows is not None:
+        rows.read, rows.without_text, rows.first_without_text = index, missing, place
     if missing:
         warn(f"--dataset {spec}: {missing} of {index} rows have no {text_column!r} (field missing or null; first at "
-             f"{_row_place(spec, first_missing)}); they were skipped")
+             f"{place}); they were skipped")
 
 
 def warn(message: str) -> None:

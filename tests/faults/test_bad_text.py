@@ -135,3 +135,33 @@ def test_text_column_absent_everywhere_is_refused(tmp_path, build_args, capsys):
     outcome = run_cli(argv, capsys)
     assert_one_line_error(outcome, "build-cache", "--text-column 'text'", "body")
     assert schema.MANIFEST_NAME not in str(list(tmp_path.iterdir()))
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["loaded", "streaming"])
+def test_rows_without_text_on_the_console_and_in_inspect(tmp_path, build_args, capsys, streaming):
+    """The real command (forked: its own stderr, progress bar on): the skip is one warning line with the count, and
+    `inspect` shows the count afterwards (text and --json)."""
+    from faults.harness import run_forked
+
+    rows = [{"text": f"{GOOD} {i}"} for i in range(6)]
+    rows.insert(2, {"title": "no text here"})
+    rows.insert(5, {"text": None})
+    dataset = _jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "cache"
+    argv = [a for a in build_args(out) if a != "--no-progress"] + (["--streaming"] if streaming else [])
+    argv[argv.index("--dataset") + 1] = str(dataset)
+    argv[argv.index("--max-samples") + 1] = "100"
+    outcome = run_forked(argv)
+    text = "\n".join(outcome.stderr)
+    assert outcome.code == 0 and "Traceback" not in text, text
+    warnings = [ln for ln in outcome.stderr if "warning:" in ln]
+    assert len(warnings) == 1 and "2 of 8 rows" in warnings[0] and f"line 3 of {dataset}" in warnings[0], text
+    from cache_tools.cli import main
+
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert f"2 (skipped; first at line 3 of {dataset})" in shown, shown
+    assert main(["inspect", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows_read"] == 8 and summary["rows_without_text"] == 2, summary
