@@ -113,10 +113,11 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
     if d.cache:
         data = build_cache_data(d.cache, tokenizer, rows, eval_cache=d.eval_cache, eval_fraction=d.eval_fraction,
                                 max_eval_sequences=d.max_eval_sequences, target_builder=target_builder,
-                                xtok_rule=d.xtok_rule)
+                                xtok_rule=d.xtok_rule, packing=d.packing, assistant_only_loss=d.assistant_only_loss,
+                                student_chat_template=d.student_chat_template)
     else:
         data = build_text_data(d.dataset, tokenizer, max_length=d.max_length, text_column=d.text_column,
-                               max_samples=d.max_samples)
+                               max_samples=d.max_samples, packing=d.packing or "cross_document")
     loss = cfg.loss
     # The one KDConfig of the run: its flags (kd_kind, temperature, use_tail, loss_chunk_size, divergence
     # parameters) and the caches' target kind; the model hands it to the kernel unchanged.

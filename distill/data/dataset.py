@@ -24,6 +24,8 @@ from torch.utils.data import Dataset
 from cache_tools.format import schema
 from cache_tools.format.errors import ConfigError
 from cache_tools.format.reader import CachedSequence, TeacherCacheReader
+from distill.data.chat import loss_masks, resolve_assistant_only
+from distill.data.packing import ISOLATED, eos_segments, positions_and_segments, resolve_packing, segment_lengths_of
 from distill.losses import IGNORE_INDEX
 
 TargetBuilder = Callable[[CachedSequence], dict[str, Any]]
@@ -34,23 +36,33 @@ XTOK_STAT_KEYS = ("student_tokens", "aligned", "teacher_mass", "mapped_mass")
 
 class DirectTargets:
     """Target builder for a student that uses the cache's own tokenizer: ids pass through unchanged. `validate`
-    (e.g. `distill.data.validation.SequenceValidator(reader)`) checks each sequence first."""
+    (e.g. `distill.data.validation.SequenceValidator(reader)`) checks each sequence first. `isolated`: the cache
+    packs documents without attention across them (examples carry `segment_lengths`); `assistant_only`: CE/KD on
+    assistant content only (`distill.data.chat.loss_masks`; examples carry `label_mask`)."""
 
-    def __init__(self, validate: Callable[[CachedSequence], None] | None = None) -> None:
+    def __init__(self, validate: Callable[[CachedSequence], None] | None = None, *, isolated: bool = False,
+                 assistant_only: bool = False) -> None:
         self.validate = validate
+        self.isolated = isolated
+        self.assistant_only = assistant_only
 
     def __call__(self, seq: CachedSequence) -> dict[str, Any]:
         if self.validate is not None:
             self.validate(seq)
-        n = seq.length
-        return {
+        label_mask, kd_mask = loss_masks(seq, self.assistant_only)
+        out = {
             "input_ids": seq.input_ids.astype(np.int64),
             "topk_ids": seq.topk_ids.astype(np.int64),
             "topk_logprobs": seq.topk_logprobs.astype(np.float32),
             "tail_logprob": seq.tail_logprob.astype(np.float32),
-            "kd_mask": np.ones(n, dtype=np.bool_),
+            "kd_mask": kd_mask,
             "pooled_hidden": seq.pooled_hidden.astype(np.float32),
         }
+        if label_mask is not None:
+            out["label_mask"] = label_mask
+        if self.isolated:
+            out["segment_lengths"] = segment_lengths_of(seq)
+        return out
 
 
 def check_student_compatible(reader: TeacherCacheReader, tokenizer: Any, student_vocab_rows: int) -> None:
@@ -64,17 +76,19 @@ def check_student_compatible(reader: TeacherCacheReader, tokenizer: Any, student
 
 
 def make_target_builder(reader: TeacherCacheReader, tokenizer: Any, student_vocab_rows: int, *,
-                        xtok_rule: str = "first_token") -> TargetBuilder:
+                        xtok_rule: str = "first_token", isolated: bool = False, assistant_only: bool = False,
+                        student_chat_template: str | None = None) -> TargetBuilder:
     """`DirectTargets` when the student shares the cache's tokenizer (same content hash), else the cross-tokenizer
     pipeline (re-tokenise the window text, align by consumed text, map ids through the saved vocabulary map)."""
     if schema.tokenizer_hash(tokenizer) == reader.manifest.tokenizer_hash:
         check_student_compatible(reader, tokenizer, student_vocab_rows)
         from distill.data.validation import SequenceValidator
 
-        return DirectTargets(SequenceValidator(reader))
+        return DirectTargets(SequenceValidator(reader), isolated=isolated, assistant_only=assistant_only)
     from distill.data.xtok.pipeline import CrossTokenizerTargets
 
-    return CrossTokenizerTargets(reader, None, tokenizer, rule=xtok_rule)
+    return CrossTokenizerTargets(reader, None, tokenizer, rule=xtok_rule, isolated=isolated,
+                                 assistant_only=assistant_only, chat_template=student_chat_template)
 
 
 class CacheDataset(Dataset):
@@ -96,16 +110,20 @@ class CacheDataset(Dataset):
 
 
 class TokenWindowDataset(Dataset):
-    """LM-only: a list of token windows [n_i] int64."""
+    """LM-only: a list of token windows [n_i] int64. With `isolate_after` (the EOS id) each window is cut into
+    documents after each EOS and no token attends across them."""
 
-    def __init__(self, windows: list[np.ndarray]):
+    def __init__(self, windows: list[np.ndarray], isolate_after: int | None = None):
         self.windows = windows
+        self.isolate_after = isolate_after
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"input_ids": self.windows[i]}
+        if self.isolate_after is None:
+            return {"input_ids": self.windows[i]}
+        return {"input_ids": self.windows[i], "segment_lengths": eos_segments(self.windows[i], self.isolate_after)}
 
 
 def split_eval_indices(reader: TeacherCacheReader, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -149,20 +167,28 @@ def build_cache_data(
     max_eval_sequences: int | None = None,
     target_builder: TargetBuilder | None = None,
     xtok_rule: str = "first_token",
+    packing: str | None = None,
+    assistant_only_loss: bool | None = None,
+    student_chat_template: str | None = None,
 ) -> BuiltData:
     """Open the training cache (and the eval cache), check the student can use them, split, wrap as datasets.
-    `target_builder` defaults to `make_target_builder` per cache (direct or cross-tokenizer)."""
+    `target_builder` defaults to `make_target_builder` per cache (direct or cross-tokenizer). The student follows
+    the caches' packing (`packing`, --packing, may only repeat it) and, on conversational caches, trains on assistant
+    content only unless `assistant_only_loss` is False (`distill.data.chat`)."""
     # Our own target builders validate every sequence (`distill.data.validation`: ids, finite and <= 0 log-probs,
     # pooled states), a superset of the reader's finite check: read once, check once on the loader's hot path.
     reader = TeacherCacheReader(cache_dir, check_finite=target_builder is not None)
-    train_builder = target_builder or make_target_builder(reader, tokenizer, student_vocab_rows, xtok_rule=xtok_rule)
+    eval_reader = TeacherCacheReader(eval_cache, check_finite=target_builder is not None) if eval_cache else reader
+    caches = [(str(r.cache_dir), r.manifest) for r in dict.fromkeys((reader, eval_reader))]
+    options = {"xtok_rule": xtok_rule, "isolated": resolve_packing(packing, caches) == ISOLATED,
+               "assistant_only": resolve_assistant_only(assistant_only_loss, caches),
+               "student_chat_template": student_chat_template}
+    train_builder = target_builder or make_target_builder(reader, tokenizer, student_vocab_rows, **options)
     train_idx, eval_idx = split_eval_indices(reader, eval_fraction)
-    eval_reader, eval_builder = reader, train_builder
+    eval_builder = train_builder
     if eval_cache:
-        eval_reader = TeacherCacheReader(eval_cache, check_finite=target_builder is not None)
         # The eval cache may come from another teacher tokenizer: it gets its own builder.
-        eval_builder = target_builder or make_target_builder(eval_reader, tokenizer, student_vocab_rows,
-                                                             xtok_rule=xtok_rule)
+        eval_builder = target_builder or make_target_builder(eval_reader, tokenizer, student_vocab_rows, **options)
         eval_idx = np.arange(len(eval_reader))
     if max_eval_sequences is not None:
         eval_idx = eval_idx[:max_eval_sequences]
@@ -172,8 +198,9 @@ def build_cache_data(
 
 
 def build_text_data(spec: str, tokenizer: Any, *, max_length: int, text_column: str = "text",
-                    max_samples: int | None = None) -> BuiltData:
-    """LM-only mode: load documents, pack them into windows of `max_length` tokens (EOS between documents)."""
+                    max_samples: int | None = None, packing: str = "cross_document") -> BuiltData:
+    """LM-only mode: load documents, pack them into windows of `max_length` tokens (EOS between documents). With
+    `packing` "isolated" no token attends to another document (each EOS closes its document)."""
     from cache_tools.format.text_data import load_documents, pack_windows
 
     # text_data raises its own one-line UserErrors (DatasetInputError, TokenizerError) naming the spec and the fix.
@@ -182,7 +209,7 @@ def build_text_data(spec: str, tokenizer: Any, *, max_length: int, text_column: 
     windows = [w for w in windows if len(w) >= 2]  # a 1-token window has no next-token label
     if not windows:
         raise ConfigError(f"--dataset {spec}: no text windows of >= 2 tokens; check --text_column {text_column}")
-    return BuiltData(TokenWindowDataset(windows), None, None)
+    return BuiltData(TokenWindowDataset(windows, tokenizer.eos_token_id if packing == ISOLATED else None), None, None)
 
 
 class DistillCollator:
@@ -190,7 +217,10 @@ class DistillCollator:
 
     Output (B = batch, L = max n, K = top_k, P/H = pooled layers / teacher hidden):
         input_ids [B, L] int64 (pad_token_id on padding), attention_mask [B, L] int64,
-        labels [B, L] int64: labels[t] = input_ids[t+1], IGNORE_INDEX at each sequence's last position and padding;
+        labels [B, L] int64: labels[t] = input_ids[t+1], IGNORE_INDEX at each sequence's last position and padding
+        (and where an example's `label_mask` is False, and at the last position of each packed document);
+    when the examples carry `segment_lengths` (isolated packing, `distill.data.packing`):
+        position_ids [B, L] int64 (0.. within each document, 0 on padding), segment_ids [B, L] int64 (-1 on padding);
     and, when the examples carry teacher targets:
         topk_ids [B, L, K] int64 (-1 on padding), topk_logprobs [B, L, K] float32, tail_logprob [B, L] float32,
         kd_mask [B, L] bool (False on padding), pooled_hidden [B, P, H] float32.
@@ -209,7 +239,17 @@ class DistillCollator:
             input_ids[b, :n] = e["input_ids"]
             labels[b, : n - 1] = e["input_ids"][1:]
             attention[b, :n] = 1
+            if "label_mask" in e:
+                labels[b, :n][~e["label_mask"]] = IGNORE_INDEX
         batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        if any("segment_lengths" in e for e in examples):
+            positions = np.zeros((B, L), dtype=np.int64)
+            segments = np.full((B, L), -1, dtype=np.int64)
+            for b, (e, n) in enumerate(zip(examples, lengths, strict=True)):
+                pieces = e.get("segment_lengths", np.array([n] if n else [], dtype=np.int32))
+                positions[b, :n], segments[b, :n] = positions_and_segments(pieces, n)
+                labels[b, np.cumsum(pieces) - 1] = IGNORE_INDEX  # it would predict the next, unrelated document
+            batch.update(position_ids=positions, segment_ids=segments)
         if "topk_ids" in examples[0]:
             K = examples[0]["topk_ids"].shape[1]
             topk_ids = np.full((B, L, K), -1, dtype=np.int64)

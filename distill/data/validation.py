@@ -72,6 +72,19 @@ def sequence_problem(seq: CachedSequence, vocab_size: int, sampled: bool) -> str
     pooled = seq.pooled_hidden.astype(np.float32, copy=False)
     if pooled.size and not np.isfinite(pooled.max() - pooled.min()):
         return "holds NaN/Inf pooled hidden states"
+    return masks_problem(seq)
+
+
+def masks_problem(seq: CachedSequence) -> str | None:
+    """Format 3 per-token records: document pieces tiling the window, masks of the window's length."""
+    n = seq.length
+    lengths = getattr(seq, "segment_lengths", None)
+    if lengths is not None and (len(lengths) == 0 or int(np.min(lengths)) <= 0 or int(np.sum(lengths)) != n):
+        return f"has segment lengths that do not tile its {n} tokens"
+    for name in ("assistant_mask", "target_mask"):
+        mask = getattr(seq, name, None)
+        if mask is not None and np.shape(mask) != (n,):
+            return f"has a {name} of shape {np.shape(mask)}, expected ({n},)"
     return None
 
 

@@ -18,6 +18,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from cache_tools.format.errors import ConfigError
 from cache_tools.format.fsutil import atomic_write_text
+from distill.data.packing import PACKING_MODES
 from distill.data.xtok.vocab_map import RULES as XTOK_RULES
 from distill.losses import DEFAULT_CHUNK_SIZE, KD_KINDS, KDConfig
 from distill.losses.schedules import parse_ramp
@@ -70,6 +71,24 @@ class DataArguments:
     text_column: str = field(default="text", metadata={"help": "Text column of --dataset."})
     max_length: int = field(default=512, metadata={"help": "Window length (tokens) for --dataset."})
     max_samples: int | None = field(default=None, metadata={"help": "Use at most this many documents of --dataset."})
+    packing: str | None = field(
+        default=None,
+        metadata={"help": "isolated (no token attends to another document of its window: per-document positions and a "
+                          "block-diagonal causal mask) or cross_document. With --cache the student follows the cache's "
+                          "recorded packing (this flag may only repeat it); with --dataset the default is "
+                          "cross_document."},
+    )
+    assistant_only_loss: bool | None = field(
+        default=None,
+        metadata={"help": "CE and KD only where the predicted token is assistant / completion content (and, for KD, "
+                          "the cache stores targets). Default: true on conversational caches; false trains CE on "
+                          "every token. Plain-text caches have no assistant mask (true is an error there)."},
+    )
+    student_chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Jinja chat template FILE the student renders cached conversations with when its "
+                          "tokenizer differs from the teacher's (default: the student tokenizer's own template)."},
+    )
     xtok_rule: str = field(
         default="first_token",
         metadata={"help": "When the student tokenizer differs from the cache's: teacher tokens with no exact student "
@@ -237,6 +256,12 @@ def validate(cfg: DistillConfig) -> None:
         problems.append("--eval_cache/--eval_fraction need --cache (LM-only mode has no held-out targets)")
     if not 0.0 <= d.eval_fraction < 1.0:
         problems.append(f"--eval_fraction must be in [0, 1), got {d.eval_fraction}")
+    if d.packing is not None and d.packing not in PACKING_MODES:
+        problems.append(f"--packing {d.packing}: use {' or '.join(PACKING_MODES)}")
+    if d.dataset and d.assistant_only_loss:
+        problems.append("--assistant_only_loss true needs a conversational --cache (--dataset is plain text)")
+    if d.student_chat_template and not Path(d.student_chat_template).is_file():
+        problems.append(f"--student_chat_template {d.student_chat_template}: no such file")
     if d.xtok_rule not in XTOK_RULES:
         problems.append(f"--xtok_rule {d.xtok_rule}: use {' or '.join(XTOK_RULES)}")
     if d.eval_cache and d.eval_fraction:

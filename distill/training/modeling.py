@@ -22,6 +22,7 @@ from cache_tools.format.errors import CacheError, ConfigError
 from cache_tools.format.schema import MANIFEST_NAME
 from distill.losses import KDConfig, check_kd_for_targets, fused_ce_kd_loss
 from distill.losses.aux import PooledProjection, pool_layers
+from distill.training.attention import packed_inputs
 from distill.training.components import AUX, COMPONENTS, aux_params, wants_aux, weights_of
 
 
@@ -138,12 +139,16 @@ class DistillModel(nn.Module):
 
             deepspeed.zero.register_external_parameter(self, self.head_weight())
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+               segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the base model (not the LM head). Returns final hidden [B, L, H] and, when projection heads exist,
-        the pooled student states [B, P, H] (fp32 masked means of the selected hidden_states)."""
+        the pooled student states [B, P, H] (fp32 masked means of the selected hidden_states). With `segment_ids`
+        (isolated packing) no token attends outside its own document (`distill.training.attention`)."""
         base = getattr(self.student, self.student.base_model_prefix)
         want_pool = self.projection is not None
-        out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+        mask, positions = packed_inputs(attention_mask, position_ids, segment_ids,
+                                        base.get_input_embeddings().weight.dtype)
+        out = base(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
                    output_hidden_states=want_pool, return_dict=True)
         pooled = pool_layers(out.hidden_states, self.student_pool_layers, attention_mask) if want_pool else None
         return out.last_hidden_state, pooled
@@ -162,9 +167,12 @@ class DistillModel(nn.Module):
         loss_weights: dict[str, float] | None = None,
         ce_denominator: torch.Tensor | None = None,
         kd_denominator: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Shapes: input_ids/attention_mask/labels [B, L]; topk_* [B, L, K]; tail_logprob/kd_mask [B, L];
-        pooled_hidden [B, P, H_teacher]. Without teacher keys (LM-only) only CE is computed.
+        pooled_hidden [B, P, H_teacher]; position_ids/segment_ids [B, L] (isolated packing, from the collator).
+        Without teacher keys (LM-only) only CE is computed.
 
         ce_denominator / kd_denominator: divide the summed CE / KD by these (global counts over gradient
         accumulation and ranks, from the trainer) instead of this micro-batch's own counts.
@@ -179,7 +187,7 @@ class DistillModel(nn.Module):
         no_autocast = contextlib.nullcontext() if self.training else torch.autocast(input_ids.device.type,
                                                                                     enabled=False)
         with no_autocast:
-            hidden, pooled = self.encode(input_ids, attention_mask)
+            hidden, pooled = self.encode(input_ids, attention_mask, position_ids, segment_ids)
             H = hidden.shape[-1]
             flat_labels = labels.reshape(-1)
             # Training with a zero KD weight IS LM-only training: the same call as without a cache, bit for bit (and

@@ -26,6 +26,7 @@ from distill.data.xtok.align import (
     split_segments,
     student_consumed,
 )
+from distill.data.xtok.documents import cut_pieces, document_starts, next_is_assistant, student_segments
 from distill.data.xtok.store import STAT_KEYS, TargetStore, open_store, store_key
 from distill.data.xtok.token_bytes import plain_backend, token_bytes_table, tokenizer_label
 from distill.data.xtok.topk_map import TopKMapper
@@ -79,7 +80,8 @@ class CrossTokenizerTargets:
     def __init__(self, reader_or_manifest: TeacherCacheReader | schema.CacheManifest, teacher_tokenizer: Any = None,
                  student_tokenizer: Any = None, *, rule: str = "first_token",
                  cache_dir: str | os.PathLike | None = None, max_length: int | None = None,
-                 validate: bool = True, use_store: bool = True) -> None:
+                 validate: bool = True, use_store: bool = True, isolated: bool = False,
+                 assistant_only: bool = False, chat_template: str | None = None) -> None:
         if isinstance(reader_or_manifest, TeacherCacheReader):
             manifest = reader_or_manifest.manifest
             cache_dir = cache_dir if cache_dir is not None else reader_or_manifest.cache_dir
@@ -129,7 +131,11 @@ class CrossTokenizerTargets:
         self._student_norm = _normalizer(self.student_tok)
         self._student_backend = plain_backend(self.student_tok)
         self._skips = 0
-        self.store_meta = store_key(self.teacher_hash, self.student_hash, rule, self.max_length, self.top_k)
+        self.isolated = isolated
+        self.assistant_only = assistant_only
+        self.chat_template = chat_template
+        self.store_meta = store_key(self.teacher_hash, self.student_hash, rule, self.max_length, self.top_k,
+                                    isolated=isolated, assistant_only=assistant_only)
         self.store: TargetStore | None = None
         if use_store and cache_dir is not None:
             spec = student_tokenizer if isinstance(student_tokenizer, (str, os.PathLike)) else tokenizer_label(
@@ -164,6 +170,9 @@ class CrossTokenizerTargets:
         text_bytes = text.encode("utf-8")
         c2b = char_to_byte_table(text)
         pieces = split_segments(seq.input_ids, seq.offsets, self.specials, len(text))
+        doc_starts = document_starts(seq, len(text)) if self.isolated else None
+        if doc_starts is not None:
+            pieces = cut_pieces(pieces, doc_starts)  # the student tokenises each document alone, as the teacher did
         window = encode_student(self._student_backend, text, pieces)
         s_cons = student_consumed(window, pieces, text, c2b, self.student_bytes, self._student_norm)
         t_cons = consumed_ends(seq.input_ids, seq.offsets, text, text_bytes, c2b, self.teacher_bytes,
@@ -182,6 +191,13 @@ class CrossTokenizerTargets:
             "pooled_hidden": seq.pooled_hidden.astype(np.float32),
             "stats": stats,
         }
+        if self.isolated:
+            out["segment_lengths"] = (student_segments(window.offsets[:n, 0], doc_starts) if doc_starts is not None
+                                      else np.array([n], dtype=np.int32))
+        label_mask = None
+        if self.assistant_only and getattr(seq, "assistant_mask", None) is not None:
+            label_mask = next_is_assistant(seq, window.offsets[:n])
+            out["label_mask"] = label_mask
         if not t_cons.matches_text:
             # The cached tokens do not spell the cached text: any alignment would be a wrong target. CE still holds.
             self._skips += 1
@@ -191,6 +207,12 @@ class CrossTokenizerTargets:
                             "this window (%d so far)", seq.index, self._skips)
             return out
         teacher_pos = align(t_cons, s_cons)[:n]
+        target_mask = getattr(seq, "target_mask", None)
+        if target_mask is not None:  # teacher positions without stored targets give no KD
+            teacher_pos[teacher_pos >= 0] = np.where(target_mask[teacher_pos[teacher_pos >= 0]],
+                                                     teacher_pos[teacher_pos >= 0], -1)
+        if label_mask is not None:
+            teacher_pos[~label_mask] = -1
         aligned = np.flatnonzero(teacher_pos >= 0)
         rows = teacher_pos[aligned]
         mapped = self._mapper(seq.topk_ids[rows], seq.topk_logprobs[rows], seq.tail_logprob[rows])

@@ -49,7 +49,7 @@ class _ShardFile:
 
     def __init__(self, path: Path) -> None:
         self.f = h5py.File(path, "w")
-        self.lengths: dict[str, list[int]] = {"input_ids": [], "tail_logprob": []}
+        self.lengths: dict[str, list[int]] = {"input_ids": [], "tail_logprob": [], "doc_lengths": []}
 
     def append(self, parts: list[dict[str, np.ndarray]]) -> None:
         for name in ARRAYS:
@@ -65,7 +65,8 @@ class _ShardFile:
             lengths.extend(p[key].shape[0] for p in parts)
 
     def close(self, attrs: dict[str, Any]) -> None:
-        for name, key in (("seq_offsets", "input_ids"), ("row_offsets", "tail_logprob")):
+        offsets = (("seq_offsets", "input_ids"), ("row_offsets", "tail_logprob"), ("doc_offsets", "doc_lengths"))
+        for name, key in offsets:
             self.f.create_dataset(name, data=np.concatenate([[0], np.cumsum(self.lengths[key])]).astype(np.int64))
         for key, value in attrs.items():
             self.f.attrs[key] = value

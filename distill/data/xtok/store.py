@@ -11,6 +11,8 @@ One HDF5 file per cache shard (S sequences, T student tokens, A aligned position
     topk_ids [A, K] uint16 or int32 (student id + 1: 0 = empty slot; uint16 when the student vocabulary allows),
     topk_logprobs [A, K] float32, tail_logprob [A] float32   aligned rows only (the others are all -1 / 0 / 0)
     counts [S, 4] int64 (COUNT_KEYS), masses [S, 3] float64 (MASS_KEYS), pooled_hidden [S, P, H] (the cache's dtype)
+    label_mask [T] bool (all True unless the key is assistant-only), doc_offsets [S+1] int64 + doc_lengths [D] int32
+    (student tokens per packed document: one per window unless the key is isolated)
 Attributes name the key and the cache shard (file, sha256, counts) it was computed from. Files are written to a temp
 name and renamed, so a file is whole or absent; a file whose key, source shard or sizes do not match is never read
 (the loader computes that shard on the fly and warns).
@@ -34,12 +36,13 @@ from cache_tools.format.fsutil import file_sha256
 log = logging.getLogger(__name__)
 
 STORE_DIR = "xtok"
-STORE_FORMAT = 2
+STORE_FORMAT = 3
 STAT_KEYS = ("student_tokens", "aligned", "teacher_mass", "mapped_mass", "exact_mass", "skipped", "truncated")
 COUNT_KEYS = ("student_tokens", "aligned", "skipped", "truncated")
 MASS_KEYS = ("teacher_mass", "mapped_mass", "exact_mass")
-ARRAYS = ("input_ids", "kd_mask", "topk_ids", "topk_logprobs", "tail_logprob", "counts", "masses", "pooled_hidden")
-_CODE = ("pipeline.py", "align.py", "topk_map.py", "vocab_map.py", "token_bytes.py", "store.py")
+ARRAYS = ("input_ids", "kd_mask", "topk_ids", "topk_logprobs", "tail_logprob", "counts", "masses", "pooled_hidden",
+          "label_mask", "doc_lengths")
+_CODE = ("pipeline.py", "align.py", "topk_map.py", "vocab_map.py", "token_bytes.py", "store.py", "documents.py")
 
 
 def code_fingerprint() -> str:
@@ -55,10 +58,12 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def store_key(teacher_hash: str, student_hash: str, rule: str, max_length: int | None, top_k: int) -> dict[str, Any]:
+def store_key(teacher_hash: str, student_hash: str, rule: str, max_length: int | None, top_k: int, *,
+              isolated: bool = False, assistant_only: bool = False) -> dict[str, Any]:
     """Everything the stored targets depend on, as a dict (written to `meta.json`); `key_name(meta)` names it."""
     return {"format": STORE_FORMAT, "teacher_hash": teacher_hash, "student_hash": student_hash, "rule": rule,
-            "max_length": int(max_length or 0), "top_k": int(top_k), "code": code_fingerprint()}
+            "max_length": int(max_length or 0), "top_k": int(top_k), "isolated": bool(isolated),
+            "assistant_only": bool(assistant_only), "code": code_fingerprint()}
 
 
 def key_name(meta: dict[str, Any]) -> str:
@@ -79,7 +84,10 @@ def compact(out: dict[str, Any], pooled: np.ndarray, student_rows: int) -> dict[
     `pooled`: the cache's pooled hidden states in their stored dtype (so the float32 cast on read is the same)."""
     aligned = np.flatnonzero(out["kd_mask"])
     stats = out["stats"]
+    n = out["input_ids"].shape[0]
     return {
+        "label_mask": out.get("label_mask", np.ones(n, dtype=np.bool_)),
+        "doc_lengths": np.asarray(out.get("segment_lengths", [n] if n else []), dtype=np.int32),
         "input_ids": out["input_ids"].astype(np.int32),
         "kd_mask": out["kd_mask"],
         "topk_ids": (out["topk_ids"][aligned] + 1).astype(id_dtype(student_rows)),
@@ -104,14 +112,15 @@ def shard_problem(f: h5py.File, meta: dict[str, Any], shard: schema.ShardInfo) -
         if key not in f.attrs or str(f.attrs[key]) != str(want[key]):
             return f"its {key} does not match the cache / tokenizers / code (stale)"
     S, K = shard.num_sequences, meta["top_k"]
-    missing = [n for n in (*ARRAYS, "seq_offsets", "row_offsets") if n not in f]
+    missing = [n for n in (*ARRAYS, "seq_offsets", "row_offsets", "doc_offsets") if n not in f]
     if missing:
         return f"it lacks {missing[0]}"
-    seq, rows = f["seq_offsets"], f["row_offsets"]
-    if seq.shape != (S + 1,) or rows.shape != (S + 1,):
+    seq, rows, docs = f["seq_offsets"], f["row_offsets"], f["doc_offsets"]
+    if seq.shape != (S + 1,) or rows.shape != (S + 1,) or docs.shape != (S + 1,):
         return "its offsets do not cover the shard's sequences"
     T, A = int(seq[-1]), int(rows[-1])
-    shapes = {"input_ids": (T,), "kd_mask": (T,), "topk_ids": (A, K), "topk_logprobs": (A, K),
+    shapes = {"input_ids": (T,), "kd_mask": (T,), "label_mask": (T,), "doc_lengths": (int(docs[-1]),),
+              "topk_ids": (A, K), "topk_logprobs": (A, K),
               "tail_logprob": (A,), "counts": (S, len(COUNT_KEYS)), "masses": (S, len(MASS_KEYS))}
     for name, shape in shapes.items():
         if f[name].shape != shape:
@@ -179,7 +188,7 @@ class TargetStore:
                 if problem is None:
                     # Dataset objects are looked up once: a lookup costs about as much as a small read.
                     entry = (f, {name: f[name] for name in ARRAYS}, f["seq_offsets"][:], f["row_offsets"][:],
-                             f["counts"][:], f["masses"][:])
+                             f["counts"][:], f["masses"][:], f["doc_offsets"][:])
                 elif f is not None:
                     f.close()
             except OSError as err:
@@ -195,7 +204,7 @@ class TargetStore:
         entry = self._shard(pos)
         if entry is None:
             return None
-        f, data, seq, rows, counts, masses = entry
+        f, data, seq, rows, counts, masses, docs = entry
         i = index - self.shards[pos].first_sequence
         t0, t1, a0, a1 = int(seq[i]), int(seq[i + 1]), int(rows[i]), int(rows[i + 1])
         n, K = t1 - t0, self.meta["top_k"]
@@ -224,6 +233,10 @@ class TargetStore:
             f.close()
             self._open[pos] = None
             return None
+        if self.meta.get("assistant_only"):
+            out["label_mask"] = data["label_mask"][t0:t1]
+        if self.meta.get("isolated"):
+            out["segment_lengths"] = data["doc_lengths"][int(docs[i]):int(docs[i + 1])]
         out["stats"] = stats_from(counts[i], masses[i])
         return out
 
