@@ -97,9 +97,11 @@ def write_synthetic_cache(
     vocab_size: int | None = None,
     seed: int = 0,
     targets: schema.TargetsInfo | None = None,
+    format_version: int = schema.FORMAT_VERSION,
 ) -> Path:
     """Write a finished (or, with complete=False, unfinished) cache of full-length windows to `cache_dir`.
-    `targets` picks kind and encoding (default: top-`top_k`, fp16)."""
+    `targets` picks kind and encoding (default: top-`top_k`, fp16). format_version=2 writes a format 2 cache (its
+    compact blobs from the format 2 bit coder, not bound to their rows) as the version 2 builder did."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     V = vocab_size or len(tokenizer)
@@ -113,6 +115,7 @@ def write_synthetic_cache(
     manifest = synthetic_manifest(tokenizer, vocab_size=V, max_length=max_length, targets=targets,
                                   pool_layers=pool_layers, teacher_hidden=teacher_hidden, teacher_layers=teacher_layers,
                                   shard_size=shard_size, tokenizer_hash=tokenizer_hash, complete=complete)
+    manifest.format_version = format_version
     for shard_index, first in enumerate(range(0, num_sequences, shard_size)):
         chunk = windows[first : first + shard_size]
         writer = ShardWriter(cache_dir, shard_index, first, len(chunk), manifest)

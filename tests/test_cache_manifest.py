@@ -72,8 +72,8 @@ def test_bad_manifest_key_is_one_line_naming_file_and_key(v1_cache, key, edit, m
 
 @pytest.mark.parametrize("version, message", [
     ("2", "format_version is '2' (str), it must be an integer"),
-    (3, "format version 3, this tool reads versions 1, 2; upgrade"),
-    (0, "format version 0, this tool reads versions 1, 2; rebuild"),
+    (4, "format version 4, this tool reads versions 1, 2, 3; upgrade"),
+    (0, "format version 0, this tool reads versions 1, 2, 3; rebuild"),
 ])
 def test_version_messages(v1_cache, version, message):
     cache_dir, _ = v1_cache

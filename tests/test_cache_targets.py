@@ -108,15 +108,15 @@ def _plant(cache, name: str, edit) -> None:
     m.save(cache)
 
 
-def _offsets_blob(blob, *edits: tuple[int, tuple[int, int]]):
-    """A valid offsets blob (checksum and all) holding the offsets of `blob` with some tokens' (start, end) changed:
-    damage only the content check can see."""
-    from cache_tools.format import codec
+def _offsets_blob(blob, sequence: int, *edits: tuple[int, tuple[int, int]]):
+    """A valid offsets blob of row `sequence` (checksum and all) holding the offsets of `blob` with some tokens'
+    (start, end) changed: damage only the content check can see."""
+    from cache_tools.format import codec_zstd
 
-    offsets = codec.decode_offsets(blob, 16)
+    offsets = codec_zstd.decode_offsets(blob, 16, sequence=sequence)
     for token, pair in edits:
         offsets[token] = pair
-    return codec.encode_offsets(offsets)
+    return codec_zstd.encode_offsets(offsets, sequence=sequence)
 
 
 def _set(ds, index, value):
@@ -133,7 +133,7 @@ def _set(ds, index, value):
     ("topk", "fp16", schema.TOPK_LOGPROBS, lambda ds: _set(ds, (0, 1, 0), 0.5), "log-probs > 0"),
     ("topk", "fp16", schema.OFFSETS, lambda ds: _set(ds, (2, 3, 1), 10**6), "row 2: token 3 has offsets ("),
     ("sampled", "fp16", schema.OFFSETS, lambda ds: _set(ds, (1, 0, 0), -1), "row 1: token 0 has offsets (-1, "),
-    ("topk", "compact", schema.OFFSETS_BLOB, lambda ds: ds.__setitem__(3, _offsets_blob(ds[3], (4, (5, 4)))),
+    ("topk", "compact", schema.OFFSETS_BLOB, lambda ds: ds.__setitem__(3, _offsets_blob(ds[3], 3, (4, (5, 4)))),
      "row 3: token 4 has offsets (5, 4), not within 0 <= start <= end <= "),
 ])
 def test_verify_finds_planted_faults(make_cache, kind, encoding, name, edit, fault):
@@ -145,9 +145,9 @@ def test_verify_finds_planted_faults(make_cache, kind, encoding, name, edit, fau
 
 
 @pytest.mark.parametrize("kind, blob, fault", [
-    ("topk", schema.TOPK_BLOB, "row 1: targets not decodable"),
-    ("sampled", schema.SAMPLE_BLOB, "row 1: targets not decodable"),
-    ("topk", schema.OFFSETS_BLOB, "row 1: token offsets not decodable (token-offsets blob"),
+    ("topk", schema.TOPK_BLOB, "row 1 (sequence 1): targets not decodable"),
+    ("sampled", schema.SAMPLE_BLOB, "row 1 (sequence 1): targets not decodable"),
+    ("topk", schema.OFFSETS_BLOB, "row 1 (sequence 1): token offsets not decodable (token-offsets blob"),
 ])
 def test_undecodable_blob_is_a_fault_and_a_one_line_read_error(make_cache, kind, blob, fault):
     cache = make_cache(kind, "compact")
@@ -167,7 +167,7 @@ def test_shard_attrs_and_layout_follow_the_table(make_cache):
     cache = make_cache("sampled", "compact")
     m = schema.load_manifest(cache)
     attrs = shard_io.read_attrs(cache / schema.shard_name(0))
-    assert attrs[schema.ATTR_FORMAT_VERSION] == schema.FORMAT_VERSION == 2
+    assert attrs[schema.ATTR_FORMAT_VERSION] == schema.FORMAT_VERSION == 3
     assert (attrs[schema.ATTR_TARGET_KIND], attrs[schema.ATTR_ENCODING], attrs[schema.ATTR_NUM_SAMPLES]) == \
         ("sampled", "compact", N)
     with shard_io.open_shard(cache / schema.shard_name(0)) as f:

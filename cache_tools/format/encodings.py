@@ -1,6 +1,7 @@
 """Between what the builder produces / the reader returns (target FIELDS) and what a shard stores (DATASETS of
-`schema.DATASETS`), for every target kind and encoding. The packed encodings themselves are `cache_tools.format.codec`
-(pure numpy, imported only when a compact cache is written or read).
+`schema.DATASETS`), for every target kind and encoding. The packed encodings themselves are
+`cache_tools.format.codec_zstd` (format 3) and `cache_tools.format.codec` (format 2, read only), imported only when
+a compact cache is used.
 
 Fields the builder hands to the writer, per batch of n windows (padded to L positions):
     common   input_ids [n, L], valid_length [n], doc_index [n], text list[str], offsets [n, L, 2],
@@ -34,10 +35,23 @@ class Targets:
     counts: np.ndarray | None = None
 
 
-def _codec() -> Any:
-    from cache_tools.format import codec  # the compact encodings; only compact caches need it
+ZSTD_VERSION = 3  # compact caches from this format version on hold `codec_zstd` blobs bound to their rows
+
+
+def _codec(m: CacheManifest) -> Any:
+    """The compact codec of this cache's format version (imported lazily: only compact caches need one). Format 2
+    blobs (`codec`, the bit coder) take no sequence index; `_seq` passes it only to the format 3 codec."""
+    if m.format_version >= ZSTD_VERSION:
+        from cache_tools.format import codec_zstd
+
+        return codec_zstd
+    from cache_tools.format import codec
 
     return codec
+
+
+def _seq(m: CacheManifest, sequence: int) -> dict[str, int]:
+    return {"sequence": int(sequence)} if m.format_version >= ZSTD_VERSION else {}
 
 
 def encode_text(texts: list[str]) -> np.ndarray:
@@ -69,33 +83,35 @@ def _blobs(parts: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _topk_blob(m: CacheManifest, batch: dict[str, Any]) -> np.ndarray:
-    codec = _codec()
+def _topk_blob(m: CacheManifest, batch: dict[str, Any], first: int) -> np.ndarray:
+    codec = _codec(m)
     ids, lps = _valid_rows(batch, schema.TOPK_IDS), _valid_rows(batch, schema.TOPK_LOGPROBS)
-    return _blobs([codec.encode_topk(i.astype(np.int64), lp.astype(np.float32), m.vocab_size)
-                   for i, lp in zip(ids, lps, strict=True)])
+    return _blobs([codec.encode_topk(i.astype(np.int64), lp.astype(np.float32), m.vocab_size, **_seq(m, first + row))
+                   for row, (i, lp) in enumerate(zip(ids, lps, strict=True))])
 
 
-def _sample_blob(m: CacheManifest, batch: dict[str, Any]) -> np.ndarray:
-    codec = _codec()
+def _sample_blob(m: CacheManifest, batch: dict[str, Any], first: int) -> np.ndarray:
+    codec = _codec(m)
     ids, counts = _valid_rows(batch, schema.SAMPLE_IDS), _valid_rows(batch, schema.SAMPLE_COUNTS)
-    return _blobs([codec.encode_sampled(i.astype(np.int64), c.astype(np.int32), m.targets.num_samples, m.vocab_size)
-                   for i, c in zip(ids, counts, strict=True)])
+    return _blobs([codec.encode_sampled(i.astype(np.int64), c.astype(np.int32), m.targets.num_samples, m.vocab_size,
+                                        **_seq(m, first + row))
+                   for row, (i, c) in enumerate(zip(ids, counts, strict=True))])
 
 
-def _offsets_blob(m: CacheManifest, batch: dict[str, Any]) -> np.ndarray:
-    codec = _codec()
-    return _blobs([codec.encode_offsets(o) for o in _valid_rows(batch, schema.OFFSETS)])
+def _offsets_blob(m: CacheManifest, batch: dict[str, Any], first: int) -> np.ndarray:
+    codec = _codec(m)
+    return _blobs([codec.encode_offsets(o, **_seq(m, first + row))
+                   for row, o in enumerate(_valid_rows(batch, schema.OFFSETS))])
 
 
-def _sample_ids(m: CacheManifest, batch: dict[str, Any]) -> np.ndarray:
+def _sample_ids(m: CacheManifest, batch: dict[str, Any], first: int) -> np.ndarray:
     counts = np.asarray(batch[schema.SAMPLE_COUNTS])
     return np.where(counts > 0, np.asarray(batch[schema.SAMPLE_IDS]), 0)  # unsigned on disk: count 0 marks padding
 
 
 # Stored datasets that are not a plain dtype cast of the field of the same name.
 _ENCODERS = {
-    schema.TEXT: lambda m, batch: encode_text(list(batch[schema.TEXT])),
+    schema.TEXT: lambda m, batch, first: encode_text(list(batch[schema.TEXT])),
     schema.TOPK_BLOB: _topk_blob,
     schema.SAMPLE_BLOB: _sample_blob,
     schema.OFFSETS_BLOB: _offsets_blob,
@@ -103,13 +119,14 @@ _ENCODERS = {
 }
 
 
-def encode_batch(m: CacheManifest, batch: dict[str, Any]) -> dict[str, Any]:
-    """Fields of n windows -> every stored dataset of this cache's layout (on-disk dtypes), leading dimension n."""
+def encode_batch(m: CacheManifest, batch: dict[str, Any], first_sequence: int) -> dict[str, Any]:
+    """Fields of n windows -> every stored dataset of this cache's layout (on-disk dtypes), leading dimension n.
+    Window i is global sequence `first_sequence + i` (format 3 blobs are bound to it)."""
     out = {}
     for spec in schema.datasets_for(m):
         encoder = _ENCODERS.get(spec.name)
         if encoder is not None:
-            out[spec.name] = encoder(m, batch)
+            out[spec.name] = encoder(m, batch, first_sequence)
         elif spec.name not in batch:
             raise KeyError(f"batch lacks field {spec.name!r} of the {m.targets.kind}/{m.targets.encoding} layout")
         else:
@@ -127,26 +144,26 @@ def sampled_targets(ids: np.ndarray, counts: np.ndarray, num_samples: int) -> Ta
                    tail=np.full(counts.shape[0], -np.inf, dtype=np.float32), counts=counts)
 
 
-def decode_targets(m: CacheManifest, raw: dict[str, Any], n: int) -> Targets:
-    """One sequence's stored target datasets (per-token ones trimmed to its n valid positions) -> `Targets`.
-    A damaged blob raises whatever the codec raises; callers name the shard and sequence."""
+def decode_targets(m: CacheManifest, raw: dict[str, Any], n: int, sequence: int) -> Targets:
+    """Global sequence `sequence`'s stored target datasets (per-token ones trimmed to its n valid positions) ->
+    `Targets`. A damaged blob, or another row's, raises CodecError; callers name the shard and sequence."""
     kind, encoding, V = m.targets.kind, m.targets.encoding, m.vocab_size
     if kind == "topk":
         tail = np.asarray(raw[schema.TAIL_LOGPROB], dtype=np.float32)
         if encoding == "fp16":
             return Targets(raw[schema.TOPK_IDS].astype(np.int64), raw[schema.TOPK_LOGPROBS].astype(np.float32), tail)
-        ids, logprobs = _codec().decode_topk(raw[schema.TOPK_BLOB], n, m.targets.top_k, V)
+        ids, logprobs = _codec(m).decode_topk(raw[schema.TOPK_BLOB], n, m.targets.top_k, V, **_seq(m, sequence))
         return Targets(np.asarray(ids, dtype=np.int64), np.asarray(logprobs, dtype=np.float32), tail)
     N = m.targets.num_samples
     if encoding == "fp16":
         return sampled_targets(raw[schema.SAMPLE_IDS], raw[schema.SAMPLE_COUNTS], N)
-    ids, counts = _codec().decode_sampled(raw[schema.SAMPLE_BLOB], n, N, V)
+    ids, counts = _codec(m).decode_sampled(raw[schema.SAMPLE_BLOB], n, N, V, **_seq(m, sequence))
     return sampled_targets(np.asarray(ids), np.asarray(counts), N)
 
 
-def decode_offsets(m: CacheManifest, raw: dict[str, Any], n: int) -> np.ndarray:
-    """One sequence's stored offsets (the array trimmed to its n valid positions, or the compact blob) -> int32
-    [n, 2] C-contiguous: the same array for both encodings of one build. A damaged blob raises CodecError."""
+def decode_offsets(m: CacheManifest, raw: dict[str, Any], n: int, sequence: int) -> np.ndarray:
+    """Global sequence `sequence`'s stored offsets (the array trimmed to its n valid positions, or the compact blob)
+    -> int32 [n, 2] C-contiguous: the same array for both encodings of one build. A damaged blob raises CodecError."""
     if m.targets.encoding == "compact":
-        return _codec().decode_offsets(raw[schema.OFFSETS_BLOB], n)
+        return _codec(m).decode_offsets(raw[schema.OFFSETS_BLOB], n, **_seq(m, sequence))
     return np.ascontiguousarray(raw[schema.OFFSETS], dtype=schema.OFFSET_DTYPE)

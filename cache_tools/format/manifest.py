@@ -20,8 +20,8 @@ from typing import Any
 from cache_tools.format.errors import CacheError
 from cache_tools.format.fsutil import atomic_write_text
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1 caches (top-k, fp16) are read through `_upgrade_v1`
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # version 1 caches (top-k, fp16) are read through `_upgrade_v1`
 MANIFEST_NAME = "manifest.json"
 
 TARGET_KINDS = ("topk", "sampled")

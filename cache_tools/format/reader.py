@@ -121,8 +121,8 @@ class TeacherCacheReader:
         try:
             raw = shard_io.read_row(self._file(pos), self.manifest, row)
             n = int(raw[schema.VALID_LENGTH])
-            targets = encodings.decode_targets(self.manifest, raw, n)
-            offsets = encodings.decode_offsets(self.manifest, raw, n)
+            targets = encodings.decode_targets(self.manifest, raw, n, int(index))
+            offsets = encodings.decode_offsets(self.manifest, raw, n, int(index))
         except (OSError, ValueError, KeyError) as err:  # truncated file, damaged blob, dataset missing
             raise CacheError(f"{self.cache_dir / shard_file}: sequence {index} (row {row}) unreadable ({err}); run "
                              "`cache_tools verify` and rebuild that shard") from err

@@ -52,7 +52,7 @@ class ShardWriter:
         n = len(batch[schema.VALID_LENGTH])
         if self.count + n > self.capacity:
             raise ValueError(f"shard {self.index}: {self.count} + {n} windows exceed capacity {self.capacity}")
-        stored = encodings.encode_batch(self.manifest, batch)
+        stored = encodings.encode_batch(self.manifest, batch, self.first_sequence + self.count)
         lo, hi = self.count, self.count + n
         for spec in self.specs:
             if spec.is_vlen(self.manifest):

@@ -83,23 +83,24 @@ class _Block:
     offsets: list[np.ndarray]
 
 
-def _read_block(f: h5py.File, lo: int, hi: int, m: schema.CacheManifest) -> _Block | str:
+def _read_block(f: h5py.File, lo: int, hi: int, m: schema.CacheManifest, first: int) -> _Block | str:
     raw, decoded, offsets = [], [], []
     for row in range(lo, hi):
+        sequence = first + row  # the manifest's global index: format 3 blobs are bound to it
         n = int(f[schema.VALID_LENGTH][row])
         if not 1 <= n <= m.max_length:  # checked first: every per-token read and decode is cut at n
             return f"valid_length outside 1..{m.max_length}"
         try:
             values = shard_io.read_row(f, m, row)
-            decoded.append(encodings.decode_targets(m, values, n))
+            decoded.append(encodings.decode_targets(m, values, n, sequence))
         except UnicodeDecodeError:
             return f"row {row}: text is not valid UTF-8"
         except (ValueError, KeyError, IndexError) as err:  # codec.CodecError is a ValueError
-            return f"row {row}: targets not decodable ({err})"
+            return f"row {row} (sequence {sequence}): targets not decodable ({err})"
         try:
-            offsets.append(encodings.decode_offsets(m, values, n))
+            offsets.append(encodings.decode_offsets(m, values, n, sequence))
         except (ValueError, KeyError) as err:
-            return f"row {row}: token offsets not decodable ({err})"
+            return f"row {row} (sequence {sequence}): token offsets not decodable ({err})"
         raw.append(values)
     counts = None if decoded[0].counts is None else np.concatenate([t.counts for t in decoded])
     joined = [np.concatenate([getattr(t, name) for t in decoded]) for name in ("ids", "logprobs", "tail")]
@@ -137,9 +138,10 @@ CHECKS: dict[str, Callable[[schema.CacheManifest, _Block], str | None]] = {
 }
 
 
-def _check_rows(f: h5py.File, lo: int, hi: int, m: schema.CacheManifest) -> str | None:
-    """Content checks on rows [lo, hi) of one shard, as the table declares them; returns the first fault or None."""
-    block = _read_block(f, lo, hi, m)
+def _check_rows(f: h5py.File, lo: int, hi: int, m: schema.CacheManifest, first: int) -> str | None:
+    """Content checks on rows [lo, hi) of one shard (whose row 0 is global sequence `first`), as the table declares
+    them; returns the first fault or None."""
+    block = _read_block(f, lo, hi, m, first)
     if isinstance(block, str):
         return block
     names = dict.fromkeys(check for spec in schema.datasets_for(m) for check in spec.checks)
@@ -170,7 +172,7 @@ def verify_shard(cache_dir: Path, m: schema.CacheManifest, shard: schema.ShardIn
                 faults.append(f"{shard.file}: token count disagrees with the manifest")
             for lo in range(0, shard.num_sequences, _ROWS_PER_READ):
                 hi = min(shard.num_sequences, lo + _ROWS_PER_READ)
-                fault = _check_rows(f, lo, hi, m)
+                fault = _check_rows(f, lo, hi, m, shard.first_sequence)
                 if fault:
                     first = shard.first_sequence
                     faults.append(f"{shard.file}: sequences {first + lo}..{first + hi - 1}: {fault}")
