@@ -7,7 +7,9 @@ or on plain token windows (`evaluate_windows`: loss and argmax predictions, what
 parent may hold the run's `distill_config.yaml`). Given a run, the KD settings (kind, temperature, JSD beta, tail) and
 the default cache (the run's --eval_cache) come from its `distill_config.yaml`, so the numbers match
 the trainer's `eval_*` metrics; `--kd_kind` / `--temperature` override them. Runs without autocast, in the student's
-own dtype (logits in fp32 inside the fused loss), so an fp16 student is measured as it will run. Prints one JSON object.
+own dtype (logits in fp32 inside the fused loss), so an fp16 student is measured as it will run. Prints a table
+(`--json`: one JSON object). A student with another tokenizer than the cache's is evaluated through the
+cross-tokenizer path (its precomputed store when `python -m distill.prepare_xtok` made one), as in training.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cache_tools.format.errors import ConfigError, run_cli
 from cache_tools.format.schema import DTYPE_NAMES
+
+if TYPE_CHECKING:  # torch is imported where it is used, so `--help` answers at once
+    import torch
 
 PROG = "python -m distill.evaluate"
 
@@ -34,7 +37,6 @@ class _LocalReduce:
         return tensor
 
 
-@torch.no_grad()
 def evaluate_student(
     student: Any,
     tokenizer: Any,
@@ -46,10 +48,20 @@ def evaluate_student(
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
     """Metrics of `student` (any dtype; left in it) on every sequence of `cache_dir` (or the first max_sequences).
-    Returns {"ce", "perplexity", "kd", "top1_agreement", "teacher_mass_covered", "loss", "sequences"}."""
+    Returns {"ce", "perplexity", "kd", "top1_agreement", "teacher_mass_covered", "loss", "sequences"}, and for a
+    cross-tokenizer student "xtok_aligned_fraction" and "xtok_mapped_mass_fraction"."""
+    import torch
+
+    with torch.no_grad():
+        return _evaluate_student(student, tokenizer, cache_dir, batch_size, max_sequences, kd_config, device)
+
+
+def _evaluate_student(student: Any, tokenizer: Any, cache_dir: str | Path, batch_size: int,
+                      max_sequences: int | None, kd_config: Any, device: Any) -> dict[str, float]:
+    import torch
     from torch.utils.data import DataLoader
 
-    from distill.data.dataset import DistillCollator, build_cache_data
+    from distill.data.dataset import XTOK_STATS, DistillCollator, build_cache_data
     from distill.losses import KDConfig
     from distill.training.metrics import MetricAccumulator
     from distill.training.modeling import DistillModel, head_rows, kd_config_for_caches
@@ -64,19 +76,58 @@ def evaluate_student(
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=DistillCollator(pad))
     sums = MetricAccumulator()
     weights = {"ce": 1.0, "kd": 1.0}
+    xtok = torch.zeros(4, dtype=torch.float64)
     for batch in loader:
+        stats = batch.pop(XTOK_STATS, None)  # cross-tokenizer coverage sums: reported, not a model input
+        if stats is not None:
+            xtok += stats.sum(0)
         batch = {k: v.to(device) for k, v in batch.items()}
         sums.add_eval(model(**batch, loss_weights=weights))
     metrics = sums.eval_summary(_LocalReduce(), weights)
     metrics["sequences"] = float(len(dataset))
+    if float(xtok[0]) > 0:  # [student tokens, aligned, teacher mass, mapped mass]
+        metrics["xtok_aligned_fraction"] = float(xtok[1] / xtok[0])
+        metrics["xtok_mapped_mass_fraction"] = float(xtok[3] / xtok[2]) if float(xtok[2]) > 0 else 0.0
     return metrics
 
 
-@torch.no_grad()
+_ROWS = (  # (key, label, format) of the table, in reading order
+    ("loss", "loss (weighted CE + KD)", "{:.4f}"),
+    ("ce", "cross-entropy (nats/token)", "{:.4f}"),
+    ("perplexity", "perplexity", "{:.3f}"),
+    ("kd", "KD divergence", "{:.4f}"),
+    ("top1_agreement", "top-1 agreement with the teacher", "{:.2%}"),
+    ("teacher_mass_covered", "teacher mass the student's top-k covers", "{:.2%}"),
+    ("xtok_aligned_fraction", "student tokens aligned to teacher positions", "{:.2%}"),
+    ("xtok_mapped_mass_fraction", "teacher mass mapped to student ids", "{:.2%}"),
+    ("sequences", "sequences", "{:.0f}"),
+    ("kd_kind", "KD kind", "{}"),
+    ("temperature", "temperature", "{}"),
+)
+
+
+def format_table(metrics: dict[str, Any], title: str) -> str:
+    """The metrics as an aligned two-column text table (known rows first, then any others)."""
+    rows = [(label, fmt.format(metrics[key])) for key, label, fmt in _ROWS if key in metrics]
+    known = {key for key, _, _ in _ROWS}
+    rows += [(key, str(value)) for key, value in sorted(metrics.items()) if key not in known]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join([title, *(f"  {label:<{width}}  {value}" for label, value in rows)])
+
+
 def evaluate_windows(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8) -> tuple[float, torch.Tensor]:
     """(mean next-token CE in nats/token, argmax predictions [W, L-1]) of a causal LM on full windows [W, L] of its
     own token ids, computed from fp32 logits. Models of different tokenizers are compared on their own windows; the
     argmax lets a caller measure top-1 agreement between models that read the same windows."""
+    import torch
+
+    with torch.no_grad():
+        return _evaluate_windows(model, windows, batch_size)
+
+
+def _evaluate_windows(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> tuple[float, torch.Tensor]:
+    import torch
+
     was_training = model.training
     model.eval()
     total_nll, total_tokens, preds = 0.0, 0, []
@@ -132,11 +183,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_sequences", type=int, default=None)
     parser.add_argument("--kd_kind", default=None, help="override the run's KD divergence")
     parser.add_argument("--temperature", type=float, default=None, help="override the run's KD temperature")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return parser
 
 
 def _main(args: argparse.Namespace) -> int:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir, run = run_settings(Path(args.student))
@@ -151,14 +204,17 @@ def _main(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, DTYPE_NAMES[args.dtype]))
     metrics = evaluate_student(student, tokenizer, cache, batch_size=args.batch_size,
-                               max_sequences=args.max_sequences, kd_config=kd_config, device=args.device)
+                               max_sequences=args.max_sequences, kd_config=kd_config,
+                               device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     metrics["kd_kind"], metrics["temperature"] = kd_config.kind, kd_config.temperature
-    print(json.dumps(metrics, sort_keys=True))
+    if args.json:
+        print(json.dumps(metrics, sort_keys=True))
+    else:
+        print(format_table(metrics, f"{model_dir} on {cache}:"))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     return run_cli(PROG, lambda: _main(args))
 

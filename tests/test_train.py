@@ -261,12 +261,12 @@ def test_evaluate_cli_uses_the_runs_kd_settings(tmp_path, student_dir, cache_dir
                       "reverse_kl", "--temperature", 2.0, "--eval_strategy", "steps", "--eval_steps", 2,
                       "--save_strategy", "steps", "--save_steps", 2)) == 0
     capsys.readouterr()
-    assert evaluate.main(["--student", str(out), "--batch_size", "5"]) == 0
+    assert evaluate.main(["--student", str(out), "--batch_size", "5", "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["kd_kind"] == "reverse_kl" and metrics["temperature"] == 2.0 and metrics["sequences"] == 32
     from_trainer = [h for h in built_history(out) if "eval_kd" in h][-1]
     assert metrics["kd"] == pytest.approx(from_trainer["eval_kd"], rel=1e-5)
-    assert evaluate.main(["--student", str(out / "student"), "--temperature", "1"]) == 0  # parent holds the config
+    assert evaluate.main(["--student", str(out / "student"), "--temperature", "1", "--json"]) == 0  # parent: config
     assert json.loads(capsys.readouterr().out)["kd"] != pytest.approx(metrics["kd"], rel=1e-3)
     assert evaluate.main(["--student", str(tmp_path / "nowhere"), "--cache", str(cache_dir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -256,7 +256,7 @@ def open_store(cache_dir: str | os.PathLike, manifest: schema.CacheManifest, met
     one-line hint to build it."""
     path = store_path(cache_dir, meta)
     if not path.is_dir():
-        log.info("cross-tokenizer targets are computed on the fly (~20 ms of CPU per window); precompute them once "
+        log.warning("cross-tokenizer targets are computed on the fly (~20 ms of CPU per window); precompute them once "
                  "with `%s`", hint)
         return None
     store = TargetStore(path, meta, manifest, check)
