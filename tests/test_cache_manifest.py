@@ -122,6 +122,8 @@ def test_v2_cache_refused_by_v1_reader_with_version_error(tmp_path, tokenizer, c
     old = _v1_reader_module(tmp_path)
     with pytest.raises(old.CacheError) as info:
         old.load_manifest(cache)
-    assert "format version 2, this tool reads 1" in str(info.value) and "\n" not in str(info.value)
+    message = str(info.value)
+    assert f"format version {schema.FORMAT_VERSION}, this tool reads 1" in message and "\n" not in message
     attrs = __import__("cache_tools.format.shard_io", fromlist=["read_attrs"]).read_attrs(cache / schema.shard_name(0))
-    assert attrs[schema.ATTR_FORMAT_VERSION] == 2 and attrs[schema.ATTR_TARGET_KIND] == "topk"
+    assert attrs[schema.ATTR_FORMAT_VERSION] == schema.FORMAT_VERSION
+    assert attrs[schema.ATTR_TARGET_KIND] == "topk"

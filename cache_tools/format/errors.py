@@ -30,6 +30,10 @@ class CacheError(UserError):
     """A problem with a cache directory or its contents. The message is one line naming the file and the fix."""
 
 
+class CacheMismatchError(CacheError):
+    """Caches used together (several teachers) that do not cover the same windows; names both caches."""
+
+
 class CodecError(UserError, ValueError):
     """A blob that cannot be decoded (truncated, corrupt, or not what the caller said it holds)."""
 

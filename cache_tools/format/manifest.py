@@ -43,6 +43,9 @@ class ShardInfo:
     num_tokens: int
     bytes: int
     sha256: str
+    # sha256 of what the windows are (ids, valid lengths, text; `cache_tools.format.windows`), so caches of several
+    # teachers can be checked to cover the same windows without reading targets. "" before version 3.
+    windows_digest: str = ""
 
 
 @dataclass
@@ -235,7 +238,8 @@ def _upgrade_v1(data: dict[str, Any], where: str) -> dict[str, Any]:
     return data
 
 
-_OPTIONAL_KEYS = ("build_id", "rows")  # added within version 2; absent from caches written before
+# Added within version 2 (build_id, rows) or in version 3 (windows_digest); absent from caches written before.
+_OPTIONAL_KEYS = ("build_id", "rows", "windows_digest")
 
 
 class _Bad(Exception):

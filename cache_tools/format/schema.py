@@ -4,11 +4,12 @@ dtype, chunking, compression, which target kinds/encodings store it, what `verif
 manifest (typed, in `cache_tools.format.manifest`, re-exported here) and the format version. Writer, reader, verifier,
 inspector and test fixtures derive from `DATASETS`; change the layout only together with `FORMAT_VERSION`.
 
-Layout of a cache directory (format version 2)::
+Layout of a cache directory (format version 3)::
 
     DIR/manifest.json          written last, atomically; ``complete`` is true only when every shard is present
     DIR/shard-00000.h5         shards hold contiguous runs of global sequence indices
-    DIR/shard-00000.json       per-shard sidecar (a `ShardInfo`): counts + sha256, written after the shard is renamed
+    DIR/shard-00000.json       per-shard sidecar (a `ShardInfo`): counts, sha256 and windows digest, written after the
+                               shard is renamed
     DIR/tokenizer/             the teacher tokenizer (`save_pretrained`), so the cache is self-contained
     DIR/vocab_maps/            cross-tokenizer vocabulary maps, one per (teacher, student) tokenizer pair
     DIR/*.tmp                  partial files of an interrupted build; never read, removed by ``--resume``

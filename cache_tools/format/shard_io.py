@@ -18,6 +18,7 @@ import numpy as np
 
 from cache_tools.format import encodings, schema
 from cache_tools.format.faults import fault_point
+from cache_tools.format.windows import WindowDigest
 
 
 class ShardWriter:
@@ -35,6 +36,7 @@ class ShardWriter:
         self.tmp_path = self.final_path.with_name(self.final_path.name + schema.TMP_SUFFIX)
         self.count = 0
         self.num_tokens = 0
+        self.digest = WindowDigest()
         self.specs = schema.datasets_for(manifest)
         comp = None if manifest.compression == "none" else manifest.compression
         self._file = h5py.File(self.tmp_path, "w")
@@ -53,6 +55,7 @@ class ShardWriter:
         if self.count + n > self.capacity:
             raise ValueError(f"shard {self.index}: {self.count} + {n} windows exceed capacity {self.capacity}")
         stored = encodings.encode_batch(self.manifest, batch, self.first_sequence + self.count)
+        self.digest.update(batch[schema.INPUT_IDS], batch[schema.VALID_LENGTH], batch[schema.TEXT])
         lo, hi = self.count, self.count + n
         for spec in self.specs:
             if spec.is_vlen(self.manifest):
@@ -90,6 +93,7 @@ class ShardWriter:
             num_tokens=self.num_tokens,
             bytes=self.final_path.stat().st_size,
             sha256=schema.file_sha256(self.final_path),
+            windows_digest=self.digest.hexdigest(),
         )
         write_sidecar(self.cache_dir, info, self.manifest.build_id)
         fault_point("shard.sidecar")

@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 
 from cache_tools.format import encodings, schema, shard_io
+from cache_tools.format.windows import compute_shard_digest
 
 _ROWS_PER_READ = 64  # sequences checked at a time, so memory stays bounded on big shards
 
@@ -170,6 +171,8 @@ def verify_shard(cache_dir: Path, m: schema.CacheManifest, shard: schema.ShardIn
                 return faults
             if int(f[schema.VALID_LENGTH][:].sum()) != shard.num_tokens:
                 faults.append(f"{shard.file}: token count disagrees with the manifest")
+            if shard.windows_digest and compute_shard_digest(path) != shard.windows_digest:
+                faults.append(f"{shard.file}: windows digest disagrees with the manifest")
             for lo in range(0, shard.num_sequences, _ROWS_PER_READ):
                 hi = min(shard.num_sequences, lo + _ROWS_PER_READ)
                 fault = _check_rows(f, lo, hi, m, shard.first_sequence)

@@ -30,7 +30,7 @@ import torch
 
 from distill.losses.buckets import kd_slots
 from distill.losses.config import IGNORE_INDEX, KDConfig
-from distill.losses.kernel import FusedCEKD
+from distill.losses.kernel import FusedCEKD, TeacherRows
 
 __all__ = ["CEKDOutput", "fused_ce_kd_loss", "prepare"]
 
@@ -150,10 +150,8 @@ def fused_ce_kd_loss(
     # The kernel builds its logits in fp32 on purpose: under native AMP (fp16/bf16 autocast, e.g. the P100 recipe)
     # the matmul would otherwise come back in half precision.
     with torch.autocast(hidden.device.type, enabled=False):
-        loss, stats = FusedCEKD.apply(
-            *(hidden, weight, x.labels, x.topk_ids, topk_logprobs, tail_logprob, x.kd_row),
-            loss_scale(ce_weight, ce_denominator, x.n_ce, hidden.device),
-            loss_scale(kd_weight, kd_denominator, x.n_kd, hidden.device),
-            x.config,
-        )
+        teacher = TeacherRows(x.topk_ids, topk_logprobs, tail_logprob, x.kd_row,
+                              loss_scale(kd_weight, kd_denominator, x.n_kd, hidden.device))
+        loss, stats = FusedCEKD.apply(hidden, weight, x.labels, loss_scale(ce_weight, ce_denominator, x.n_ce,
+                                                                           hidden.device), (teacher,), x.config)
     return cekd_output(loss, stats, x.n_ce, x.n_kd)
