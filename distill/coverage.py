@@ -21,6 +21,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-sequences", "--max_sequences", type=int, default=200,
                         help="windows sampled evenly over the cache")
     parser.add_argument("--xtok-rule", "--xtok_rule", default="first_token", choices=["first_token", "tail"])
+    parser.add_argument("--student-chat-template", "--student_chat_template", default=None,
+                        help="conversational caches: the student's chat template FILE (default: its tokenizer's)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         from distill.data.xtok.coverage import coverage_report, format_coverage
 
         student = AutoTokenizer.from_pretrained(args.student_tokenizer)
-        report = coverage_report(args.cache_dir, student, max_sequences=args.max_sequences, rule=args.xtok_rule)
+        report = coverage_report(args.cache_dir, student, max_sequences=args.max_sequences, rule=args.xtok_rule,
+                                 chat_template=args.student_chat_template)
         print(json.dumps(report, indent=2, sort_keys=True, default=str) if args.json else format_coverage(report))
         return 0
 

@@ -25,6 +25,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--xtok-rule", "--xtok_rule", default="first_token", choices=["first_token", "tail"])
     p.add_argument("--max-length", "--max_length", type=int, default=None,
                    help="student tokens kept per window (default: the cache's window length; 0 keeps all)")
+    p.add_argument("--student-chat-template", "--student_chat_template", default=None,
+                   help="conversational caches: the student's chat template FILE (the training run's)")
+    p.add_argument("--assistant-only-loss", "--assistant_only_loss", default=None, choices=["true", "false"],
+                   help="as the training run (default: true on conversational caches)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes computing windows")
     p.add_argument("--overwrite", action="store_true", help="recompute shards that are already valid")
     return p
@@ -41,12 +45,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         from cache_tools.format.reader import TeacherCacheReader
+        from distill.data.chat import resolve_assistant_only
+        from distill.data.packing import ISOLATED, cache_packing
         from distill.data.xtok.pipeline import CrossTokenizerTargets
         from distill.data.xtok.prepare import prepare_store
 
         reader = TeacherCacheReader(args.cache_dir)
+        requested = None if args.assistant_only_loss is None else args.assistant_only_loss == "true"
+        assistant_only = resolve_assistant_only(requested, [(args.cache_dir, reader.manifest)])
         builder = CrossTokenizerTargets(reader, None, args.student_tokenizer, rule=args.xtok_rule,
-                                        max_length=args.max_length, use_store=False)
+                                        max_length=args.max_length, use_store=False,
+                                        isolated=cache_packing(reader.manifest) == ISOLATED,
+                                        assistant_only=assistant_only, chat_template=args.student_chat_template)
         done = prepare_store(builder, reader, workers=args.workers, overwrite=args.overwrite)
         per = 1e3 * done["seconds"] / done["windows"] if done["windows"] else 0.0
         print(f"{done['path']}: {done['shards_written']} shards written ({done['windows']} windows, "

@@ -10,17 +10,21 @@ from typing import Any
 import numpy as np
 
 from cache_tools.format.reader import TeacherCacheReader
+from distill.data.chat import is_conversational
 from distill.data.xtok.pipeline import CrossTokenizerTargets, aggregate_stats
 from distill.data.xtok.token_bytes import tokenizer_label
 
 
 def coverage_report(cache_dir: str | os.PathLike, student_tokenizer: Any, max_sequences: int = 200,
-                    rule: str = "first_token", teacher_tokenizer: Any = None) -> dict[str, Any]:
+                    rule: str = "first_token", teacher_tokenizer: Any = None,
+                  chat_template: str | None = None) -> dict[str, Any]:
     """Run the cross-tokenizer pipeline over the first `max_sequences` windows (evenly spread over the cache when it
     holds more) and summarise. `student_tokenizer`: object or path/hub id."""
     reader = TeacherCacheReader(cache_dir)
     try:
-        builder = CrossTokenizerTargets(reader, teacher_tokenizer, student_tokenizer, rule=rule)
+        builder = CrossTokenizerTargets(reader, teacher_tokenizer, student_tokenizer, rule=rule,
+                                        assistant_only=is_conversational(reader.manifest),
+                                        chat_template=chat_template, use_store=False)
         count = min(len(reader), max_sequences)
         picks = np.unique(np.linspace(0, len(reader) - 1, count).round().astype(np.int64)) if count else []
         stats = [builder(reader[int(i)])["stats"] for i in picks]
@@ -43,6 +47,8 @@ def coverage_report(cache_dir: str | os.PathLike, student_tokenizer: Any, max_se
         "mapped_mass_fraction": totals["mapped_mass_fraction"],
         "exact_mass_fraction": totals["exact_mass_fraction"],
         "skipped_windows": int(totals["skipped"]),
+        "assistant_tokens": int(totals["assistant_tokens"]),
+        "assistant_aligned_fraction": totals["assistant_aligned_fraction"],
         "teacher_vocab": teacher_size,
         "student_vocab": student_size,
         "exact_teacher_tokens": int(vmap.exact[:teacher_size].sum()),
@@ -70,6 +76,10 @@ def format_coverage(report: dict[str, Any]) -> str:
         f"tokens ({pct(report['exact_student_tokens'] / sv if sv else 0.0)})",
         f"  mapped by the rule  {report['mapped_teacher_tokens']}/{tv} teacher tokens",
     ]
+    if report.get("assistant_tokens"):
+        lines.insert(2, f"  assistant tokens    {pct(report['assistant_aligned_fraction'])} of "
+                        f"{report['assistant_tokens']} aligned (KD on content both models consumed; template markup "
+                        "gets none)")
     if report["skipped_windows"]:
         lines.append(f"  WARNING: {report['skipped_windows']} windows skipped: cached tokens do not reproduce the "
                      "cached text")

@@ -17,6 +17,7 @@ import numpy as np
 from cache_tools.format import schema
 from cache_tools.format.errors import TokenizerError
 from cache_tools.format.reader import CachedSequence, TeacherCacheReader
+from distill.data.chat import is_conversational
 from distill.data.validation import SequenceValidator, check_mapped
 from distill.data.xtok.align import (
     align,
@@ -120,6 +121,14 @@ class CrossTokenizerTargets:
             log.warning("student tokenizer %s lacks the teacher's special tokens %s: their text is tokenised as "
                         "ordinary text and their probability goes to the tail", tokenizer_label(self.student_tok),
                         missing[:8])
+        self.renderer = None
+        if is_conversational(manifest):
+            # The student re-renders each conversation with its own template; the markup it adds (a default system
+            # turn, other headers) would push assistant content past a cut at the teacher's window length.
+            from distill.data.xtok.chat import StudentRenderer, load_template
+
+            self.renderer = StudentRenderer(self.student_tok, load_template(chat_template, self.student_tok))
+            max_length = 0 if max_length is None else max_length
         if max_length is None:
             max_length = manifest.max_length
         self.max_length = int(max_length) if max_length else None
@@ -135,13 +144,16 @@ class CrossTokenizerTargets:
         self.assistant_only = assistant_only
         self.chat_template = chat_template
         self.store_meta = store_key(self.teacher_hash, self.student_hash, rule, self.max_length, self.top_k,
-                                    isolated=isolated, assistant_only=assistant_only)
+                                    isolated=isolated, assistant_only=assistant_only,
+                                    chat_template=self.renderer.template if self.renderer is not None else "")
         self.store: TargetStore | None = None
         if use_store and cache_dir is not None:
             spec = student_tokenizer if isinstance(student_tokenizer, (str, os.PathLike)) else tokenizer_label(
                 self.student_tok)
             hint = (f"python -m distill.prepare_xtok {cache_dir} --student-tokenizer {spec} --xtok-rule {rule} "
-                    f"--max-length {self.max_length or 0}")
+                    f"--max-length {self.max_length or 0}"
+                    + (f" --student-chat-template {chat_template}" if chat_template else "")
+                    + ("" if assistant_only or self.renderer is None else " --assistant-only-loss false"))
             self.store = open_store(cache_dir, manifest, self.store_meta, self._check_stored, hint)
 
     def fetch(self, reader: TeacherCacheReader, index: int) -> dict[str, Any]:
@@ -166,6 +178,14 @@ class CrossTokenizerTargets:
     def __call__(self, seq: CachedSequence) -> dict[str, Any]:
         if self._validator is not None:
             self._validator(seq)
+        if self.renderer is not None and getattr(seq, "conversation", None) is not None:
+            from distill.data.xtok.chat_targets import chat_example
+
+            out = chat_example(self, seq)
+            problem = check_mapped(out, self._student_rows) if self._validator is not None else None
+            if problem:
+                self._validator.fail(seq.index, problem)
+            return out
         text = seq.text
         text_bytes = text.encode("utf-8")
         c2b = char_to_byte_table(text)
@@ -213,6 +233,7 @@ class CrossTokenizerTargets:
                                                      teacher_pos[teacher_pos >= 0], -1)
         if label_mask is not None:
             teacher_pos[~label_mask] = -1
+            stats["assistant_tokens"] = int(label_mask.sum())
         aligned = np.flatnonzero(teacher_pos >= 0)
         rows = teacher_pos[aligned]
         mapped = self._mapper(seq.topk_ids[rows], seq.topk_logprobs[rows], seq.tail_logprob[rows])
@@ -221,7 +242,8 @@ class CrossTokenizerTargets:
         out["tail_logprob"][aligned] = mapped.tail
         out["kd_mask"][aligned] = True
         stats.update(aligned=int(aligned.shape[0]), teacher_mass=mapped.teacher_mass,
-                     mapped_mass=mapped.mapped_mass, exact_mass=mapped.exact_mass)
+                     mapped_mass=mapped.mapped_mass, exact_mass=mapped.exact_mass,
+                     assistant_aligned=int(aligned.shape[0]) if label_mask is not None else 0)
         if self._validator is not None:
             problem = check_mapped(out, self._student_rows)
             if problem:
@@ -241,4 +263,6 @@ def aggregate_stats(stats: list[dict[str, float]]) -> dict[str, float]:
     total["aligned_fraction"] = total["aligned"] / total["student_tokens"] if total["student_tokens"] else 0.0
     total["mapped_mass_fraction"] = total["mapped_mass"] / total["teacher_mass"] if total["teacher_mass"] else 0.0
     total["exact_mass_fraction"] = total["exact_mass"] / total["teacher_mass"] if total["teacher_mass"] else 0.0
+    total["assistant_aligned_fraction"] = (total["assistant_aligned"] / total["assistant_tokens"]
+                                           if total["assistant_tokens"] else 0.0)
     return total

@@ -37,12 +37,14 @@ log = logging.getLogger(__name__)
 
 STORE_DIR = "xtok"
 STORE_FORMAT = 3
-STAT_KEYS = ("student_tokens", "aligned", "teacher_mass", "mapped_mass", "exact_mass", "skipped", "truncated")
-COUNT_KEYS = ("student_tokens", "aligned", "skipped", "truncated")
+STAT_KEYS = ("student_tokens", "aligned", "teacher_mass", "mapped_mass", "exact_mass", "skipped", "truncated",
+             "assistant_tokens", "assistant_aligned")
+COUNT_KEYS = ("student_tokens", "aligned", "skipped", "truncated", "assistant_tokens", "assistant_aligned")
 MASS_KEYS = ("teacher_mass", "mapped_mass", "exact_mass")
 ARRAYS = ("input_ids", "kd_mask", "topk_ids", "topk_logprobs", "tail_logprob", "counts", "masses", "pooled_hidden",
           "label_mask", "doc_lengths")
-_CODE = ("pipeline.py", "align.py", "topk_map.py", "vocab_map.py", "token_bytes.py", "store.py", "documents.py")
+_CODE = ("pipeline.py", "align.py", "topk_map.py", "vocab_map.py", "token_bytes.py", "store.py", "documents.py",
+         "chat.py", "chat_targets.py")
 
 
 def code_fingerprint() -> str:
@@ -59,11 +61,14 @@ def code_fingerprint() -> str:
 
 
 def store_key(teacher_hash: str, student_hash: str, rule: str, max_length: int | None, top_k: int, *,
-              isolated: bool = False, assistant_only: bool = False) -> dict[str, Any]:
-    """Everything the stored targets depend on, as a dict (written to `meta.json`); `key_name(meta)` names it."""
+              isolated: bool = False, assistant_only: bool = False, chat_template: str = "") -> dict[str, Any]:
+    """Everything the stored targets depend on, as a dict (written to `meta.json`); `key_name(meta)` names it.
+    `chat_template`: the student's template for conversational caches (its hash is kept)."""
     return {"format": STORE_FORMAT, "teacher_hash": teacher_hash, "student_hash": student_hash, "rule": rule,
             "max_length": int(max_length or 0), "top_k": int(top_k), "isolated": bool(isolated),
-            "assistant_only": bool(assistant_only), "code": code_fingerprint()}
+            "assistant_only": bool(assistant_only),
+            "chat_template": hashlib.sha256(chat_template.encode()).hexdigest()[:16] if chat_template else "",
+            "code": code_fingerprint()}
 
 
 def key_name(meta: dict[str, Any]) -> str:
