@@ -92,7 +92,6 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
         OneLinePrinterCallback,
         OneLineProgressCallback,
         ResolvedConfigCallback,
-        SkipNonFiniteCallback,
     )
     from distill.training.checkpoints import CheckpointCompleteCallback, guard_checkpoint_saves
     from distill.training.config import student_pool_layers
@@ -136,13 +135,14 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
         model=model, args=cfg.training, data_collator=DistillCollator(tokenizer.pad_token_id),
         train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer, loss_args=loss,
     )
-    from distill.training.precision import install_fp16
+    from distill.training.nonfinite import SkipStepCallback
+    from distill.training.precision import enable_cpu_fp16
 
-    install_fp16(trainer)  # --fp16 on CPU: real fp16 autocast + loss scaling, as on a GPU; skipped-step bookkeeping
+    enable_cpu_fp16(trainer)  # --fp16 on CPU: real fp16 autocast + loss scaling, as on a GPU
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(OneLinePrinterCallback() if cfg.training.disable_tqdm else OneLineProgressCallback())
-    trainer.add_callback(SkipNonFiniteCallback(trainer))
+    trainer.add_callback(SkipStepCallback(trainer, trainer.nonfinite))  # non-finite losses, fp16 overflows
     trainer.add_callback(ResolvedConfigCallback(cfg))
     trainer.add_callback(CheckpointCompleteCallback())  # marks each checkpoint once fully written (resume skips others)
     guard_checkpoint_saves(trainer)  # a full disk mid-save: one line naming the folder, the partial folder removed

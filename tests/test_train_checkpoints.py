@@ -114,3 +114,27 @@ def test_no_complete_checkpoint_is_a_one_line_error(tmp_path, student_dir, cache
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "checkpoint-2" in err[0]
     assert err[0].startswith("python -m distill.train: error: --resume_from_checkpoint true")
+
+
+def test_the_private_save_override_is_still_needed_and_reached(tmp_path, student_dir, cache_dir):
+    """`DistillTrainer._save` is a private override; this pins the transformers behaviour it relies on: every save
+    path calls `_save(output_dir, state_dict=...)`, and for a model that is no `PreTrainedModel` Trainer's own `_save`
+    writes the raw state dict with safetensors, which refuses the tied embeddings of this student."""
+    import inspect
+
+    from safetensors.torch import load_file
+    from transformers import Trainer
+
+    from distill.train import build_trainer
+    from distill.training.config import parse_config, validate
+
+    assert list(inspect.signature(Trainer._save).parameters) == ["self", "output_dir", "state_dict"]
+    assert "self._save(output_dir" in inspect.getsource(Trainer.save_model)
+    cfg = parse_config(_argv(student_dir, cache_dir, tmp_path / "o"))
+    validate(cfg)
+    trainer = build_trainer(cfg).trainer
+    with pytest.raises(RuntimeError, match="share memory"):
+        Trainer._save(trainer, str(tmp_path / "plain"))  # without the override: refused
+    trainer.save_model(str(tmp_path / "ours"))
+    saved = load_file(tmp_path / "ours" / "model.safetensors")
+    assert {"student.model.embed_tokens.weight", "student.lm_head.weight"} <= set(saved)

@@ -7,14 +7,14 @@ A divergence works on bucket distributions (the teacher's listed ids, then the t
   full-vocabulary distributions (B = V) it IS the plain full-logit KD.
 - `grad(log_p, log_q, config) -> [R, B]` (optional): d value / d s, s = the student's tempered bucket logits, used by
   the fused kernel; without it the kernel takes the gradient of `value` by autograd (tests check they agree).
-- `params`: its `KDConfig` fields (a float each, default, open range, help): one flag each in the trainer config.
+- `params`: its `KDConfig` fields (a float each, default, open range, help): one generated trainer flag each.
 - `sampled_ok`: whether it is defined on SAMPLED targets (counts/N of N draws, no tail; `why_not_sampled` otherwise).
 
 How to add a divergence: write its `value` (and `grad` if you want to skip autograd), add a `Divergence(...)` to
-`DIVERGENCES` and, if it has a parameter, a field of that name on `KDConfig` (`distill/losses/config.py`); then the
-trainer flag of the same name in `distill/training/config.py` (`KDConfig.from_args` picks it up by name). Tests in
-tests/test_losses_registry.py check every registered divergence (zero on identical distributions, analytic gradient
-== autograd, params declared).
+`DIVERGENCES` and, if it has a parameter, a field of that name on `KDConfig` (`distill/losses/config.py`); the trainer
+flag of the same name is generated from `PARAMS` (`distill/training/arguments.py`) and `KDConfig.from_args` picks it
+up by name. Tests in tests/test_losses_registry.py check every registered divergence (zero on identical
+distributions, analytic gradient == autograd, params declared).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Trainer callbacks: one-line console logs, skipping non-finite steps, early stopping with patience + warm-up."""
+"""Trainer callbacks: one-line console logs, the resolved config, early stopping with patience + warm-up (skipping
+non-finite steps: `distill.training.nonfinite`)."""
 
 from __future__ import annotations
 
@@ -46,24 +47,6 @@ class OneLinePrinterCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             print(format_log_line(state.global_step, logs), flush=True)
-
-
-class SkipNonFiniteCallback(TrainerCallback):
-    """Drops every gradient before the optimizer step when the trainer saw a non-finite loss in this step: torch
-    optimizers skip parameters whose `.grad` is None, so neither moments nor weight decay move (a true skip).
-    Under DeepSpeed the engine keeps its own gradient buffers and steps inside backward; there the skip is DeepSpeed's
-    overflow check, on in every precision (see `DistillTrainer.training_step`)."""
-
-    def __init__(self, trainer: Any):
-        self.trainer = trainer
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.trainer.skip_this_step and self.trainer.accelerator.scaler is None:  # a scaler skips by itself
-            for param in self.trainer.model.parameters():
-                param.grad = None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.skip_this_step = False
 
 
 class ResolvedConfigCallback(TrainerCallback):

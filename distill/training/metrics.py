@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
@@ -99,3 +100,79 @@ class MetricAccumulator:
             out["teacher_mass_covered"] = sums["covered_sum"] / n_kd
             out["loss"] = out.get("loss", 0.0) + weights["kd"] * out["kd"]
         return out
+
+
+class TrainingLog:
+    """What each training log line adds to Trainer's own keys: running means of every component (`MetricAccumulator`),
+    tokens/s, the fp16 loss scale, skipped steps, the mean scheduled weights and the cross-tokenizer coverage, all
+    since the previous log line and over every rank."""
+
+    def __init__(self) -> None:
+        self.metrics = MetricAccumulator()
+        self._tokens = 0.0
+        self._last_time: float | None = None
+        self._xtok_sums: torch.Tensor | None = None  # [4] sums of XTOK_STAT_KEYS
+        self._weight_sums: dict[str, float] = {}
+        self._weight_count = 0
+
+    def start(self) -> None:
+        """Tokens/s of the first window counts from the first training step."""
+        if self._last_time is None:
+            self._last_time = time.perf_counter()
+
+    def add_step(self, outputs: dict[str, torch.Tensor], weights: dict[str, float], tokens: float) -> None:
+        """One finite micro-batch: its losses, the weights they were computed with, its real tokens."""
+        self.metrics.add_train(outputs, weights)
+        for name, value in weights.items():
+            self._weight_sums[name] = self._weight_sums.get(name, 0.0) + float(value)
+        self._weight_count += 1
+        self._tokens += tokens
+
+    def add_xtok(self, stats: torch.Tensor | None) -> None:
+        if stats is not None:
+            stats = stats.reshape(-1).double()
+            self._xtok_sums = stats if self._xtok_sums is None else self._xtok_sums + stats
+
+    def extras(self, accelerator: Any, device: Any, *, loss_scale: float, nonfinite_total: int) -> dict[str, float]:
+        """The keys to add to this log line; resets the window."""
+        extras = self.metrics.summary(accelerator)
+        self.metrics.reset()
+        now = time.perf_counter()
+        tokens = float(accelerator.reduce(torch.tensor(self._tokens, device=device), "sum"))
+        if self._last_time is not None and now > self._last_time:
+            extras["tokens_per_second"] = tokens / (now - self._last_time)
+        self._last_time = now
+        self._tokens = 0.0
+        extras["loss_scale"] = loss_scale
+        extras["nonfinite_skipped"] = float(nonfinite_total)
+        # Mean weight over the micro-steps since the last log (the losses on the same line used exactly these).
+        for c in COMPONENTS:
+            if c.name in self._weight_sums:
+                extras[c.tag("weight")] = self._weight_sums[c.name] / max(self._weight_count, 1)
+        self._weight_sums, self._weight_count = {}, 0
+        extras.update(self._xtok_log(accelerator, device))
+        return extras
+
+    def _xtok_log(self, accelerator: Any, device: Any) -> dict[str, float]:
+        """Cross-tokenizer coverage over all ranks: fraction of student positions with a KD target, and fraction of
+        the teacher's top-k mass that landed on student ids."""
+        if self._xtok_sums is None:
+            return {}
+        sums = accelerator.reduce(self._xtok_sums.to(device), "sum").tolist()
+        self._xtok_sums = None
+        tokens, aligned, teacher_mass, mapped_mass = sums
+        return {"xtok/aligned_fraction": aligned / max(tokens, 1.0),
+                "xtok/mapped_mass_fraction": mapped_mass / teacher_mass if teacher_mass else 0.0}
+
+
+def loss_scale(accelerator: Any, deepspeed_engine: Any) -> float:
+    """Current fp16 dynamic loss scale (1.0 when no loss scaling is in use)."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and scaler.is_enabled():
+        return float(scaler.get_scale())
+    optimizer = getattr(deepspeed_engine, "optimizer", None)
+    for attr in ("cur_scale", "loss_scale"):
+        value = getattr(optimizer, attr, None)
+        if isinstance(value, (int, float, torch.Tensor)):
+            return float(value)
+    return 1.0

@@ -8,41 +8,13 @@ accelerate does on a GPU: the model's forward is wrapped in fp16 autocast when t
 scales the loss, gradient clipping unscales first, and the optimizer wrapper skips a step whose gradients overflowed
 and halves the scale.
 
-`SkippedStepCallback` (any fp16 GradScaler run, GPU too): with a fused optimizer (transformers' default
-adamw_torch_fused) the scaler hands the overflow flag to the optimizer, which skips the update itself; accelerate
-then cannot tell the step was skipped and the LR scheduler advanced on every overflow step. The callback sees the
-scale drop and marks the step skipped before Trainer decides whether to step the scheduler.
+Skipping the steps whose gradients overflowed (and not advancing the LR schedule on them):
+`distill.training.nonfinite`.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-from transformers import TrainerCallback
-
-
-def install_fp16(trainer: Any) -> None:
-    """CPU fp16 AMP where needed, and the skipped-step bookkeeping wherever a GradScaler is in use."""
-    enable_cpu_fp16(trainer)
-    if trainer.accelerator.scaler is not None:
-        trainer.add_callback(SkippedStepCallback(trainer))
-
-
-class SkippedStepCallback(TrainerCallback):
-    """Marks an optimizer step as skipped when the loss scale dropped during it (GradScaler backs off exactly on
-    the steps it skips), so Trainer does not advance the LR schedule on it."""
-
-    def __init__(self, trainer: Any):
-        self.trainer = trainer
-        self._scale: float | None = None
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self._scale = self.trainer.accelerator.scaler.get_scale()
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        optimizer = self.trainer.optimizer  # accelerate's AcceleratedOptimizer: reports `step_was_skipped`
-        if self._scale is not None and self.trainer.accelerator.scaler.get_scale() < self._scale:
-            optimizer._is_overflow = True
 
 
 def enable_cpu_fp16(trainer: Any) -> bool:
