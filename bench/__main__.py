@@ -21,19 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO_ROOT, apply_offline_env, device_info, resolve_device, versions
+from cache_tools.format.cli_args import StrictArgumentParser, parse_command_line
 
 BENCHMARKS = ("step", "loss", "build", "loader", "storage", "codec")
 DEFAULT_OUT = REPO_ROOT / "bench" / "results.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser = StrictArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short CPU smoke run (CI); numbers are not recorded")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=None, metavar="NAME",
                         help=f"run only these benchmarks (of: {', '.join(BENCHMARKS)})")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (default bench/results.json)")
-    return parser.parse_args(argv)
+    return parse_command_line(parser, argv)
 
 
 def run_one(name: str, quick: bool, device: str) -> dict[str, Any]:

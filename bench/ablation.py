@@ -26,6 +26,7 @@ import torch
 
 from bench.common import WORK_ROOT, apply_offline_env, build_cache
 from bench.online_kd import full_logit_kd_loss
+from cache_tools.format.cli_args import StrictArgumentParser, parse_command_line
 from cache_tools.format.fsutil import atomic_write_text
 
 TOPK_VARIANTS = [f"kd_k{k}_{t}" for k in (8, 32, 256) for t in ("tail", "notail")]
@@ -171,7 +172,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.ablation", description=__doc__.split("\n\n")[0])
+    parser = StrictArgumentParser(prog="python -m bench.ablation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo-dir", type=Path, default=Path("demo_out"))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=VARIANTS)
     parser.add_argument("--out", type=Path, default=WORK_ROOT / "ablation.json")
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     apply_offline_env()
     from transformers import AutoModelForCausalLM
 

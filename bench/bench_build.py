@@ -12,7 +12,6 @@ before) and on, plus the chunked head step alone (matmul + top-k + tail) with an
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from bench.common import REPO_ROOT, WORK_ROOT, apply_offline_env, device_info, ratio, resolve_device, sync, tiny_assets
+from cache_tools.format.cli_args import StrictArgumentParser, parse_command_line
 
 SHAPES = {  # quick: CI smoke; full: a wider teacher and the production top_k / window length
     True: {"vocab": 512, "teacher_hidden": 64, "teacher_layers": 2, "docs": 150, "max_length": 256, "top_k": 32,
@@ -244,11 +244,11 @@ def run(quick: bool, device: str, qwen_only: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = StrictArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--qwen-only", action="store_true", help="only the Qwen3-0.6B-shaped teacher")
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     result = run(args.quick, resolve_device(args.device), qwen_only=args.qwen_only)
     print(json.dumps(result, indent=2, default=str))
     for name, r in result["ratios"].items():

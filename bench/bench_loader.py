@@ -9,7 +9,6 @@ cross-tokenizer (precomputed) >= 0.7x direct.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from bench.common import WORK_ROOT, apply_offline_env, build_cache, ratio, resolve_device, time_fn, tiny_assets
+from cache_tools.format.cli_args import StrictArgumentParser, parse_command_line
 
 SHAPES = {
     True: {"max_length": 256, "top_k": 32, "samples": 120, "batch": 8, "epochs": 2, "student": "tiny"},
@@ -207,10 +207,10 @@ def run(quick: bool, device: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="loader throughput benchmark (direct + cross-tokenizer)")
+    parser = StrictArgumentParser(description="loader throughput benchmark (direct + cross-tokenizer)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     apply_offline_env()
     result = run(args.quick, resolve_device(args.device))
     for name, entry in result["ratios"].items():

@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from cache_tools.format.cli_args import StrictArgumentParser, parse_command_line
 from distill.losses import DEFAULT_CHUNK_SIZE, KDConfig, fused_ce_kd_loss, naive_ce_kd_loss
 
 HIDDEN, TOP_K = 576, 256
@@ -159,7 +160,7 @@ def run(quick: bool, device: str, chunks: list[int] | None = None, dtype: str = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = StrictArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="N = 1024 rows, vocab 49,152 only (seconds)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--chunks", default=str(DEFAULT_CHUNK_SIZE), help="comma-separated fused chunk sizes")
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     try:
         chunks = [int(c) for c in args.chunks.split(",")]
     except ValueError:

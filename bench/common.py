@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cache_tools.format import fsutil
+from cache_tools.format.cli_args import StrictArgumentParser, parse_command_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORK_ROOT = REPO_ROOT / "bench" / ".work"  # git-ignored scratch (see bench/.gitignore)
@@ -168,13 +169,12 @@ def build_cache(teacher: Path, text: Path, out: Path, *, top_k: int | None, max_
 
 def run_standalone(run_fn: Any, description: str, argv: list[str] | None = None) -> int:
     """`python -m bench.bench_X [--quick] [--device cpu|cuda]`: run one benchmark alone and print its JSON."""
-    import argparse
     import json
 
-    parser = argparse.ArgumentParser(description=description)
+    parser = StrictArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    cli = parser.parse_args(argv)
+    cli = parse_command_line(parser, argv)
     apply_offline_env()
     print(json.dumps(run_fn(cli.quick, resolve_device(cli.device)), indent=2, default=str))
     return 0

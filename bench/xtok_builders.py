@@ -9,7 +9,6 @@ wall seconds), so a busy machine slows both alike; the outputs are also checked 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import REPO_ROOT, WORK_ROOT, apply_offline_env
+from cache_tools.format.cli_args import StrictArgumentParser, parse_command_line
 
 
 def _time(fn: Any, seqs: list[Any], rounds: int = 3) -> tuple[float, float]:
@@ -47,9 +47,9 @@ def compare(builder: Any, seqs: list[Any]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = StrictArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=24)
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     apply_offline_env()
     from transformers import AutoTokenizer
 

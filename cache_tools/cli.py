@@ -12,6 +12,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from cache_tools.format import errors
+from cache_tools.format.cli_args import StrictArgumentParser
 
 if TYPE_CHECKING:
     from cache_tools.build_options import BuildOptions
@@ -24,17 +25,19 @@ def _parser() -> argparse.ArgumentParser:
 
     from cache_tools.build_options import BuildOptions, add_build_arguments
 
-    parser = argparse.ArgumentParser(prog=PROG, description="Build, inspect and verify teacher caches.")
+    parser = StrictArgumentParser(prog=PROG, description="Build, inspect and verify teacher caches.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
-    b = sub.add_parser("build-cache", dataclass_types=[BuildOptions],
+    # allow_abbrev=False: a prefix of a flag is refused (with the closest flag), never silently taken for it.
+    b = sub.add_parser("build-cache", dataclass_types=[BuildOptions], allow_abbrev=False,
                        help="run the teacher over a dataset and write the sparse targets cache")
     add_build_arguments(b)
 
-    i = sub.add_parser("inspect", dataclass_types=[], help="summarise a cache")
+    i = sub.add_parser("inspect", dataclass_types=[], allow_abbrev=False, help="summarise a cache")
     i.add_argument("cache_dir")
     i.add_argument("--json", action="store_true", help="machine-readable output")
 
-    v = sub.add_parser("verify", dataclass_types=[], help="check a cache's checksums, layout and numbers")
+    v = sub.add_parser("verify", dataclass_types=[], allow_abbrev=False,
+                       help="check a cache's checksums, layout and numbers")
     v.add_argument("cache_dir")
     return parser
 

@@ -10,11 +10,12 @@ import argparse
 import json
 import sys
 
+from cache_tools.format.cli_args import StrictArgumentParser
 from cache_tools.format.errors import run_cli
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m distill.coverage", description=__doc__.split("\n\n")[0])
+    parser = StrictArgumentParser(prog="python -m distill.coverage", description=__doc__.split("\n\n")[0])
     parser.add_argument("cache_dir")
     parser.add_argument("--student-tokenizer", "--student_tokenizer", required=True,
                         help="student tokenizer: hub id or local folder")

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cache_tools.format.cli_args import StrictArgumentParser
 from cache_tools.format.errors import ConfigError, run_cli
 from cache_tools.format.schema import DTYPE_NAMES
 
@@ -175,7 +176,7 @@ def kd_config_for(run: dict[str, Any], args: argparse.Namespace) -> Any:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = StrictArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--student", required=True, help="run folder (OUT) or exported student folder")
     parser.add_argument("--cache", default=None, help="held-out teacher cache (default: the run's eval cache)")
     parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
@@ -215,8 +216,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return run_cli(PROG, lambda: _main(args))
+    return run_cli(PROG, lambda: _main(_parser().parse_args(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

@@ -12,13 +12,14 @@ import logging
 import os
 import sys
 
+from cache_tools.format.cli_args import StrictArgumentParser
 from cache_tools.format.errors import run_cli
 
 PROG = "python -m distill.prepare_xtok"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = StrictArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("cache_dir")
     p.add_argument("--student-tokenizer", "--student_tokenizer", required=True,
                    help="student tokenizer: local folder or hub id (the training run's --student tokenizer)")
@@ -35,15 +36,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if args.workers < 1:
-        parser().error("--workers must be >= 1")
-    if args.max_length is not None and args.max_length < 0:
-        parser().error("--max-length must be >= 0")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers; tokenizers' own threads would hang
 
     def body() -> int:
+        args = parser().parse_args(argv)
+        if args.workers < 1:
+            parser().error("--workers must be >= 1")
+        if args.max_length is not None and args.max_length < 0:
+            parser().error("--max-length must be >= 0")
         from cache_tools.format.reader import TeacherCacheReader
         from distill.data.chat import resolve_assistant_only
         from distill.data.packing import ISOLATED, cache_packing

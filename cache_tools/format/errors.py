@@ -50,6 +50,10 @@ class ConfigError(UserError, ValueError):
     """A bad training configuration; the message names the key(s) and the fix."""
 
 
+class UsageError(UserError):
+    """A command line argparse cannot take (an unknown or abbreviated flag, a bad value): one line, the fix."""
+
+
 class TokenizerError(UserError, ValueError):
     """A tokenizer cannot be used (e.g. for cross-tokenizer distillation). One line naming it and the fix."""
 

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from cache_tools.format.cli_args import option_strings, unknown_options_message, with_suggestions
 from cache_tools.format.errors import ConfigError
 from cache_tools.format.fsutil import atomic_write_text
 from distill.data.packing import PACKING_MODES
@@ -63,9 +64,9 @@ def parse_config(argv: list[str]) -> DistillConfig:
         yaml_values = load_yaml(yaml_path)
         unknown = sorted(set(yaml_values) - _known_keys())
         if unknown:
-            raise ConfigError(f"{yaml_path}: unknown config key(s) {', '.join(unknown)}; see `python -m distill.train "
-                              "--help` for the valid keys")
-    parser = HfArgumentParser(ARG_CLASSES)
+            raise ConfigError(f"{yaml_path}: unknown config key(s) {with_suggestions(unknown, _known_keys())}; see "
+                              "`python -m distill.train --help` for the valid keys")
+    parser = HfArgumentParser(ARG_CLASSES, allow_abbrev=False)  # a prefix of a flag is refused, never guessed
     # YAML values become argparse defaults so that any flag on the command line overrides them.
     # (argparse applies `type` only to string defaults; lists such as report_to and scalars are kept as given.)
     parser.set_defaults(**yaml_values)
@@ -77,7 +78,7 @@ def parse_config(argv: list[str]) -> DistillConfig:
     except (ValueError, TypeError) as err:
         raise ConfigError(f"invalid configuration: {_first_line(err)}") from err
     if remaining:
-        raise ConfigError(f"unknown option(s) {' '.join(remaining)}; see `python -m distill.train --help`")
+        raise ConfigError(unknown_options_message(remaining, option_strings(parser), "python -m distill.train --help"))
     return DistillConfig(*groups)
 
 

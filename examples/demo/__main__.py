@@ -25,6 +25,7 @@ import os
 import sys
 from pathlib import Path
 
+from cache_tools.format.cli_args import StrictArgumentParser, parse_command_line
 from examples.demo.common import QUICK, DemoError, DemoSettings, reproducible_cpu_env
 
 # Before torch loads (ATen reads ATEN_CPU_CAPABILITY once): this process evaluates models itself.
@@ -32,7 +33,7 @@ os.environ.update(reproducible_cpu_env())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__.split("\n\n")[0])
+    parser = StrictArgumentParser(prog="python -m examples.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default ./demo_out)")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--text-file", help="your own text (.txt: one document per line, or .jsonl with a text field)")
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         kind = type(f.default)
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                             help=f"(default {f.default}; --quick: {QUICK.get(f.name, f.default)})")
-    return parser.parse_args(argv)
+    return parse_command_line(parser, argv)
 
 
 def settings_from(args: argparse.Namespace) -> DemoSettings:
