@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from cache_tools.format.conversations import RenderError, render, token_masks
+from cache_tools.format import conversations
 from cache_tools.format.errors import TokenizerError
 
 
@@ -110,14 +110,15 @@ class StudentRenderer:
         """(text, spans, ids, offsets, assistant) of the student's tokens covering the same content as the cached
         piece `record`, coordinates relative to the returned text; None when the template cannot render it."""
         try:
-            rendered = render(self.tokenizer, record["messages"], template=self.template, kwargs=self.kwargs)
-        except RenderError:
+            rendered = conversations.render(self.tokenizer, record["messages"], template=self.template,
+                                            kwargs=self.kwargs)
+        except conversations.RenderError:
             return None
         begin, end = _student_range(rendered.spans, record["spans"], record["messages"], len(rendered.text))
         enc = self.tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids = np.asarray(enc["input_ids"], dtype=np.int64)
         offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-        assistant, _ = token_masks(offsets, rendered.regions)
+        assistant, _ = conversations.token_masks(offsets, rendered.regions)
         keep = (offsets[:, 0] >= begin) & (offsets[:, 0] < end)
         if not keep.any():
             return rendered.text[begin:begin], [], ids[:0], offsets[:0].astype(np.int32), assistant[:0]
