@@ -114,7 +114,7 @@ def test_stale_partial_and_damaged_stores_fall_back(cache, tokenizer, student, c
         check_all(cache, tokenizer, student)
     text = caplog.text
     assert "1 of 3 shards unusable" in text and "stale" in text
-    assert "sequence 19: maps to student ids outside" in text and "prepare_xtok" in text
+    assert "sequence 19: its stored bytes do not match their checksum" in text and "prepare_xtok" in text
     # Truncated (a dataset shorter than its offsets say) and missing files: reported, computed on the fly.
     with h5py.File(files[2], "r+") as f:
         f["input_ids"].resize((5,))
@@ -123,9 +123,10 @@ def test_stale_partial_and_damaged_stores_fall_back(cache, tokenizer, student, c
     with caplog.at_level(logging.WARNING):
         check_all(cache, tokenizer, student)
     assert "2 of 3 shards unusable" in caplog.text
-    # A rerun rewrites exactly the unusable shards (the damaged-content one passed the structural checks: kept).
+    # A rerun rewrites exactly the unusable shards, the damaged-content one included (its window CRC fails).
     done = prepare_store(builder, cache, workers=1)
-    assert done["shards_written"] == 2 and done["shards_kept"] == 1
+    assert done["shards_written"] == 3 and done["shards_kept"] == 0
+    assert prepare_store(builder, cache, workers=1)["shards_written"] == 0
     done = prepare_store(builder, cache, workers=1, overwrite=True)
     assert done["shards_written"] == 3
     check_all(cache, tokenizer, student)

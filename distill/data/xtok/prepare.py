@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -17,17 +19,21 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cache_tools.format.fsutil import atomic_path, atomic_write_text
+from cache_tools.format.fsutil import TMP_SUFFIX, atomic_path, atomic_write_text
 from cache_tools.format.reader import TeacherCacheReader
 from distill.data.xtok.pipeline import CrossTokenizerTargets
 from distill.data.xtok.store import ARRAYS, TargetStore, compact, shard_attrs, store_path
+from distill.data.xtok.store_check import CRC_FIELDS, DIGEST_ATTR, INDEX, alive, index_digest, pid_of_temp, sequence_crc
 
 
-def _one_thread() -> None:
+def _worker_init() -> None:
     """Forked workers stay out of OpenMP: libgomp cannot start a thread team in a child of a process that used one
-    (the child hangs), and the work here is numpy anyway."""
+    (the child hangs), and the work here is numpy anyway. They leave Ctrl-C to the parent (which ends the pool) and
+    die quietly by SIGPIPE when the parent is gone (killed) instead of printing a BrokenPipeError traceback."""
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
 _JOB: dict[str, Any] = {}  # the builder and reader, inherited by forked workers (never pickled)
@@ -40,7 +46,9 @@ def _compute(task: tuple[int, int, int]) -> tuple[int, list[dict[str, np.ndarray
     parts = []
     for index in range(start, stop):
         seq = reader[index]
-        parts.append(compact(builder(seq), seq.pooled_hidden, builder.student_rows))
+        part = compact(builder(seq), seq.pooled_hidden, builder.student_rows)
+        part["seq_crc"] = np.array([sequence_crc(index, [part[name] for name in CRC_FIELDS])], dtype=np.uint32)
+        parts.append(part)
     return pos, parts
 
 
@@ -50,6 +58,7 @@ class _ShardFile:
     def __init__(self, path: Path) -> None:
         self.f = h5py.File(path, "w")
         self.lengths: dict[str, list[int]] = {"input_ids": [], "tail_logprob": [], "doc_lengths": []}
+        self.crcs: list[np.ndarray] = []
 
     def append(self, parts: list[dict[str, np.ndarray]]) -> None:
         for name in ARRAYS:
@@ -63,14 +72,30 @@ class _ShardFile:
             ds[ds.shape[0] - block.shape[0]:] = block
         for key, lengths in self.lengths.items():
             lengths.extend(p[key].shape[0] for p in parts)
+        self.crcs.extend(p["seq_crc"] for p in parts)
 
     def close(self, attrs: dict[str, Any]) -> None:
-        offsets = (("seq_offsets", "input_ids"), ("row_offsets", "tail_logprob"), ("doc_offsets", "doc_lengths"))
-        for name, key in offsets:
-            self.f.create_dataset(name, data=np.concatenate([[0], np.cumsum(self.lengths[key])]).astype(np.int64))
-        for key, value in attrs.items():
+        index = [np.concatenate([[0], np.cumsum(self.lengths[key])]).astype(np.int64)
+                 for key in ("input_ids", "tail_logprob", "doc_lengths")]
+        index.append(np.concatenate(self.crcs).astype(np.uint32))
+        for name, values in zip(INDEX, index, strict=True):
+            self.f.create_dataset(name, data=values)
+        for key, value in {**attrs, DIGEST_ATTR: index_digest(index)}.items():
             self.f.attrs[key] = value
         self.f.close()
+
+
+def remove_dead_temp_files(path: Path) -> list[Path]:
+    """Delete the temp files (`.NAME.<pid>.tmp`) that runs no longer alive (killed) left in `path`; a temp file of a
+    run still going is kept."""
+    removed = []
+    for tmp in path.glob(f".*{TMP_SUFFIX}"):
+        pid = pid_of_temp(tmp.name, TMP_SUFFIX)
+        if pid is not None and pid != os.getpid() and alive(pid):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
 
 
 def prepare_store(builder: CrossTokenizerTargets, reader: TeacherCacheReader, *, workers: int = 1,
@@ -81,15 +106,17 @@ def prepare_store(builder: CrossTokenizerTargets, reader: TeacherCacheReader, *,
     path = store_path(reader.cache_dir, meta)
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path / "meta.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    remove_dead_temp_files(path)
     store = TargetStore(path, meta, reader.manifest)
-    todo = [pos for pos in range(len(store.shards)) if overwrite or store._problem(pos) is not None]
+    # Every window's CRC is checked: a damaged shard is rebuilt, never kept because its structure looks right.
+    todo = [pos for pos in range(len(store.shards)) if overwrite or store._problem(pos, contents=True) is not None]
     tasks = [(pos, start, min(start + batch, s.first_sequence + s.num_sequences))
              for pos in todo for s in [store.shards[pos]]
              for start in range(s.first_sequence, s.first_sequence + s.num_sequences, batch)]
     remaining = {pos: sum(1 for t in tasks if t[0] == pos) for pos in todo}
     started = time.perf_counter()
     _JOB.update(builder=builder, reader=reader)
-    pool = (multiprocessing.get_context("fork").Pool(workers, initializer=_one_thread)
+    pool = (multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init)
             if workers > 1 and len(tasks) > 1 else None)
     try:
         results = pool.imap(_compute, tasks) if pool is not None else map(_compute, tasks)

@@ -13,9 +13,11 @@ One HDF5 file per cache shard (S sequences, T student tokens, A aligned position
     counts [S, 4] int64 (COUNT_KEYS), masses [S, 3] float64 (MASS_KEYS), pooled_hidden [S, P, H] (the cache's dtype)
     label_mask [T] bool (all True unless the key is assistant-only), doc_offsets [S+1] int64 + doc_lengths [D] int32
     (student tokens per packed document: one per window unless the key is isolated)
-Attributes name the key and the cache shard (file, sha256, counts) it was computed from. Files are written to a temp
-name and renamed, so a file is whole or absent; a file whose key, source shard or sizes do not match is never read
-(the loader computes that shard on the fly and warns).
+    seq_crc [S] uint32 (CRC-32 of each window's stored bytes and global index: `store_check`)
+Attributes name the key and the cache shard (file, sha256, counts) it was computed from; `index_sha256` covers the
+offsets and CRCs. Files are written to a temp name and renamed, so a file is whole or absent; a file whose key,
+source shard, sizes or index checksum do not match is never read, and a window whose bytes fail its CRC is never
+returned (the loader computes that shard on the fly and warns; `prepare_xtok` rebuilds it).
 """
 
 from __future__ import annotations
@@ -32,11 +34,20 @@ import numpy as np
 
 from cache_tools.format import schema
 from cache_tools.format.fsutil import file_sha256
+from distill.data.xtok.store_check import (
+    CRC_FIELDS,
+    content_problem,
+    index_problem,
+    older_stores,
+    read_window,
+    sequence_crc,
+)
 
 log = logging.getLogger(__name__)
 
 STORE_DIR = "xtok"
-STORE_FORMAT = 3
+# 4: per-window CRCs and an index checksum (3 added documents and label masks).
+STORE_FORMAT = 4
 STAT_KEYS = ("student_tokens", "aligned", "teacher_mass", "mapped_mass", "exact_mass", "skipped", "truncated",
              "assistant_tokens", "assistant_aligned")
 COUNT_KEYS = ("student_tokens", "aligned", "skipped", "truncated", "assistant_tokens", "assistant_aligned")
@@ -44,7 +55,7 @@ MASS_KEYS = ("teacher_mass", "mapped_mass", "exact_mass")
 ARRAYS = ("input_ids", "kd_mask", "topk_ids", "topk_logprobs", "tail_logprob", "counts", "masses", "pooled_hidden",
           "label_mask", "doc_lengths")
 _CODE = ("pipeline.py", "align.py", "topk_map.py", "vocab_map.py", "token_bytes.py", "store.py", "documents.py",
-         "chat.py", "chat_targets.py")
+         "chat.py", "chat_targets.py", "store_check.py")
 
 
 def code_fingerprint() -> str:
@@ -117,12 +128,12 @@ def shard_problem(f: h5py.File, meta: dict[str, Any], shard: schema.ShardInfo) -
         if key not in f.attrs or str(f.attrs[key]) != str(want[key]):
             return f"its {key} does not match the cache / tokenizers / code (stale)"
     S, K = shard.num_sequences, meta["top_k"]
-    missing = [n for n in (*ARRAYS, "seq_offsets", "row_offsets", "doc_offsets") if n not in f]
+    missing = [n for n in ARRAYS if n not in f]
     if missing:
         return f"it lacks {missing[0]}"
-    seq, rows, docs = f["seq_offsets"], f["row_offsets"], f["doc_offsets"]
-    if seq.shape != (S + 1,) or rows.shape != (S + 1,) or docs.shape != (S + 1,):
-        return "its offsets do not cover the shard's sequences"
+    problem, (seq, rows, docs, _) = index_problem(f, S)
+    if problem:
+        return problem
     T, A = int(seq[-1]), int(rows[-1])
     shapes = {"input_ids": (T,), "kd_mask": (T,), "label_mask": (T,), "doc_lengths": (int(docs[-1]),),
               "topk_ids": (A, K), "topk_logprobs": (A, K),
@@ -146,8 +157,9 @@ class TargetStore:
         self.shards = sorted(manifest.shards, key=lambda s: s.first_sequence)
         self._starts = np.array([s.first_sequence for s in self.shards], dtype=np.int64)
         self.check = check
-        self._open: dict[int, Any] = {}  # shard pos -> (h5py.File, seq_offsets, row_offsets) or None (unusable)
+        self._open: dict[int, Any] = {}  # shard pos -> (h5py.File, datasets, offsets + CRCs) or None (unusable)
         self._pid = os.getpid()
+        self.checksums = True  # every window read is checked against its CRC (False only to measure that check)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open": {}}
@@ -171,13 +183,15 @@ class TargetStore:
                 problems.append(f"{self.file_for(pos)}: {problem}")
         return len(self.shards) - len(problems), problems
 
-    def _problem(self, pos: int) -> str | None:
+    def _problem(self, pos: int, contents: bool = False) -> str | None:
+        """Why shard `pos` cannot be used (None: usable); `contents` also checks every window's CRC."""
         path = self.file_for(pos)
         if not path.is_file():
             return "absent"
         try:
             with h5py.File(path, "r") as f:
-                return shard_problem(f, self.meta, self.shards[pos])
+                problem = shard_problem(f, self.meta, self.shards[pos])
+                return problem or (content_problem(f, self.shards[pos]) if contents else None)
         except OSError as err:
             return f"unreadable ({err})"
 
@@ -192,8 +206,8 @@ class TargetStore:
                 problem = "absent" if f is None else shard_problem(f, self.meta, self.shards[pos])
                 if problem is None:
                     # Dataset objects are looked up once: a lookup costs about as much as a small read.
-                    entry = (f, {name: f[name] for name in ARRAYS}, f["seq_offsets"][:], f["row_offsets"][:],
-                             f["counts"][:], f["masses"][:], f["doc_offsets"][:])
+                    data = {name: f[name] for name in ARRAYS} | {"counts": f["counts"][:], "masses": f["masses"][:]}
+                    entry = (f, data, index_problem(f, self.shards[pos].num_sequences)[1])
                 elif f is not None:
                     f.close()
             except OSError as err:
@@ -209,40 +223,44 @@ class TargetStore:
         entry = self._shard(pos)
         if entry is None:
             return None
-        f, data, seq, rows, counts, masses, docs = entry
+        f, data, stored_index = entry
         i = index - self.shards[pos].first_sequence
-        t0, t1, a0, a1 = int(seq[i]), int(seq[i + 1]), int(rows[i]), int(rows[i + 1])
-        n, K = t1 - t0, self.meta["top_k"]
-        kd_mask = data["kd_mask"][t0:t1]
+        raw = dict(zip(CRC_FIELDS, read_window(data, i, stored_index), strict=True))
+        problem = None
+        if self.checksums and sequence_crc(index, list(raw.values())) != int(stored_index[3][i]):
+            problem = "its stored bytes do not match their checksum"
+        n, K = raw["input_ids"].shape[0], self.meta["top_k"]
+        kd_mask = raw["kd_mask"]
         aligned = np.flatnonzero(kd_mask)
         out = {
-            "input_ids": data["input_ids"][t0:t1].astype(np.int64),
+            "input_ids": raw["input_ids"].astype(np.int64),
             "topk_ids": np.full((n, K), -1, dtype=np.int64),
             "topk_logprobs": np.zeros((n, K), dtype=np.float32),
             "tail_logprob": np.zeros(n, dtype=np.float32),
             "kd_mask": kd_mask,
-            "pooled_hidden": data["pooled_hidden"][i].astype(np.float32),
+            "pooled_hidden": raw["pooled_hidden"].astype(np.float32),
         }
-        problem = None if aligned.shape[0] == a1 - a0 else "kd_mask disagrees with the stored rows"
-        if problem is None and a1 > a0:
-            ids = data["topk_ids"][a0:a1].astype(np.int64)
+        if problem is None and aligned.shape[0] != raw["tail_logprob"].shape[0]:
+            problem = "kd_mask disagrees with the stored rows"
+        if problem is None and aligned.shape[0]:
+            ids = raw["topk_ids"].astype(np.int64)
             ids -= 1
             out["topk_ids"][aligned] = ids
-            out["topk_logprobs"][aligned] = data["topk_logprobs"][a0:a1]
-            out["tail_logprob"][aligned] = data["tail_logprob"][a0:a1]
+            out["topk_logprobs"][aligned] = raw["topk_logprobs"]
+            out["tail_logprob"][aligned] = raw["tail_logprob"]
         problem = problem or (self.check(out) if self.check is not None else None)
         if problem is not None:
             log.warning("%s: sequence %d: %s: the stored file is damaged; computing this shard's cross-tokenizer "
-                        "targets on the fly (rebuild it: `python -m distill.prepare_xtok ... --overwrite`)",
+                        "targets on the fly (rerun `python -m distill.prepare_xtok`: it rebuilds damaged shards)",
                         self.file_for(pos), index, problem)
             f.close()
             self._open[pos] = None
             return None
         if self.meta.get("assistant_only"):
-            out["label_mask"] = data["label_mask"][t0:t1]
+            out["label_mask"] = raw["label_mask"]
         if self.meta.get("isolated"):
-            out["segment_lengths"] = data["doc_lengths"][int(docs[i]):int(docs[i + 1])]
-        out["stats"] = stats_from(counts[i], masses[i])
+            out["segment_lengths"] = raw["doc_lengths"]
+        out["stats"] = stats_from(raw["counts"], raw["masses"])
         return out
 
 
@@ -261,8 +279,14 @@ def open_store(cache_dir: str | os.PathLike, manifest: schema.CacheManifest, met
     one-line hint to build it."""
     path = store_path(cache_dir, meta)
     if not path.is_dir():
-        log.warning("cross-tokenizer targets are computed on the fly (~20 ms of CPU per window); precompute them once "
-                 "with `%s`", hint)
+        older = older_stores(path.parent, meta, STORE_FORMAT)
+        if older:
+            log.warning("%s: a store of format %d for these tokenizers has no per-window checksums (format %d adds "
+                        "them), so it is not used; computing on the fly; rebuild it with `%s`", older[0][0],
+                        older[0][1], STORE_FORMAT, hint)
+        else:
+            log.warning("cross-tokenizer targets are computed on the fly (~20 ms of CPU per window); precompute them "
+                        "once with `%s`", hint)
         return None
     store = TargetStore(path, meta, manifest, check)
     usable, problems = store.survey()
