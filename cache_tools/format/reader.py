@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache_tools.format import encodings, schema, shard_io
+from cache_tools.format import encodings, schema, shard_check, shard_io
 
 
 @dataclass
@@ -45,9 +45,12 @@ class TeacherCacheReader:
         cache_dir: the directory holding `manifest.json` and the shards.
         require_complete: refuse (CacheError) a cache whose build has not finished.
         check_finite: raise CacheError when a read sequence holds NaN/Inf targets (caught at load, not as a NaN loss).
+        verify_shards: check each shard's size and sha256 before this process first reads it (`shard_check`): any
+            damaged byte of a shard is refused, not read. Training turns it on.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike, *, require_complete: bool = True, check_finite: bool = True):
+    def __init__(self, cache_dir: str | os.PathLike, *, require_complete: bool = True, check_finite: bool = True,
+                 verify_shards: bool = False):
         self.cache_dir = Path(cache_dir)
         self.manifest = schema.load_manifest(self.cache_dir)
         if require_complete and not self.manifest.complete:
@@ -64,6 +67,7 @@ class TeacherCacheReader:
         self._starts = [s.first_sequence for s in self.shards]
         self._handles: dict[int, h5py.File] = {}
         self._pid = os.getpid()
+        self._checksums = shard_check.ShardChecksums(self.cache_dir) if verify_shards else None
 
     # -- pickling / fork safety -------------------------------------------------------------------------------
     def __getstate__(self) -> dict:
@@ -76,6 +80,8 @@ class TeacherCacheReader:
             # Inherited through fork: never touch the parent's handles, just forget them.
             self._handles = {}
             self._pid = os.getpid()
+        if self._checksums is not None:  # a stat per read once verified; a shard changed since is hashed again
+            self._checksums.check(self.shards[shard_pos])
         handle = self._handles.get(shard_pos)
         if handle is None:
             handle = shard_io.open_shard(self.cache_dir / self.shards[shard_pos].file)

@@ -177,8 +177,10 @@ def build_cache_data(
     content only unless `assistant_only_loss` is False (`distill.data.chat`)."""
     # Our own target builders validate every sequence (`distill.data.validation`: ids, finite and <= 0 log-probs,
     # pooled states), a superset of the reader's finite check: read once, check once on the loader's hot path.
-    reader = TeacherCacheReader(cache_dir, check_finite=target_builder is not None)
-    eval_reader = TeacherCacheReader(eval_cache, check_finite=target_builder is not None) if eval_cache else reader
+    # Every shard's sha256 is checked before its first read (remembered by size + mtime): no damaged byte is trained on.
+    reader = TeacherCacheReader(cache_dir, check_finite=target_builder is not None, verify_shards=True)
+    eval_reader = (TeacherCacheReader(eval_cache, check_finite=target_builder is not None, verify_shards=True)
+                   if eval_cache else reader)
     caches = [(str(r.cache_dir), r.manifest) for r in dict.fromkeys((reader, eval_reader))]
     options = {"xtok_rule": xtok_rule, "isolated": resolve_packing(packing, caches) == ISOLATED,
                "assistant_only": resolve_assistant_only(assistant_only_loss, caches),
