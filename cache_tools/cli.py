@@ -1,4 +1,4 @@
-"""`cache_tools` command line: build-cache, inspect, verify. `main` returns the exit status (0 = success).
+"""`cache_tools` command line: build-cache, inspect, verify, convert. `main` returns the exit status (0 = success).
 
 build-cache's options are the `BuildOptions` dataclass parsed by `transformers.HfArgumentParser` (the same style as
 `distill.train`); every command runs inside `errors.run_cli` (expected failures: one line, exit 2)."""
@@ -39,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", dataclass_types=[], allow_abbrev=False,
                        help="check a cache's checksums, layout and numbers")
     v.add_argument("cache_dir")
+
+    c = sub.add_parser("convert", dataclass_types=[], help="rewrite a cache in another target encoding (no teacher); "
+                       "rerun to resume")
+    c.add_argument("source", metavar="SRC")
+    c.add_argument("output", metavar="DST")
+    c.add_argument("--encoding", required=True, choices=("fp16", "compact"))
+    c.add_argument("--overwrite", action="store_true", help="replace whatever DST holds")
     return parser
 
 
@@ -68,7 +75,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from cache_tools.format.verify import verify_cache
+    from cache_tools.format.verify import format_notes, verify_cache
 
     faults = verify_cache(args.cache_dir)
     if faults:
@@ -76,13 +83,22 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"{PROG} verify: {args.cache_dir}: {fault}", file=sys.stderr)
         return errors.EXIT_BAD_INPUT  # the one exit status of every expected failure
     print(f"{PROG} verify: {args.cache_dir}: OK")
+    for note in format_notes(args.cache_dir):
+        print(f"{PROG} verify: {args.cache_dir}: note: {note}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from cache_tools.convert import convert_cache
+
+    convert_cache(args.source, args.output, args.encoding, overwrite=args.overwrite)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and not argv[0].startswith("-") else ""
-    handlers = {"build-cache": _build, "inspect": _inspect, "verify": _verify}
+    handlers = {"build-cache": _build, "inspect": _inspect, "verify": _verify, "convert": _convert}
 
     def body() -> int:
         args = _parser().parse_args(argv)  # inside the boundary: a bad build-cache value is a one-line error

@@ -132,6 +132,20 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, vocab_size: int, *, level
 def decode_topk(blob: np.ndarray, n: int, K: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Blob -> (ids [n, K] int64, logprobs [n, K] float32), each row sorted by log-prob descending (ties: id order).
     Raises CodecError when the blob is not a valid top-k blob of that shape and vocabulary."""
+    ids, levels, lp_max, ranges, level_bits = topk_levels(blob, n, K, vocab_size)
+    levels = levels.astype(np.int16)  # int16: numpy's stable sort is a radix sort here
+    flat = np.argsort(levels, axis=1, kind="stable")
+    flat += np.arange(0, n * K, K)[:, None]  # row-major flat positions: one take per array, no take_along_axis
+    cell = levels.take(flat) + (ranges << level_bits)[:, None]  # (range, level) -> row of the level table
+    logprobs = level_table(level_bits).take(cell)
+    np.subtract(lp_max[:, None], logprobs, out=logprobs)
+    return ids.take(flat), logprobs
+
+
+def topk_levels(blob: np.ndarray, n: int, K: int,
+                vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """A top-k blob's stored numbers: (ids [n, K] int64 ascending per row, levels [n, K] int64 in that order, row
+    maxima float32 [n], range bytes [n] int64, level bits): what converting it to another compact codec keeps."""
     reader = BlobReader(blob, KIND_TOPK, "top-k")
     level_bits = reader.param
     if not 1 <= level_bits <= 8:
@@ -149,13 +163,7 @@ def decode_topk(blob: np.ndarray, n: int, K: int, vocab_size: int) -> tuple[np.n
     ids = np.cumsum(gaps + 1, axis=1) - 1
     if n and int(ids[:, -1].max()) >= vocab_size:
         raise CodecError(f"top-k blob decodes to ids >= vocab_size={vocab_size}: corrupt, or another vocabulary")
-    levels = (((1 << level_bits) - 1) - down).astype(np.int16)  # int16: numpy's stable sort is a radix sort here
-    flat = np.argsort(levels, axis=1, kind="stable")
-    flat += np.arange(0, n * K, K)[:, None]  # row-major flat positions: one take per array, no take_along_axis
-    cell = levels.take(flat) + (ranges << level_bits)[:, None]  # (range, level) -> row of the level table
-    logprobs = level_table(level_bits).take(cell)
-    np.subtract(lp_max[:, None], logprobs, out=logprobs)
-    return ids.take(flat), logprobs
+    return ids, ((1 << level_bits) - 1) - down, lp_max, ranges, level_bits
 
 
 def check_topk(blob: np.ndarray, n: int, K: int, vocab_size: int) -> None:

@@ -37,8 +37,8 @@ from cache_tools.format.codec_frame import Payload, open_blob, seal, split_wide,
 from cache_tools.format.codec_offsets import INT32, NO_GAPS, SIGNED_LENGTHS, _gaps_lengths, _unzigzag, _zigzag
 from cache_tools.format.errors import CodecError
 
-__all__ = ["encode_topk", "decode_topk", "encode_sampled", "decode_sampled", "encode_offsets", "decode_offsets",
-           "topk_parts", "finish_topk", "LEVEL_BITS"]
+__all__ = ["encode_topk", "encode_topk_levels", "decode_topk", "encode_sampled", "decode_sampled", "encode_offsets",
+           "decode_offsets", "topk_parts", "finish_topk", "LEVEL_BITS"]
 
 KIND_TOPK, KIND_SAMPLED, KIND_OFFSETS = b"T", b"S", b"O"
 
@@ -58,15 +58,22 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, vocab_size: int, *, seque
     if k >= 1 << 16:
         raise ValueError(f"top-k K={k} must be below 65,536")
     sorted_ids, lp = _sort_rows(ids.astype(np.int64), logprobs.astype(np.float32))
-    gaps = _check_ids(ids, sorted_ids, np.ones(ids.shape, bool), vocab_size, "top-k")
+    _check_ids(ids, sorted_ids, np.ones(ids.shape, bool), vocab_size, "top-k")
     if np.isnan(lp).any():
         raise ValueError("top-k logprobs hold NaN")
     if n and not np.isfinite(lp.max(1)).all():
         raise ValueError("top-k logprobs: every row needs a finite maximum (a row is all -inf or holds +inf)")
     lp_max, ranges, levels = quantise_logprobs(lp, level_bits)
-    steps = gaps + 1
-    steps[:, 0] -= 1  # the first id itself
-    parts = [struct.pack("<IH", n, k), lp_max.astype("<f4").tobytes(), ranges.astype(np.uint8).tobytes(),
+    return encode_topk_levels(sorted_ids, levels, lp_max, ranges, level_bits, sequence=sequence)
+
+
+def encode_topk_levels(sorted_ids: np.ndarray, levels: np.ndarray, lp_max: np.ndarray, ranges: np.ndarray,
+                       level_bits: int, *, sequence: int) -> np.ndarray:
+    """Already quantised top-k targets (ids ascending per row [n, K], their levels, row maxima, range bytes) -> blob;
+    what `encode_topk` writes, and how a format 2 blob (`codec.topk_levels`) is carried over exactly."""
+    n, k = sorted_ids.shape
+    steps = np.diff(sorted_ids, axis=1, prepend=0)  # a row's first step is its first id
+    parts = [struct.pack("<IH", n, k), np.asarray(lp_max, "<f4").tobytes(), ranges.astype(np.uint8).tobytes(),
              *split_wide(steps), levels.astype(np.uint8).tobytes()]
     return seal(KIND_TOPK, b"".join(parts), sequence, level_bits)
 

@@ -119,13 +119,19 @@ _ENCODERS = {
 }
 
 
+_BLOBS = (schema.TOPK_BLOB, schema.SAMPLE_BLOB, schema.OFFSETS_BLOB)
+
+
 def encode_batch(m: CacheManifest, batch: dict[str, Any], first_sequence: int) -> dict[str, Any]:
     """Fields of n windows -> every stored dataset of this cache's layout (on-disk dtypes), leading dimension n.
-    Window i is global sequence `first_sequence + i` (format 3 blobs are bound to it)."""
+    Window i is global sequence `first_sequence + i` (format 3 blobs are bound to it). A batch may carry a blob
+    dataset ready made (bound to its row by the caller) instead of the fields it encodes."""
     out = {}
     for spec in schema.datasets_for(m):
         encoder = _ENCODERS.get(spec.name)
-        if encoder is not None:
+        if spec.name in _BLOBS and spec.name in batch:
+            out[spec.name] = _blobs(list(batch[spec.name]))  # carried over as made (`cache_tools convert`)
+        elif encoder is not None:
             out[spec.name] = encoder(m, batch, first_sequence)
         elif spec.name not in batch:
             raise KeyError(f"batch lacks field {spec.name!r} of the {m.targets.kind}/{m.targets.encoding} layout")

@@ -224,3 +224,14 @@ def verify_cache(cache_dir: str | Path) -> list[str]:
         faults.append(f"{schema.MANIFEST_NAME}: shards hold {expected_first} sequences, manifest says "
                       f"{m.num_sequences}; rerun build-cache --resume to rebuild the manifest")
     return faults
+
+
+def format_notes(cache_dir: str | Path) -> list[str]:
+    """What a readable cache of an older format lacks against the current one (one line each; empty when current)."""
+    m = schema.load_manifest(cache_dir)
+    notes = []
+    if m.format_version < 3 and m.targets.encoding == "compact":
+        notes.append(f"format {m.format_version} compact blobs are not bound to their rows (a blob moved to another "
+                     "row is not detected) and decode slower than format 3; `cache_tools convert SRC DST "
+                     "--encoding compact` rewrites them")
+    return notes
