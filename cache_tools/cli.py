@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="check a cache's checksums, layout and numbers")
     v.add_argument("cache_dir")
 
-    c = sub.add_parser("convert", dataclass_types=[], help="rewrite a cache in another target encoding (no teacher); "
+    c = sub.add_parser("convert", dataclass_types=[], allow_abbrev=False,
+                       help="rewrite a cache in another target encoding (no teacher); "
                        "rerun to resume")
     c.add_argument("source", metavar="SRC")
     c.add_argument("output", metavar="DST")
