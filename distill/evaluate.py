@@ -41,38 +41,49 @@ class _LocalReduce:
 def evaluate_student(
     student: Any,
     tokenizer: Any,
-    cache_dir: str | Path,
+    cache_dir: str | Path | list[str],
     *,
     batch_size: int = 8,
     max_sequences: int | None = None,
     kd_config: Any = None,
     device: str | torch.device = "cpu",
+    teacher_weights: Any = None,
 ) -> dict[str, float]:
     """Metrics of `student` (any dtype; left in it) on every sequence of `cache_dir` (or the first max_sequences).
     Returns {"ce", "perplexity", "kd", "top1_agreement", "teacher_mass_covered", "loss", "sequences"}, and for a
-    cross-tokenizer student "xtok_aligned_fraction" and "xtok_mapped_mass_fraction"."""
+    cross-tokenizer student "xtok_aligned_fraction" and "xtok_mapped_mass_fraction". Several caches (one per
+    teacher, over the same windows): "kd" is the mixture KD sum_i w_i kd_i (`teacher_weights`, default equal) and
+    each teacher's metrics come as "teacher{i}/kd", "teacher{i}/top1_agreement", "teacher{i}/teacher_mass_covered"."""
     import torch
 
     with torch.no_grad():
-        return _evaluate_student(student, tokenizer, cache_dir, batch_size, max_sequences, kd_config, device)
+        return _evaluate_student(student, tokenizer, cache_dir, batch_size, max_sequences, kd_config, device,
+                                 teacher_weights)
 
 
-def _evaluate_student(student: Any, tokenizer: Any, cache_dir: str | Path, batch_size: int,
-                      max_sequences: int | None, kd_config: Any, device: Any) -> dict[str, float]:
+def _evaluate_student(student: Any, tokenizer: Any, cache_dir: Any, batch_size: int, max_sequences: int | None,
+                      kd_config: Any, device: Any, teacher_weights: Any) -> dict[str, float]:
     import torch
     from torch.utils.data import DataLoader
 
-    from distill.data.dataset import XTOK_STATS, DistillCollator, build_cache_data
+    from distill.data.dataset import XTOK_STATS, DistillCollator
+    from distill.data.multi import build_multi_cache_data
     from distill.losses import KDConfig
+    from distill.training.arguments import as_list
     from distill.training.metrics import MetricAccumulator
     from distill.training.modeling import DistillModel, head_rows, kd_config_for_caches
+    from distill.training.teachers import parse_teacher_weights
 
-    data = build_cache_data(cache_dir, tokenizer, head_rows(student), eval_fraction=0.0)
-    kd_config = kd_config_for_caches(kd_config or KDConfig(), data.readers)  # targets = the cache's kind
+    caches = as_list(cache_dir)
+    data = build_multi_cache_data(caches, tokenizer, head_rows(student), eval_fraction=0.0)
+    kd_configs = [kd_config_for_caches(kd_config or KDConfig(), readers) for readers in data.teacher_readers]
+    weights_t = parse_teacher_weights(teacher_weights, len(caches))
     dataset = data.train
     if max_sequences is not None:
-        dataset.indices = dataset.indices[:max_sequences]
-    model = DistillModel(student, kd_config).to(device).eval()
+        for part in getattr(dataset, "datasets", [dataset]):
+            part.indices = part.indices[:max_sequences]
+    model = DistillModel(student, kd_configs[0], teacher_weights=weights_t,
+                         teacher_kd_configs=kd_configs).to(device).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=DistillCollator(pad))
     sums = MetricAccumulator()
@@ -84,7 +95,7 @@ def _evaluate_student(student: Any, tokenizer: Any, cache_dir: str | Path, batch
             xtok += stats.sum(0)
         batch = {k: v.to(device) for k, v in batch.items()}
         sums.add_eval(model(**batch, loss_weights=weights))
-    metrics = sums.eval_summary(_LocalReduce(), weights)
+    metrics = sums.eval_summary(_LocalReduce(), weights, weights_t)
     metrics["sequences"] = float(len(dataset))
     if float(xtok[0]) > 0:  # [student tokens, aligned, teacher mass, mapped mass]
         metrics["xtok_aligned_fraction"] = float(xtok[1] / xtok[0])
@@ -96,7 +107,7 @@ _ROWS = (  # (key, label, format) of the table, in reading order
     ("loss", "loss (weighted CE + KD)", "{:.4f}"),
     ("ce", "cross-entropy (nats/token)", "{:.4f}"),
     ("perplexity", "perplexity", "{:.3f}"),
-    ("kd", "KD divergence", "{:.4f}"),
+    ("kd", "KD divergence (several teachers: to their weighted mixture)", "{:.4f}"),
     ("top1_agreement", "top-1 agreement with the teacher", "{:.2%}"),
     ("teacher_mass_covered", "teacher mass the student's top-k covers", "{:.2%}"),
     ("xtok_aligned_fraction", "student tokens aligned to teacher positions", "{:.2%}"),
@@ -178,7 +189,11 @@ def kd_config_for(run: dict[str, Any], args: argparse.Namespace) -> Any:
 def _parser() -> argparse.ArgumentParser:
     parser = StrictArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--student", required=True, help="run folder (OUT) or exported student folder")
-    parser.add_argument("--cache", default=None, help="held-out teacher cache (default: the run's eval cache)")
+    parser.add_argument("--cache", action="append", default=None,
+                        help="held-out teacher cache (default: the run's eval cache); repeat it for several teachers "
+                             "(one cache each, the same windows)")
+    parser.add_argument("--teacher_weights", default=None,
+                        help="weights of several teachers' KD, e.g. 0.6,0.4 (default: the run's, else equal)")
     parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_sequences", type=int, default=None)
@@ -194,7 +209,9 @@ def _main(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir, run = run_settings(Path(args.student))
-    cache = args.cache or run.get("eval_cache")
+    from distill.training.arguments import as_list
+
+    cache = args.cache or as_list(run.get("eval_cache"))
     if not cache:
         raise ConfigError(f"--student {args.student}: no --cache given and the run has no --eval_cache to "
                           "evaluate on; pass --cache EVAL_CACHE")
@@ -206,12 +223,13 @@ def _main(args: argparse.Namespace) -> int:
     student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, DTYPE_NAMES[args.dtype]))
     metrics = evaluate_student(student, tokenizer, cache, batch_size=args.batch_size,
                                max_sequences=args.max_sequences, kd_config=kd_config,
-                               device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                               device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                               teacher_weights=args.teacher_weights or run.get("teacher_weights"))
     metrics["kd_kind"], metrics["temperature"] = kd_config.kind, kd_config.temperature
     if args.json:
         print(json.dumps(metrics, sort_keys=True))
     else:
-        print(format_table(metrics, f"{model_dir} on {cache}:"))
+        print(format_table(metrics, f"{model_dir} on {', '.join(map(str, cache))}:"))
     return 0
 
 

@@ -86,7 +86,9 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from distill.data.dataset import DistillCollator, build_cache_data, build_text_data
+    from distill.data.multi import build_multi_cache_data
     from distill.losses import KDConfig
+    from distill.training.arguments import as_list
     from distill.training.callbacks import (
         DistillEarlyStoppingCallback,
         OneLinePrinterCallback,
@@ -102,6 +104,7 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
         kd_config_for_caches,
         resolve_pool_layers,
     )
+    from distill.training.teachers import parse_teacher_weights
     from distill.training.trainer import DistillTrainer
 
     tokenizer = load_tokenizer(cfg)
@@ -109,11 +112,14 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
     # Check the data against the student's vocabulary BEFORE loading (possibly billions of) weights.
     rows = int(student_config.get_text_config().vocab_size)
     d = cfg.data
-    if d.cache:
-        data = build_cache_data(d.cache, tokenizer, rows, eval_cache=d.eval_cache, eval_fraction=d.eval_fraction,
-                                max_eval_sequences=d.max_eval_sequences, target_builder=target_builder,
-                                xtok_rule=d.xtok_rule, packing=d.packing, assistant_only_loss=d.assistant_only_loss,
-                                student_chat_template=d.student_chat_template)
+    caches = as_list(d.cache)
+    options = dict(eval_fraction=d.eval_fraction, max_eval_sequences=d.max_eval_sequences,
+                   target_builder=target_builder, xtok_rule=d.xtok_rule, packing=d.packing,
+                   assistant_only_loss=d.assistant_only_loss, student_chat_template=d.student_chat_template)
+    if len(caches) > 1:  # several teachers: the caches are checked to cover the same windows first
+        data = build_multi_cache_data(caches, tokenizer, rows, eval_caches=as_list(d.eval_cache), **options)
+    elif d.cache:
+        data = build_cache_data(caches[0], tokenizer, rows, eval_cache=d.eval_cache, **options)
     else:
         data = build_text_data(d.dataset, tokenizer, max_length=d.max_length, text_column=d.text_column,
                                max_samples=d.max_samples, packing=d.packing or "cross_document")
@@ -121,6 +127,9 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
     # The one KDConfig of the run: its flags (kd_kind, temperature, use_tail, loss_chunk_size, divergence
     # parameters) and the caches' target kind; the model hands it to the kernel unchanged.
     kd_config = kd_config_for_caches(KDConfig.from_args(loss), data.readers)
+    teacher_readers = getattr(data, "teacher_readers", [data.readers])
+    teacher_kd_configs = [kd_config_for_caches(KDConfig.from_args(loss), readers) for readers in teacher_readers]
+    teacher_weights = parse_teacher_weights(d.teacher_weights, len(teacher_readers))
     aux = aux_settings(data.reader, loss)
     if aux is not None:  # before loading weights: a bad --pool_student_layers is a one-line error at once
         resolve_pool_layers(student_pool_layers(cfg.model.pool_student_layers), aux,
@@ -130,7 +139,8 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
         raise ConfigError(f"--student: LM head has {head_rows(student)} rows but config.vocab_size is {rows}; fix "
                           "the model's config")
     set_seed(cfg.training.seed)  # projection heads: the same initial values on every rank and every run
-    model = DistillModel(student, kd_config, aux, student_pool_layers(cfg.model.pool_student_layers))
+    model = DistillModel(student, kd_config, aux, student_pool_layers(cfg.model.pool_student_layers),
+                         teacher_weights=teacher_weights, teacher_kd_configs=teacher_kd_configs)
     trainer = DistillTrainer(
         model=model, args=cfg.training, data_collator=DistillCollator(tokenizer.pad_token_id),
         train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer, loss_args=loss,

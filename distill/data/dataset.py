@@ -30,8 +30,14 @@ from distill.losses import IGNORE_INDEX
 
 TargetBuilder = Callable[[CachedSequence], dict[str, Any]]
 TEACHER_KEYS = ("topk_ids", "topk_logprobs", "tail_logprob", "kd_mask")
+TEACHER_PREFIX = "t{index}."  # keys of teacher index >= 1 (several caches): "t1.topk_ids", ...
 XTOK_STATS = "xtok_stats"  # collator key: [1, 4] float64 sums of XTOK_STAT_KEYS (cross-tokenizer batches only)
 XTOK_STAT_KEYS = ("student_tokens", "aligned", "teacher_mass", "mapped_mass")
+
+
+def teacher_key(index: int, key: str) -> str:
+    """The example/batch key of teacher `index`'s field `key` (teacher 0 keeps the plain single-teacher key)."""
+    return key if index == 0 else TEACHER_PREFIX.format(index=index) + key
 
 
 class DirectTargets:
@@ -253,20 +259,29 @@ class DistillCollator:
                 labels[b, np.cumsum(pieces) - 1] = IGNORE_INDEX  # it would predict the next, unrelated document
             batch.update(position_ids=positions, segment_ids=segments)
         if "topk_ids" in examples[0]:
-            K = examples[0]["topk_ids"].shape[1]
-            topk_ids = np.full((B, L, K), -1, dtype=np.int64)
-            topk_logprobs = np.zeros((B, L, K), dtype=np.float32)
-            tail = np.zeros((B, L), dtype=np.float32)
-            kd_mask = np.zeros((B, L), dtype=np.bool_)
-            for b, (e, n) in enumerate(zip(examples, lengths, strict=True)):
-                topk_ids[b, :n] = e["topk_ids"]
-                topk_logprobs[b, :n] = e["topk_logprobs"]
-                tail[b, :n] = e["tail_logprob"]
-                kd_mask[b, :n] = e["kd_mask"]
-            batch.update(topk_ids=topk_ids, topk_logprobs=topk_logprobs, tail_logprob=tail, kd_mask=kd_mask,
-                         pooled_hidden=np.stack([e["pooled_hidden"] for e in examples]).astype(np.float32))
+            t = 0
+            while teacher_key(t, "topk_ids") in examples[0]:  # several teachers: `distill.data.multi`
+                batch.update(_pad_teacher(examples, lengths, L, teacher_key(t, "")))
+                t += 1
+            batch["pooled_hidden"] = np.stack([e["pooled_hidden"] for e in examples]).astype(np.float32)
         if "stats" in examples[0]:
             # Cross-tokenizer coverage of this batch, summed: [student tokens, aligned, teacher mass, mapped mass].
             batch[XTOK_STATS] = np.array([[sum(float(e["stats"][k]) for e in examples) for k in XTOK_STAT_KEYS]],
                                          dtype=np.float64)
         return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+
+def _pad_teacher(examples: list[dict[str, Any]], lengths: list[int], L: int, prefix: str) -> dict[str, np.ndarray]:
+    """One teacher's targets (keys `prefix` + TEACHER_KEYS) padded to [B, L(, K)]: -1 ids and no KD on padding."""
+    B, K = len(examples), examples[0][prefix + "topk_ids"].shape[1]
+    topk_ids = np.full((B, L, K), -1, dtype=np.int64)
+    topk_logprobs = np.zeros((B, L, K), dtype=np.float32)
+    tail = np.zeros((B, L), dtype=np.float32)
+    kd_mask = np.zeros((B, L), dtype=np.bool_)
+    for b, (e, n) in enumerate(zip(examples, lengths, strict=True)):
+        topk_ids[b, :n] = e[prefix + "topk_ids"]
+        topk_logprobs[b, :n] = e[prefix + "topk_logprobs"]
+        tail[b, :n] = e[prefix + "tail_logprob"]
+        kd_mask[b, :n] = e[prefix + "kd_mask"]
+    return {prefix + "topk_ids": topk_ids, prefix + "topk_logprobs": topk_logprobs, prefix + "tail_logprob": tail,
+            prefix + "kd_mask": kd_mask}

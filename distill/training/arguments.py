@@ -3,6 +3,7 @@ parses and validates them). The loss components' and the divergences' flags are 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,10 +37,41 @@ class ModelArguments:
     )
 
 
+class RepeatableFlag(argparse.Action):
+    """`--cache A` gives "A" (as a single flag always did); `--cache A --cache B` gives ["A", "B"]. The first use on
+    the command line replaces a YAML value (the command line wins), later uses append."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen = False
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        current = getattr(namespace, self.dest, None) if self.seen else None
+        self.seen = True
+        if current is None:
+            setattr(namespace, self.dest, values)
+        else:
+            setattr(namespace, self.dest, [*as_list(current), values])
+
+
+def as_list(value: str | list[str] | None) -> list[str]:
+    """A repeatable flag's value (None, one path, or a list) as a list of paths."""
+    if value is None or value == "":
+        return []
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+
 @dataclass
 class DataArguments:
-    cache: str | None = field(default=None, metadata={"help": "Teacher cache directory (distillation mode)."})
-    eval_cache: str | None = field(default=None, metadata={"help": "Separate held-out cache for evaluation."})
+    cache: str | None = field(default=None, metadata={
+        "help": "Teacher cache directory (distillation mode). Several teachers: repeat it (--cache A --cache B; YAML: "
+                "a list); their caches must cover the same windows.", "action": RepeatableFlag})
+    eval_cache: str | None = field(default=None, metadata={
+        "help": "Separate held-out cache for evaluation; with several --cache, one per teacher in the same order.",
+        "action": RepeatableFlag})
+    teacher_weights: str | None = field(default=None, metadata={
+        "help": "Weights of the teachers' KD terms, one per --cache: 0.6,0.4 (YAML: a list); normalised to sum 1; "
+                "default: equal."})
     eval_fraction: float = field(
         default=0.0,
         metadata={"help": "Hold out this fraction of the cache's shards (the last ones) for evaluation."},

@@ -30,8 +30,10 @@ from distill.training.arguments import (
     LossArguments,
     ModelArguments,
     RunArguments,
+    as_list,
 )
 from distill.training.components import COMPONENTS
+from distill.training.teachers import parse_teacher_weights
 
 RESOLVED_CONFIG_NAME = "distill_config.yaml"
 __all__ = ["ARG_CLASSES", "KD_KINDS", "RESOLVED_CONFIG_NAME", "DataArguments", "DistillConfig",
@@ -107,6 +109,7 @@ def validate(cfg: DistillConfig) -> None:
         problems.append("--cache DIR (distillation) or --dataset SPEC (LM-only) is required")
     if d.cache and d.dataset:
         problems.append("give --cache or --dataset, not both")
+    problems += _teacher_problems(d)
     if d.dataset and (d.eval_cache or d.eval_fraction):
         problems.append("--eval_cache/--eval_fraction need --cache (LM-only mode has no held-out targets)")
     if not 0.0 <= d.eval_fraction < 1.0:
@@ -150,6 +153,26 @@ def validate(cfg: DistillConfig) -> None:
         problems.append("give --fp16 or --bf16, not both")
     if problems:
         raise ConfigError(f"{len(problems)} configuration problem(s): " + "; ".join(problems))
+
+
+def _teacher_problems(d: Any) -> list[str]:
+    """Several --cache (teachers): their weights, and one --eval_cache per teacher when eval caches are given."""
+    caches, evals = as_list(d.cache), as_list(d.eval_cache)
+    problems = []
+    if len(evals) > 1 and len(evals) != len(caches):
+        problems.append(f"{len(caches)} --cache but {len(evals)} --eval_cache: give one eval cache per teacher, in "
+                        "the same order")
+    if len(caches) > 1 and len(evals) == 1:
+        problems.append(f"{len(caches)} --cache but 1 --eval_cache: give one eval cache per teacher (the same held-out "
+                        "windows built by each teacher), in the same order")
+    if d.teacher_weights is not None and caches:
+        try:
+            parse_teacher_weights(d.teacher_weights, len(caches))
+        except ConfigError as err:
+            problems.append(str(err))
+    elif d.teacher_weights is not None:
+        problems.append("--teacher_weights needs --cache (one weight per teacher cache)")
+    return problems
 
 
 def _component_problems(cfg: DistillConfig) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from typing import Any
 
@@ -56,6 +57,9 @@ class MetricAccumulator:
             self._add(c.tag("weighted"), outputs[c.name] * weights[c.name] * mask)
         self._add("top1_agreement", outputs["top1_agree"] * masks["kd"])
         self._add("teacher_mass_covered", outputs["covered_mass"] * masks["kd"])
+        for key in _teacher_keys(outputs):  # several teachers: each one's KD diagnostics beside the totals
+            if not key.endswith("/n_kd"):
+                self._add(key, outputs[key] * masks["kd"])
 
     def add_eval(self, outputs: dict[str, torch.Tensor]) -> None:
         """Token-weighted sums, so batch boundaries do not change the result."""
@@ -66,6 +70,11 @@ class MetricAccumulator:
         self._add("kd_sum", outputs["kd"].float() * n_kd)
         self._add("top1_sum", outputs["top1_agree"].float() * n_kd)
         self._add("covered_sum", outputs["covered_mass"].float() * n_kd)
+        for key in _teacher_keys(outputs):
+            if key.endswith("/n_kd"):
+                self._add(key, outputs[key].float())
+            else:  # teacher{i}/metric, weighted by that teacher's own KD rows
+                self._add(key, outputs[key].float() * outputs[key.rsplit("/", 1)[0] + "/n_kd"].float())
 
     def _reduced(self, accelerator: Any) -> dict[str, float]:
         keys = sorted(self.sums)
@@ -80,12 +89,15 @@ class MetricAccumulator:
         counts = {key: sums.pop(key, 0.0) for key in COUNT_KEY.values()}
         out = {}
         for key, value in sums.items():
-            denom = counts[DENOMINATOR.get(key, "count")]
+            denom = counts[DENOMINATOR.get(key, "kd_count" if TEACHER_TAG.match(key) else "count")]
             if denom:  # not computed in this window (zero weight, no targets): leave the key out, never a fake 0
                 out[key] = value / denom
         return out
 
-    def eval_summary(self, accelerator: Any, weights: dict[str, float]) -> dict[str, float]:
+    def eval_summary(self, accelerator: Any, weights: dict[str, float],
+                     teacher_weights: list[float] | None = None) -> dict[str, float]:
+        """Token-weighted means. Several teachers: each one's metrics over its own KD rows (`teacher{i}/...`), and
+        "kd" = the mixture KD sum_i w_i kd_i (`teacher_weights`, as the model uses them)."""
         sums = self._reduced(accelerator)
         n_ce, n_kd = sums.get("n_ce", 0.0), sums.get("n_kd", 0.0)
         out: dict[str, float] = {}
@@ -98,8 +110,24 @@ class MetricAccumulator:
             out["kd"] = sums["kd_sum"] / n_kd
             out["top1_agreement"] = sums["top1_sum"] / n_kd
             out["teacher_mass_covered"] = sums["covered_sum"] / n_kd
+        per_teacher = {}
+        for key, value in sums.items():
+            match = TEACHER_TAG.match(key)
+            if match and not key.endswith("/n_kd") and sums.get(f"teacher{match[1]}/n_kd"):
+                per_teacher[key] = value / sums[f"teacher{match[1]}/n_kd"]
+        out.update(per_teacher)
+        if per_teacher and teacher_weights:
+            out["kd"] = sum(w * per_teacher.get(f"teacher{i}/kd", 0.0) for i, w in enumerate(teacher_weights))
+        if n_kd:
             out["loss"] = out.get("loss", 0.0) + weights["kd"] * out["kd"]
         return out
+
+
+TEACHER_TAG = re.compile(r"^teacher(\d+)/(.+)$")  # `distill.training.teachers.teacher_tag`
+
+
+def _teacher_keys(outputs: dict[str, Any]) -> list[str]:
+    return sorted(key for key in outputs if TEACHER_TAG.match(key))
 
 
 class TrainingLog:

@@ -12,6 +12,7 @@ Why everything happens inside `forward`:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from distill.losses import KDConfig, check_kd_for_targets, fused_ce_kd_loss
 from distill.losses.aux import PooledProjection, pool_layers
 from distill.training.attention import packed_inputs
 from distill.training.components import AUX, COMPONENTS, aux_params, wants_aux, weights_of
+from distill.training.teachers import multi_teacher_cekd, teacher_fields
 
 
 @dataclass
@@ -102,10 +104,14 @@ class DistillModel(nn.Module):
     """
 
     def __init__(self, student: nn.Module, kd_config: KDConfig, aux: AuxSettings | None = None,
-                 student_pool_layers: list[int] | None = None):
+                 student_pool_layers: list[int] | None = None, teacher_weights: Sequence[float] = (1.0,),
+                 teacher_kd_configs: Sequence[KDConfig] | None = None):
         super().__init__()
         self.student = student
         self.kd_config = kd_config
+        # Several teachers (several caches, `distill.training.teachers`): weights summing to 1, one KD config each.
+        self.teacher_weights = [float(w) for w in teacher_weights]
+        self.teacher_kd_configs = list(teacher_kd_configs or [kd_config] * len(self.teacher_weights))
         self.aux = aux
         self.projection = None
         self.student_pool_layers: list[int] = []
@@ -169,6 +175,7 @@ class DistillModel(nn.Module):
         kd_denominator: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        **more_teachers: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """Shapes: input_ids/attention_mask/labels [B, L]; topk_* [B, L, K]; tail_logprob/kd_mask [B, L];
         pooled_hidden [B, P, H_teacher]; position_ids/segment_ids [B, L] (isolated packing, from the collator).
@@ -181,7 +188,8 @@ class DistillModel(nn.Module):
         loss per registered component (`distill.training.components`: "ce", "kd", "feature", ...), "n_ce", "n_kd",
         "n_aux": row / sequence counts (0 = not computed), "top1_agree", "covered_mass"} (all 0-dim tensors). In
         training, a KD weight of 0 skips KD entirely (n_kd = 0); the aux losses are computed only when some aux
-        weight is non-zero."""
+        weight is non-zero. Several teachers: `more_teachers` holds teacher t >= 1's fields under `teacher_key`;
+        "kd" is then the weighted mixture and each teacher's metrics come under `teachers.teacher_tag`."""
         weights = {c.name: 1.0 if c.name == "ce" else 0.0 for c in COMPONENTS}
         weights.update(loss_weights or {})
         no_autocast = contextlib.nullcontext() if self.training else torch.autocast(input_ids.device.type,
@@ -192,7 +200,8 @@ class DistillModel(nn.Module):
             flat_labels = labels.reshape(-1)
             # Training with a zero KD weight IS LM-only training: the same call as without a cache, bit for bit (and
             # no KD work). Evaluation always measures KD when targets exist.
-            if topk_ids is None or (self.training and weights["kd"] == 0):
+            lm_only = topk_ids is None or (self.training and weights["kd"] == 0)
+            if lm_only:
                 # One empty KD slot per row, masked out, so the same fused kernel computes CE alone.
                 n = flat_labels.shape[0]
                 topk_ids = torch.full((n, 1), -1, dtype=torch.long, device=hidden.device)
@@ -200,14 +209,26 @@ class DistillModel(nn.Module):
                 tail_logprob = torch.zeros((n,), dtype=torch.float32, device=hidden.device)
                 kd_mask = torch.zeros((n,), dtype=torch.bool, device=hidden.device)
                 weights["kd"] = 0.0
-            K = topk_ids.shape[-1]
-            cekd = fused_ce_kd_loss(
-                hidden.reshape(-1, H), self.head_weight(), flat_labels,
-                topk_ids.reshape(-1, K), topk_logprobs.reshape(-1, K).float(), tail_logprob.reshape(-1).float(),
-                kd_mask.reshape(-1), ce_weight=float(weights["ce"]), kd_weight=float(weights["kd"]),
-                config=self.kd_config, ce_denominator=ce_denominator, kd_denominator=kd_denominator,
-            )
-            aux_total = cekd.loss.new_zeros(())
+            if len(self.teacher_weights) > 1 and not lm_only:
+                first = dict(topk_ids=topk_ids, topk_logprobs=topk_logprobs, tail_logprob=tail_logprob,
+                             kd_mask=kd_mask, kd_denominator=kd_denominator)
+                teachers = [first] + [teacher_fields(more_teachers, t) for t in range(1, len(self.teacher_weights))]
+                cekd = multi_teacher_cekd(hidden.reshape(-1, H), self.head_weight(), flat_labels, teachers,
+                                          weights=weights, teacher_weights=self.teacher_weights,
+                                          kd_configs=self.teacher_kd_configs, ce_denominator=ce_denominator)
+            else:
+                K = topk_ids.shape[-1]
+                single = fused_ce_kd_loss(
+                    hidden.reshape(-1, H), self.head_weight(), flat_labels,
+                    topk_ids.reshape(-1, K), topk_logprobs.reshape(-1, K).float(), tail_logprob.reshape(-1).float(),
+                    kd_mask.reshape(-1), ce_weight=float(weights["ce"]), kd_weight=float(weights["kd"]),
+                    config=self.kd_config, ce_denominator=ce_denominator, kd_denominator=kd_denominator,
+                )
+                cekd = {"cekd_loss": single.loss, "ce": single.ce, "kd": single.kd,
+                        "n_ce": torch.tensor(single.n_ce, device=single.loss.device),
+                        "n_kd": torch.tensor(single.n_kd, device=single.loss.device),
+                        "top1_agree": single.top1_agree, "covered_mass": single.covered_mass}
+            aux_total = cekd["cekd_loss"].new_zeros(())
             raw = {c.name: aux_total for c in AUX}
             n_aux = 0
             if self.projection is not None and pooled_hidden is not None and wants_aux(weights):
@@ -216,14 +237,9 @@ class DistillModel(nn.Module):
                     aux_total = aux_total + weights[name] * value
                 raw = {name: value.detach() for name, value in losses.items()}
                 n_aux = int(input_ids.shape[0])
-        total = cekd.loss + aux_total
-        return {
-            "loss": total, "cekd_loss": cekd.loss, "aux_loss": aux_total, "ce": cekd.ce, "kd": cekd.kd, **raw,
-            "n_ce": torch.tensor(cekd.n_ce, device=total.device),
-            "n_kd": torch.tensor(cekd.n_kd, device=total.device),
-            "n_aux": torch.tensor(n_aux, device=total.device),
-            "top1_agree": cekd.top1_agree, "covered_mass": cekd.covered_mass,
-        }
+        total = cekd["cekd_loss"] + aux_total
+        return {"loss": total, "aux_loss": aux_total, **cekd, **raw,
+                "n_aux": torch.tensor(n_aux, device=total.device)}
 
     def _aux_losses(self, student_pooled: torch.Tensor, teacher_pooled: torch.Tensor) -> dict[str, torch.Tensor]:
         """[B, P, H_s] (fp32) and [B, P, H_t] -> {aux component: scalar}, computed in fp32 (bounded losses). Every

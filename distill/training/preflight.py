@@ -22,10 +22,10 @@ def verify_caches(data: Any) -> None:
     if not data.verify_cache:
         return
     from cache_tools.format.verify import verify_cache
+    from distill.training.arguments import as_list
 
-    for flag, cache in (("--cache", data.cache), ("--eval_cache", data.eval_cache)):
-        if not cache:
-            continue
+    for flag, cache in [*(("--cache", c) for c in as_list(data.cache)),
+                        *(("--eval_cache", c) for c in as_list(data.eval_cache))]:
         faults = verify_cache(cache)
         if faults:
             more = f" (and {len(faults) - 1} more fault(s))" if len(faults) > 1 else ""

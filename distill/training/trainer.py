@@ -21,7 +21,8 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import EvalLoopOutput
 
-from distill.data.dataset import XTOK_STATS
+from distill.data.dataset import XTOK_STATS, teacher_key
+from distill.data.multi import num_teachers
 from distill.losses import IGNORE_INDEX
 from distill.training.components import COMPONENTS
 from distill.training.metrics import MetricAccumulator, TrainingLog, loss_scale, scheduled_weights
@@ -132,17 +133,20 @@ class DistillTrainer(Trainer):
                 break
         if not batch_samples or "labels" not in batch_samples[0]:
             return batch_samples, None
-        counts = torch.zeros(2, dtype=torch.int64)
+        teachers = max(num_teachers(batch_samples[0]), 1)  # several caches: one KD-row count per teacher
+        counts = torch.zeros(1 + teachers, dtype=torch.int64)
         for batch in batch_samples:
             counts[0] += int((batch["labels"] != IGNORE_INDEX).sum())
-            if "kd_mask" in batch:
-                counts[1] += int((batch["kd_mask"].bool() & (batch["topk_ids"] >= 0).any(-1)).sum())
+            for t in range(num_teachers(batch)):
+                kd_mask, ids = batch[teacher_key(t, "kd_mask")], batch[teacher_key(t, "topk_ids")]
+                counts[1 + t] += int((kd_mask.bool() & (ids >= 0).any(-1)).sum())
         counts = counts.to(device)
         if _data_parallel_world_size() > 1:
             torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
         counts = counts.clamp_min(1)
+        fields = [*COUNT_FIELDS, *(teacher_key(t, COUNT_FIELDS[1]) for t in range(1, teachers))]
         for batch in batch_samples:
-            batch.update(zip(COUNT_FIELDS, counts, strict=True))
+            batch.update(zip(fields, counts, strict=True))
         return batch_samples, None
 
     # -- logging ------------------------------------------------------------------------------------------------
@@ -194,7 +198,9 @@ class DistillTrainer(Trainer):
         self._eval_metrics.reset()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
                                          ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-        for key, value in self._eval_metrics.eval_summary(self.accelerator, self.eval_loss_weights()).items():
+        teacher_weights = getattr(self.accelerator.unwrap_model(self.model), "teacher_weights", None)
+        for key, value in self._eval_metrics.eval_summary(self.accelerator, self.eval_loss_weights(),
+                                                          teacher_weights).items():
             output.metrics[f"{metric_key_prefix}_{key}"] = value
         self._eval_metrics.reset()
         return output
@@ -207,8 +213,9 @@ def _mask_padding_samples(inputs: dict[str, Any], padding: torch.Tensor | None) 
         return
     padding = padding.to(inputs["labels"].device)
     inputs["labels"] = inputs["labels"].masked_fill(padding[:, None], IGNORE_INDEX)
-    if "kd_mask" in inputs:
-        inputs["kd_mask"] = inputs["kd_mask"].masked_fill(padding[:, None], False)
+    for t in range(num_teachers(inputs)):
+        key = teacher_key(t, "kd_mask")
+        inputs[key] = inputs[key].masked_fill(padding[:, None], False)
 
 
 __all__ = ["COUNT_FIELDS", "DistillTrainer"]
