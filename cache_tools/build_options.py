@@ -32,6 +32,24 @@ class BuildOptions:
     max_samples: int | None = field(default=None, metadata={"help": "use only the first N documents"})
     streaming: bool = field(default=False, metadata={"help": "stream the dataset instead of materialising it"})
     max_length: int = field(default=512, metadata={"help": "tokens per window"})
+    dataset_format: Literal["auto", "text", "messages", "prompt_completion"] = field(
+        default="auto", metadata={"help": "row format (TRL naming): messages column, prompt + completion columns, or "
+                                          "plain text; auto = from the columns"})
+    chat_template: str | None = field(
+        default=None, metadata={"help": "Jinja chat template FILE to render conversations (default: the teacher "
+                                        "tokenizer's)"})
+    chat_template_kwargs: str = field(
+        default="{}", metadata={"help": "JSON object passed to apply_chat_template, e.g. '{\"enable_thinking\": "
+                                        "false}'"})
+    all_positions: bool = field(
+        default=False, metadata={"help": "conversations: store teacher targets at every position (default: only "
+                                         "where the next token is assistant content)"})
+    packing: Literal["auto", "isolated", "cross_document"] = field(
+        default="auto", metadata={"help": "isolated: packed documents never attend to each other in the teacher; "
+                                          "auto = isolated for conversations, cross_document for plain text"})
+    long_conversations: Literal["split", "skip"] = field(
+        default="split", metadata={"help": "a conversation longer than --max-length: split across windows (masks "
+                                           "carried) or skip it; counted either way"})
     targets: Literal["topk", "sampled"] = field(
         default="topk", metadata={"help": "topk: K most likely tokens + exact tail mass; sampled: N draws from the "
                                           "teacher per position, stored as distinct ids + counts (RS-KD)"})
@@ -125,6 +143,10 @@ def check_options(opts: BuildOptions) -> schema.TargetsInfo:
         raise BuildError(f"--compression {opts.compression}: use none or lzf")
     if opts.resume and opts.overwrite:
         raise BuildError("--resume and --overwrite contradict each other; pass one")
+    if opts.packing not in ("auto", *schema.PACKING_MODES):
+        raise BuildError(f"--packing {opts.packing}: use auto, {' or '.join(schema.PACKING_MODES)}")
+    if opts.long_conversations not in ("split", "skip"):
+        raise BuildError(f"--long-conversations {opts.long_conversations}: use split or skip")
     if not opts.pool_layers:
         raise BuildError("--pool-layers: give at least one hidden_states index (default -1 = last layer)")
     return targets_info(opts)

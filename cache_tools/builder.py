@@ -11,7 +11,6 @@ import itertools
 import math
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,31 +18,17 @@ import numpy as np
 import torch
 
 import cache_tools
-from cache_tools import dist, output_dir, teacher
+from cache_tools import build_input, dist, output_dir, teacher
 from cache_tools.build_options import BuildOptions, check_options
-from cache_tools.format import schema, text_data
+from cache_tools.format import packing, schema
 from cache_tools.format.errors import BuildError
 from cache_tools.writer_thread import BackgroundShardWriter, to_host
 
 __all__ = ["BuildOptions", "build_cache"]
 
 
-def _windows(opts: BuildOptions, tokenizer: Any, rows: schema.RowsInfo) -> Iterator[text_data.Window]:
-    """Packed windows; the first is produced here so dataset errors and empty datasets fail before any output.
-    `rows` receives the dataset's row counts once every window was taken."""
-    # text_data raises its own one-line UserErrors (DatasetInputError, TokenizerError) naming the spec and the fix.
-    docs = text_data.load_documents(opts.dataset, split=opts.split, text_column=opts.text_column,
-                                    max_samples=opts.max_samples, streaming=opts.streaming, rows=rows)
-    windows = text_data.pack_windows(tokenizer, docs, opts.max_length)
-    first = next(windows, None)
-    if first is None:
-        raise BuildError(f"--dataset {opts.dataset}: no text (every row of column {opts.text_column!r} in split "
-                         f"{opts.split!r} is empty); check --dataset/--split/--text-column")
-    return itertools.chain([first], windows)
-
-
 def _manifest(opts: BuildOptions, loaded: teacher.LoadedTeacher, pool_layers: list[int], dtype: str,
-              targets: schema.TargetsInfo) -> schema.CacheManifest:
+              targets: schema.TargetsInfo, plan: build_input.InputPlan) -> schema.CacheManifest:
     tok = loaded.tokenizer
     roles = ("bos", "eos", "pad", "unk")
     return schema.CacheManifest(
@@ -59,13 +44,12 @@ def _manifest(opts: BuildOptions, loaded: teacher.LoadedTeacher, pool_layers: li
         max_length=opts.max_length,
         id_dtype=str(schema.id_dtype_for(loaded.vocab_size)),
         pooling=schema.PoolingInfo(method="masked_mean", layers=pool_layers, hidden_size=loaded.hidden_size),
-        dataset=schema.DatasetInfo(spec=opts.dataset, split=opts.split, text_column=opts.text_column,
-                                   max_samples=opts.max_samples, streaming=opts.streaming,
-                                   fingerprint=text_data.dataset_fingerprint(opts.dataset, split=opts.split)),
+        dataset=build_input.dataset_info(opts, plan),
         compute_dtype=dtype,
         batch_size=opts.batch_size,
         shard_size=opts.shard_size,
         compression=opts.compression,
+        packing=plan.packing,
     )
 
 
@@ -81,15 +65,24 @@ def _sampling(targets: schema.TargetsInfo, first_sequence: int, lengths: np.ndar
     return teacher.Sampling(uniforms=uniforms, temperature=targets.sample_temperature)
 
 
-def _pad(windows: list[text_data.Window], length: int) -> dict[str, np.ndarray]:
-    """Host-side arrays of a batch, padded to `length` (input_ids 0 and offsets 0 past valid_length)."""
+def _pad(windows: list[packing.Window], length: int) -> dict[str, Any]:
+    """Host-side arrays of a batch, padded to `length` (input_ids, offsets and masks 0 past valid_length)."""
     n = len(windows)
     ids = np.zeros((n, length), dtype=np.int64)
     offsets = np.zeros((n, length, 2), dtype=schema.OFFSET_DTYPE)
+    masks = {name: np.zeros((n, length), dtype=schema.MASK_DTYPE) for name in (schema.ASSISTANT_MASK,
+                                                                                schema.TARGET_MASK)}
     for row, w in enumerate(windows):
         ids[row, : len(w.input_ids)] = w.input_ids
         offsets[row, : len(w.input_ids)] = w.offsets
+        if w.assistant_mask is not None:
+            masks[schema.ASSISTANT_MASK][row, : len(w.input_ids)] = w.assistant_mask
+            masks[schema.TARGET_MASK][row, : len(w.input_ids)] = w.target_mask
+    conversational = windows[0].conversation is not None
     return {
+        **(masks if conversational else {}),
+        schema.SEGMENT_LENGTHS: [w.segment_lengths for w in windows],
+        schema.CONVERSATION: [w.conversation for w in windows] if conversational else None,
         schema.INPUT_IDS: ids,
         schema.VALID_LENGTH: np.array([len(w.input_ids) for w in windows], dtype=np.int32),
         schema.DOC_INDEX: np.array([w.doc_index for w in windows], dtype=np.int64),
@@ -113,7 +106,8 @@ def _build_shard(loaded, writer, shard_windows, first_sequence, opts, manifest, 
         if targets.kind == "sampled":
             sampling = _sampling(targets, first_sequence + lo, host[schema.VALID_LENGTH], longest)
         out = teacher.teacher_batch(loaded, ids, mask.long(), pool_layers, targets.top_k,
-                                    first_sequence=first_sequence + lo, sampling=sampling)
+                                    first_sequence=first_sequence + lo, sampling=sampling,
+                                    segments=host[schema.SEGMENT_LENGTHS] if manifest.packing == "isolated" else None)
         if sampling is not None:  # teacher_batch gives the sampled ids under the top-k key
             out[schema.SAMPLE_IDS] = out.pop(schema.TOPK_IDS)
         B = len(batch_windows)
@@ -180,20 +174,22 @@ def _build(opts: BuildOptions, info: dist.DistInfo, wall_start: float) -> dict[s
     pool_layers = teacher.check_settings(config, tokenizer, top_k=max(1, targets.top_k), max_length=opts.max_length,
                                          pool_layers=opts.pool_layers)
     rows = schema.RowsInfo()
-    windows = _windows(opts, tokenizer, rows)
+    plan = build_input.plan_input(opts, tokenizer)
+    targets.assistant_only = plan.assistant_only
+    windows = build_input.windows(opts, tokenizer, plan, rows)
     loaded = teacher.load_teacher(opts.teacher, opts.tokenizer, trust_remote_code=opts.trust_remote_code,
                                   dtype=dtype, device=device)
-    manifest = _manifest(opts, loaded, pool_layers, dtype, targets)
-    plan = output_dir.plan_output(out_dir, manifest, resume=opts.resume, overwrite=opts.overwrite)
+    manifest = _manifest(opts, loaded, pool_layers, dtype, targets, plan)
+    output_plan = output_dir.plan_output(out_dir, manifest, resume=opts.resume, overwrite=opts.overwrite)
     dist.barrier(info)  # every rank has decided before rank 0 changes the folder
-    if plan == "done":
+    if output_plan == "done":
         done = schema.load_manifest(out_dir)
         if info.is_main:
             print(f"cache_tools: {out_dir} is already complete ({done.num_sequences} sequences); nothing to do",
                   file=sys.stderr)
         return {"num_sequences": done.num_sequences, "num_tokens": done.num_tokens, "skipped": True}
     if info.is_main:
-        output_dir.start_build(out_dir, manifest, plan)  # build id, screened shards, unfinished manifest
+        output_dir.start_build(out_dir, manifest, output_plan)  # build id, screened shards, unfinished manifest
         output_dir.save_tokenizer(out_dir, tokenizer)
     dist.barrier(info)
     if not info.is_main:
@@ -244,6 +240,7 @@ def _build(opts: BuildOptions, info: dist.DistInfo, wall_start: float) -> dict[s
         manifest.num_sequences = sum(s.num_sequences for s in shards)
         manifest.num_tokens = sum(s.num_tokens for s in shards)
         manifest.complete = True
+        result.update(build_input.report(plan, rows))
         manifest.rows = rows
         manifest.save(out_dir)  # written last: its presence with complete=true means every shard is there
         total_bytes = sum(s.bytes for s in shards)

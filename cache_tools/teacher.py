@@ -12,6 +12,7 @@ import torch
 
 from cache_tools.format import schema
 from cache_tools.format.errors import BuildError, NonFiniteLogits, UserError, one_line  # noqa: F401
+from cache_tools.format.packing import isolated_attention
 from cache_tools.head import sampled_targets, topk_targets
 from cache_tools.sampling import sample_targets, sequence_uniforms  # noqa: F401 - re-exported
 
@@ -182,15 +183,20 @@ class Sampling:
 @torch.inference_mode()
 def teacher_batch(
     teacher: LoadedTeacher, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_layers: list[int], top_k: int,
-    *, first_sequence: int = 0, sampling: Sampling | None = None,
+    *, first_sequence: int = 0, sampling: Sampling | None = None, segments: list | None = None,
 ) -> dict[str, torch.Tensor]:
     """One forward. input_ids/attention_mask [B, T] (right-padded) on the model's device; first_sequence = global
     index of row 0 (named when an output is not finite). Returns device tensors: pooled_hidden [B, P, H] fp32 and
     top-k: topk_ids [B, T, K] (0 on padding), topk_logprobs [B, T, K], tail_logprob [B, T]; or with `sampling`:
-    topk_ids [B, T, S] distinct sampled ids (-1 padded, -1 on padding) and SAMPLE_COUNTS [B, T, S] int32."""
+    topk_ids [B, T, S] distinct sampled ids (-1 padded, -1 on padding) and SAMPLE_COUNTS [B, T, S] int32.
+    `segments` (per row, the lengths of its packed pieces): each piece is run as if alone (isolated packing)."""
     model = teacher.model
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                           use_cache=False)
+    extra: dict[str, torch.Tensor] = {"attention_mask": attention_mask}
+    if segments is not None:
+        dtype = next(model.parameters()).dtype
+        mask4d, positions = isolated_attention(segments, input_ids.shape[1], dtype, input_ids.device)
+        extra = {"attention_mask": mask4d, "position_ids": positions}
+    out = model.base_model(input_ids=input_ids, output_hidden_states=True, use_cache=False, **extra)
     mask = attention_mask.bool()
     flat = out.last_hidden_state[mask]  # [N, H] valid tokens only: padding never reaches the head
     weights = mask.float().unsqueeze(-1)  # [B, T, 1]

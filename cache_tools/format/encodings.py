@@ -8,11 +8,15 @@ Fields the builder hands to the writer, per batch of n windows (padded to L posi
              pooled_hidden [n, P, H]
     topk     topk_ids [n, L, K] (sorted by log-prob, descending), topk_logprobs [n, L, K], tail_logprob [n, L]
     sampled  sample_ids [n, L, N] (distinct ids, -1 padding), sample_counts [n, L, N] (0 in padding)
+    v3       segment_lengths list of int arrays; conversational: assistant_mask [n, L], conversation list of JSON-able
+             lists; assistant-only: target_mask [n, L] (the target fields keep every position: `encode_batch`
+             keeps only the masked ones)
 Every kind is read back as the same `Targets` (see `decode_targets`), and offsets as the same int32 [n, 2] for
 every encoding (see `decode_offsets`)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,11 +73,49 @@ def decode_text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+_STORED_TARGETS = "_stored_targets"  # batch key: per window, how many target positions it stores
+
+
 def _valid_rows(batch: dict[str, Any], name: str) -> list[np.ndarray]:
-    """Per window: field `name` trimmed to its valid positions."""
-    lengths = np.asarray(batch[schema.VALID_LENGTH])
+    """Per window: field `name` trimmed to its valid positions (target fields: to its stored target positions)."""
+    key = _STORED_TARGETS if name in schema.TARGET_FIELDS and _STORED_TARGETS in batch else schema.VALID_LENGTH
+    lengths = np.asarray(batch[key])
     array = np.asarray(batch[name])
     return [array[i, : int(n)] for i, n in enumerate(lengths)]
+
+
+def _only_target_positions(batch: dict[str, Any]) -> dict[str, Any]:
+    """Assistant-only caches: each target field's masked positions moved, in order, to the front of its row (zeros
+    after), and the count per window recorded for the blob encoders."""
+    masks = np.asarray(batch[schema.TARGET_MASK]).astype(bool)
+    lengths = np.asarray(batch[schema.VALID_LENGTH])
+    masks &= np.arange(masks.shape[1])[None, :] < lengths[:, None]
+    out = dict(batch)
+    out[_STORED_TARGETS] = masks.sum(axis=1)
+    for name in schema.TARGET_FIELDS:
+        if name in batch:
+            array = np.asarray(batch[name])
+            packed = np.zeros_like(array)
+            for i, mask in enumerate(masks):
+                packed[i, : int(mask.sum())] = array[i, mask]
+            out[name] = packed
+    return out
+
+
+def _segment_lengths(m: CacheManifest, batch: dict[str, Any], first: int) -> np.ndarray:
+    """A batch without segment lengths (hand-made windows) holds one piece per window."""
+    rows = batch.get(schema.SEGMENT_LENGTHS)
+    if rows is None:
+        rows = [[int(n)] for n in np.asarray(batch[schema.VALID_LENGTH])]
+    out = np.empty(len(rows), dtype=object)
+    for i, lengths in enumerate(rows):
+        out[i] = np.asarray(lengths, dtype=np.int32).reshape(-1)
+    return out
+
+
+def _conversation(m: CacheManifest, batch: dict[str, Any], first: int) -> np.ndarray:
+    return encode_text([json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+                        for record in batch[schema.CONVERSATION]])
 
 
 def _blobs(parts: list[np.ndarray]) -> np.ndarray:
@@ -116,6 +158,8 @@ _ENCODERS = {
     schema.SAMPLE_BLOB: _sample_blob,
     schema.OFFSETS_BLOB: _offsets_blob,
     schema.SAMPLE_IDS: _sample_ids,
+    schema.SEGMENT_LENGTHS: _segment_lengths,
+    schema.CONVERSATION: _conversation,
 }
 
 
@@ -126,6 +170,8 @@ def encode_batch(m: CacheManifest, batch: dict[str, Any], first_sequence: int) -
     """Fields of n windows -> every stored dataset of this cache's layout (on-disk dtypes), leading dimension n.
     Window i is global sequence `first_sequence + i` (format 3 blobs are bound to it). A batch may carry a blob
     dataset ready made (bound to its row by the caller) instead of the fields it encodes."""
+    if m.targets.assistant_only:
+        batch = _only_target_positions(batch)
     out = {}
     for spec in schema.datasets_for(m):
         encoder = _ENCODERS.get(spec.name)
@@ -150,9 +196,38 @@ def sampled_targets(ids: np.ndarray, counts: np.ndarray, num_samples: int) -> Ta
                    tail=np.full(counts.shape[0], -np.inf, dtype=np.float32), counts=counts)
 
 
-def decode_targets(m: CacheManifest, raw: dict[str, Any], n: int, sequence: int) -> Targets:
+def target_mask(m: CacheManifest, raw: dict[str, Any], n: int) -> np.ndarray:
+    """bool [n]: the positions of this sequence that store teacher targets (all of them unless assistant-only)."""
+    if not m.targets.assistant_only:
+        return np.ones(n, dtype=bool)
+    return np.asarray(raw[schema.TARGET_MASK][:n]).astype(bool)
+
+
+def decode_targets(m: CacheManifest, raw: dict[str, Any], n: int, sequence: int, *, expand: bool = True) -> Targets:
     """Global sequence `sequence`'s stored target datasets (per-token ones trimmed to its n valid positions) ->
-    `Targets`. A damaged blob, or another row's, raises CodecError; callers name the shard and sequence."""
+    `Targets` over its n positions; assistant-only caches fill the positions without targets with ids -1, log-probs 0
+    and a tail of 0 (top-k) or -inf (sampled); `expand=False` gives only the stored positions. A damaged blob, or
+    another row's, raises CodecError; callers name the shard and sequence."""
+    if not m.targets.assistant_only:
+        return _decode_stored(m, raw, n, sequence)
+    mask = target_mask(m, raw, n)
+    stored = _decode_stored(m, {k: v[: int(mask.sum())] if k in schema.TARGET_FIELDS else v for k, v in raw.items()},
+                            int(mask.sum()), sequence)
+    if not expand:
+        return stored
+    K = stored.ids.shape[-1]
+    ids = np.full((n, K), -1, dtype=np.int64)
+    logprobs = np.zeros((n, K), dtype=np.float32)
+    tail = np.full(n, -np.inf if m.targets.kind == "sampled" else 0.0, dtype=np.float32)
+    ids[mask], logprobs[mask], tail[mask] = stored.ids, stored.logprobs, stored.tail
+    counts = None
+    if stored.counts is not None:
+        counts = np.zeros((n, K), dtype=np.int32)
+        counts[mask] = stored.counts
+    return Targets(ids, logprobs, tail, counts)
+
+
+def _decode_stored(m: CacheManifest, raw: dict[str, Any], n: int, sequence: int) -> Targets:
     kind, encoding, V = m.targets.kind, m.targets.encoding, m.vocab_size
     if kind == "topk":
         tail = np.asarray(raw[schema.TAIL_LOGPROB], dtype=np.float32)
@@ -173,3 +248,18 @@ def decode_offsets(m: CacheManifest, raw: dict[str, Any], n: int, sequence: int)
     if m.targets.encoding == "compact":
         return _codec(m).decode_offsets(raw[schema.OFFSETS_BLOB], n, **_seq(m, sequence))
     return np.ascontiguousarray(raw[schema.OFFSETS], dtype=schema.OFFSET_DTYPE)
+
+
+def decode_packing(m: CacheManifest, raw: dict[str, Any], n: int) -> dict[str, Any]:
+    """One sequence's format 3 fields as `CachedSequence` takes them (older caches: one segment, every position with
+    targets, no conversation). Damaged JSON raises ValueError; callers name the shard and sequence."""
+    segments = raw.get(schema.SEGMENT_LENGTHS)
+    assistant = raw.get(schema.ASSISTANT_MASK)
+    conversation = raw.get(schema.CONVERSATION)
+    return {
+        "segment_lengths": (np.array([n], dtype=np.int32) if segments is None
+                            else np.asarray(segments, dtype=np.int32)),
+        "assistant_mask": None if assistant is None else np.asarray(assistant[:n]).astype(bool),
+        "target_mask": target_mask(m, raw, n),
+        "conversation": None if conversation is None else json.loads(decode_text(conversation)),
+    }

@@ -21,14 +21,16 @@ from cache_tools.format.errors import CacheError
 from cache_tools.format.fsutil import atomic_write_text
 
 FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)  # version 1 caches (top-k, fp16) are read through `_upgrade_v1`
+READABLE_VERSIONS = (1, 2, 3)  # older ones are read through `_upgrade_v1` / `_upgrade_v2`
 MANIFEST_NAME = "manifest.json"
 
 TARGET_KINDS = ("topk", "sampled")
 ENCODINGS = ("fp16", "compact")
 # Precision names a manifest records (`teacher.dtype`) and both command lines take, with their torch dtype names.
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
+# isolated: no token attends across the documents packed in a window (per-document positions, block-diagonal mask).
+PACKING_MODES = ("isolated", "cross_document")
+ROW_FORMATS = ("text", "messages", "prompt_completion")
 
 
 @dataclass
@@ -82,6 +84,10 @@ class DatasetInfo:
     max_samples: int | None = None
     streaming: bool = False
     fingerprint: str = ""
+    row_format: str = "text"  # one of ROW_FORMATS
+    chat_template_hash: str = ""  # sha256 of the template conversations were rendered with ("" for text)
+    chat_template_kwargs: str = "{}"  # canonical JSON of the extra apply_chat_template arguments
+    long_conversations: str = "split"  # split (like a long document, masks carried) | skip
 
 
 @dataclass
@@ -107,6 +113,8 @@ class TargetsInfo:
     num_samples: int = 0  # N, 0 for top-k
     sample_temperature: float = 1.0
     seed: int = 0
+    # Targets stored only at positions whose NEXT token is assistant content (`target_mask`); the rest carry none.
+    assistant_only: bool = False
 
     @property
     def slots(self) -> int:
@@ -134,6 +142,7 @@ class CacheManifest:
     batch_size: int = 0
     shard_size: int = 1024
     compression: str = "none"
+    packing: str = "cross_document"  # one of PACKING_MODES
     num_sequences: int = 0
     num_tokens: int = 0
     shards: list[ShardInfo] = field(default_factory=list)
@@ -184,7 +193,8 @@ class CacheManifest:
             fix = "upgrade cache_tools/distill" if version > FORMAT_VERSION else "rebuild the cache"
             raise CacheError(f"{where}: format version {version}, this tool reads versions "
                              f"{', '.join(map(str, READABLE_VERSIONS))}; {fix}")
-        loaded = _load(cls, _upgrade_v1(data, where) if version == 1 else data, where, "")
+        upgraded = _upgrade_v2(_upgrade_v1(data, where) if version == 1 else data) if version < 3 else data
+        loaded = _load(cls, upgraded, where, "")
         _check_build_id(data, where)  # after the structure: a missing key is named as such
         return loaded
 
@@ -193,7 +203,7 @@ class CacheManifest:
 
 
 _SETTINGS_KEYS = ("format_version", "teacher", "tokenizer", "targets", "max_length", "pooling", "dataset",
-                  "compute_dtype", "batch_size", "shard_size", "compression")
+                  "compute_dtype", "batch_size", "shard_size", "compression", "packing")
 
 
 def stable_hash(obj: Any) -> str:
@@ -235,6 +245,18 @@ def _upgrade_v1(data: dict[str, Any], where: str) -> dict[str, Any]:
         raise CacheError(f"{where}: key top_k missing (format version 1); rebuild the cache with --overwrite")
     data["targets"] = {"kind": "topk", "encoding": "fp16", "top_k": data.pop("top_k"), "num_samples": 0,
                        "sample_temperature": 1.0, "seed": 0}
+    return data
+
+
+def _upgrade_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """A version 1-2 manifest in version 3 shape: plain text packed across documents, targets at every position."""
+    data = dict(data)
+    data.setdefault("packing", "cross_document")
+    if isinstance(data.get("dataset"), dict):
+        data["dataset"] = {"row_format": "text", "chat_template_hash": "", "chat_template_kwargs": "{}",
+                           "long_conversations": "split", **data["dataset"]}
+    if isinstance(data.get("targets"), dict):
+        data["targets"] = {"assistant_only": False, **data["targets"]}
     return data
 
 
@@ -304,6 +326,10 @@ def _load(cls: type, data: Any, where: str, prefix: str) -> Any:
                              f"{_type_name(hints[f.name])}; rebuild the cache with --overwrite") from None
     if cls is TargetsInfo:
         _check_targets(values, where, prefix)
+    for name, allowed in _CHOICES.get(cls, ()):
+        if values[name] not in allowed:
+            raise CacheError(f"{where}: key {prefix + '.' if prefix else ''}{name} is {values[name]!r}, expected one "
+                             f"of {', '.join(allowed)}; upgrade cache_tools or rebuild the cache")
     return cls(**values)
 
 
@@ -312,6 +338,12 @@ def _check_targets(values: dict[str, Any], where: str, prefix: str) -> None:
         if values[name] not in allowed:
             raise CacheError(f"{where}: key {prefix}.{name} is {values[name]!r}, expected one of {', '.join(allowed)}"
                              "; upgrade cache_tools or rebuild the cache")
+
+
+_CHOICES: dict[type, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    CacheManifest: (("packing", PACKING_MODES),),
+    DatasetInfo: (("row_format", ROW_FORMATS), ("long_conversations", ("split", "skip"))),
+}
 
 
 def load_manifest(cache_dir: str | os.PathLike) -> CacheManifest:

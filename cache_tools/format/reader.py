@@ -21,7 +21,11 @@ from cache_tools.format import encodings, schema, shard_check, shard_io
 class CachedSequence:
     """One window, trimmed to its valid length n (K = `reader.top_k` slots, P = pooled layers, H = teacher hidden
     size). The same fields for every target kind and encoding: a sampled cache gives the distinct sampled ids
-    (-1 padding), log(count / N) and a tail of -inf (see `encodings.Targets`)."""
+    (-1 padding), log(count / N) and a tail of -inf (see `encodings.Targets`). Format 3 fields (see `schema`):
+    `segment_lengths` of the pieces packed in the window (older caches: one segment [n]); `assistant_mask` (None for
+    plain-text caches); `target_mask` (all True unless the cache stores targets only where the next token is
+    assistant content; elsewhere topk_ids are -1); `conversation` (the pieces' messages and content spans, None for
+    plain text)."""
 
     index: int
     input_ids: np.ndarray  # [n] int64
@@ -32,6 +36,17 @@ class CachedSequence:
     pooled_hidden: np.ndarray  # [P, H] float16
     text: str
     doc_index: int
+    segment_lengths: np.ndarray | None = None  # [d] int32; None only when built by hand (read as [n])
+    assistant_mask: np.ndarray | None = None  # [n] bool
+    target_mask: np.ndarray | None = None  # [n] bool; None only when built by hand (read as all True)
+    conversation: list[dict] | None = None
+
+    def __post_init__(self) -> None:
+        n = int(self.input_ids.shape[0])
+        if self.segment_lengths is None:
+            self.segment_lengths = np.array([n], dtype=np.int32)
+        if self.target_mask is None:
+            self.target_mask = np.ones(n, dtype=bool)
 
     @property
     def length(self) -> int:
@@ -129,6 +144,7 @@ class TeacherCacheReader:
             n = int(raw[schema.VALID_LENGTH])
             targets = encodings.decode_targets(self.manifest, raw, n, int(index))
             offsets = encodings.decode_offsets(self.manifest, raw, n, int(index))
+            extra = encodings.decode_packing(self.manifest, raw, n)
         except (OSError, ValueError, KeyError) as err:  # truncated file, damaged blob, dataset missing
             raise CacheError(f"{self.cache_dir / shard_file}: sequence {index} (row {row}) unreadable ({err}); run "
                              "`cache_tools verify` and rebuild that shard") from err
@@ -142,6 +158,7 @@ class TeacherCacheReader:
             pooled_hidden=raw[schema.POOLED_HIDDEN],
             text=raw[schema.TEXT],
             doc_index=int(raw[schema.DOC_INDEX]),
+            **extra,
         )
         if self.check_finite:
             self._check_finite(seq, shard_file, row, sampled=self.manifest.targets.kind == "sampled")

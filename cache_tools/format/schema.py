@@ -20,6 +20,30 @@ FOLLOWS token t. Encoding "fp16" stores the sparse targets and the token offsets
 each of the two as one variable-length uint8 blob per sequence (`cache_tools.format.codec`) covering the window's valid
 positions only (a top-k tail_logprob stays an array). Version 1 (read, never written) = version 2 with kind "topk",
 encoding "fp16", text stored as a variable-length UTF-8 string instead of bytes.
+
+Version 3 adds packing and conversations (versions 1-2 read as: cross-document packing, one segment per window,
+plain text, targets at every position):
+
+* ``segment_lengths`` (every v3 cache): the lengths of the document pieces packed in the window, in order, summing to
+  valid_length. A piece is one document's run of tokens (plain text: with the EOS that closes it; a conversation:
+  its rendered tokens, no separator). Manifest ``packing`` = ``isolated``: the teacher saw each piece alone (positions
+  restart at 0, block-diagonal causal mask); ``cross_document``: one causal run over the whole window.
+* ``assistant_mask`` (conversational caches, manifest ``dataset.row_format`` != text): 1 where the token is
+  assistant / completion content, including the end-of-turn token that closes the turn (and, when the chat template
+  renders a generation prompt as a prefix, the template text between that prompt and the content, e.g. Qwen3's
+  ``<think>`` block).
+* ``target_mask`` (manifest ``targets.assistant_only``): 1 where the position stores teacher targets, i.e. where the
+  NEXT token is assistant content (the last position of a piece never does). The per-token target datasets then hold
+  only those positions, in order, at the front of the row (fp16) or in the blob (compact); `encodings.decode_targets`
+  expands them back to n positions (ids -1, log-probs 0, tail 0 for top-k / -inf for sampled where not stored).
+* ``conversation`` (conversational caches): UTF-8 JSON per window, what a student with another chat template needs
+  to re-render each conversation: a list with one entry per piece, ``{"row": dataset row, "messages": [{role,
+  content[, reasoning_content]}...], "spans": [[message, field, start, end, offset], ...]}``; each span says that
+  window text [start, end) equals ``messages[message][field][offset : offset + end - start]`` (field = "content" or
+  "reasoning_content"), clipped to the window. `cache_tools.format.conversations` renders and finds these spans.
+
+Manifest (v3): ``packing``, ``dataset.row_format`` / ``chat_template_hash`` / ``chat_template_kwargs`` (JSON) /
+``long_conversations``, ``targets.assistant_only``.
 """
 
 from __future__ import annotations
@@ -39,7 +63,9 @@ from cache_tools.format.manifest import (  # noqa: F401 - the manifest is part o
     ENCODINGS,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    PACKING_MODES,
     READABLE_VERSIONS,
+    ROW_FORMATS,
     TARGET_KINDS,
     CacheManifest,
     DatasetInfo,
@@ -72,6 +98,12 @@ SAMPLE_COUNTS = "sample_counts"
 TOPK_BLOB = "topk_blob"
 SAMPLE_BLOB = "sample_blob"
 OFFSETS_BLOB = "offsets_blob"
+SEGMENT_LENGTHS = "segment_lengths"
+ASSISTANT_MASK = "assistant_mask"
+TARGET_MASK = "target_mask"
+CONVERSATION = "conversation"
+# Per-token target datasets: with targets.assistant_only they hold only the target_mask positions (see above).
+TARGET_FIELDS = ("topk_ids", "topk_logprobs", "tail_logprob", "sample_ids", "sample_counts")
 
 LOGPROB_DTYPE = np.float16
 TAIL_DTYPE = np.float32
@@ -80,6 +112,8 @@ OFFSET_DTYPE = np.int32
 SAMPLE_COUNT_DTYPE = np.uint16  # counts of one id among N draws: N must fit
 MAX_SAMPLES = int(np.iinfo(SAMPLE_COUNT_DTYPE).max)
 VLEN_BYTES = h5py.vlen_dtype(np.dtype(np.uint8))  # one variable-length uint8 array per sequence
+VLEN_INT32 = h5py.vlen_dtype(np.dtype(np.int32))
+MASK_DTYPE = np.uint8
 TEXT_V1_DTYPE = h5py.string_dtype("utf-8")  # version 1 text (cannot hold NUL); version 2 stores UTF-8 bytes
 # exp(-100) is 0 in every float format we use; the floor keeps every stored value finite (k = vocab gives the floor).
 TAIL_LOGPROB_FLOOR = -100.0
@@ -128,9 +162,10 @@ class DatasetSpec:
     kinds: tuple[str, ...] = TARGET_KINDS
     encodings: tuple[str, ...] = ENCODINGS
     checks: tuple[str, ...] = ()
+    when: Callable[[CacheManifest], bool] = lambda m: True  # any other condition on the cache (version, row format)
 
     def stored_in(self, m: CacheManifest) -> bool:
-        return m.targets.kind in self.kinds and m.targets.encoding in self.encodings
+        return m.targets.kind in self.kinds and m.targets.encoding in self.encodings and self.when(m)
 
     def is_vlen(self, m: CacheManifest) -> bool:
         return h5py.check_vlen_dtype(self.dtype(m)) is not None or h5py.check_string_dtype(self.dtype(m)) is not None
@@ -180,10 +215,26 @@ DATASETS: tuple[DatasetSpec, ...] = (
     DatasetSpec(SAMPLE_BLOB, lambda m: (), lambda m: VLEN_BYTES, False,
                 "codec.encode_sampled of the valid positions' ids + counts", kinds=("sampled",),
                 encodings=("compact",), checks=("sampled_targets",)),
+    DatasetSpec(SEGMENT_LENGTHS, lambda m: (), lambda m: VLEN_INT32, False,
+                "lengths of the document pieces packed in the window (sum valid_length)", checks=("segments",),
+                when=lambda m: m.format_version >= 3),
+    DatasetSpec(ASSISTANT_MASK, lambda m: (m.max_length,), _fixed(MASK_DTYPE), True,
+                "1 = assistant/completion token (end-of-turn included); 0 past valid_length", checks=("masks",),
+                when=lambda m: is_conversational(m)),
+    DatasetSpec(TARGET_MASK, lambda m: (m.max_length,), _fixed(MASK_DTYPE), True,
+                "1 = position stores teacher targets (its next token is assistant content)", checks=("masks",),
+                when=lambda m: m.targets.assistant_only),
+    DatasetSpec(CONVERSATION, lambda m: (), lambda m: VLEN_BYTES, False,
+                "UTF-8 JSON: each piece's messages and content spans in the window text", checks=("conversation",),
+                when=lambda m: is_conversational(m)),
     DatasetSpec(POOLED_HIDDEN, lambda m: (len(m.pooling.layers), m.pooling.hidden_size), _fixed(POOLED_DTYPE),
                 False, "masked mean of each pooled layer over valid tokens, computed in fp32",
                 checks=("pooled_finite",)),
 )
+
+
+def is_conversational(m: CacheManifest) -> bool:
+    return m.format_version >= 3 and m.dataset.row_format != "text"
 
 
 def datasets_for(m: CacheManifest) -> tuple[DatasetSpec, ...]:

@@ -179,6 +179,6 @@ def storage_bytes(f: h5py.File, m: schema.CacheManifest) -> dict[str, int]:
         ds = f[spec.name]
         size = int(ds.id.get_storage_size())
         if spec.is_vlen(m) and ds.shape[0]:
-            size += sum(len(v) for v in ds[:])
+            size += sum(np.asarray(v).nbytes for v in ds[:])
         out[spec.name] = size
     return out

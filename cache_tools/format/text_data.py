@@ -1,5 +1,6 @@
 """Text input shared by the cache builder and the trainer's LM-only path: `load_documents` turns a dataset spec into
-`(doc_index, text)` pairs, `pack_windows` tokenises them and cuts the EOS-joined token stream into fixed windows."""
+`(doc_index, text)` pairs, `pack_windows` (from `packing`) tokenises them and cuts the EOS-joined token stream into
+fixed windows. `open_dataset` is shared with the conversational input (`chat_data`)."""
 
 from __future__ import annotations
 
@@ -7,29 +8,16 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from cache_tools.format.errors import DatasetInputError, TokenizerError, one_line
+from cache_tools.format.errors import DatasetInputError, one_line
 from cache_tools.format.manifest import RowsInfo
+from cache_tools.format.packing import Window, pack_windows  # noqa: F401 - re-exported: text input packs with these
 
 # File extension -> `datasets` packaged builder.
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-_TOKENIZE_GROUP = 64  # documents per batched tokenizer call (fast tokenizers parallelise inside a batch)
-
-
-@dataclass
-class Window:
-    """One packed window of n <= max_length tokens; `offsets[i]` = (start, end) of token i in `text`."""
-
-    input_ids: np.ndarray  # [n] int64
-    offsets: np.ndarray  # [n, 2] int32
-    text: str
-    doc_index: int
 
 
 def _local_files(path: Path) -> tuple[str, list[str]]:
@@ -73,7 +61,7 @@ def dataset_fingerprint(spec: str, *, split: str = "train") -> str:
     return h.hexdigest()
 
 
-def _open_dataset(spec: str, split: str, streaming: bool) -> Any:
+def open_dataset(spec: str, split: str, streaming: bool) -> Any:
     import datasets
 
     path = Path(spec).expanduser()
@@ -96,7 +84,7 @@ def _open_dataset(spec: str, split: str, streaming: bool) -> Any:
     except DatasetInputError:
         raise
     except Exception as err:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ConnectionError)
-        raise _describe_load_error(spec, path, err) from err
+        raise describe_load_error(spec, path, err) from err
 
 
 
@@ -129,7 +117,7 @@ def _first_bad_line(files: list[str], builder: str) -> str | None:
     return None
 
 
-def _describe_load_error(spec: str, path: Path, err: BaseException) -> DatasetInputError:
+def describe_load_error(spec: str, path: Path, err: BaseException) -> DatasetInputError:
     cause = _root_cause(err)
     if path.exists() and not _is_saved_dataset(path):
         builder, files = _local_files(path)
@@ -156,7 +144,7 @@ def load_documents(
     (DatasetInputError, one line naming the spec and the fix) are raised on the first `next()`, before any document
     is yielded. Rows without text are skipped (one warning with the count at the end); `rows`, when given, receives
     the counts once the dataset is exhausted."""
-    ds = _open_dataset(spec, split, streaming)
+    ds = open_dataset(spec, split, streaming)
     columns = getattr(ds, "column_names", None)
     if columns is not None and text_column not in columns:
         raise DatasetInputError(f"--text-column {text_column!r}: not in dataset {spec} (columns: {columns}); pass the "
@@ -172,7 +160,7 @@ def load_documents(
         except DatasetInputError:
             raise
         except Exception as err:  # streaming datasets fail here, not at load: the same one line as at load
-            raise _describe_load_error(spec, Path(spec).expanduser(), err) from err
+            raise describe_load_error(spec, Path(spec).expanduser(), err) from err
         if text_column not in row and columns is not None:
             raise DatasetInputError(f"--text-column {text_column!r}: not in dataset {spec} (columns: {sorted(row)})")
         # A streamed JSON row lists only its own fields: one without the text field is a row without text.
@@ -189,7 +177,7 @@ def load_documents(
     if columns is None and index and missing == index:  # streamed: no row at all has the field
         raise DatasetInputError(f"--text-column {text_column!r}: no row of dataset {spec} has it (missing or null); "
                                 "pass the right --text-column")
-    place = _row_place(spec, first_missing) if missing else ""
+    place = row_place(spec, first_missing) if missing else ""
     if rows is not None:
         rows.read, rows.without_text, rows.first_without_text = index, missing, place
     if missing:
@@ -201,7 +189,7 @@ def warn(message: str) -> None:
     print(f"warning: {one_line(message)}", file=sys.stderr, flush=True)
 
 
-def _row_place(spec: str, row: int) -> str:
+def row_place(spec: str, row: int) -> str:
     """'line N of FILE' for a single JSON-lines file (blank lines are not rows), else 'row N'."""
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix.lower() == ".jsonl":
@@ -212,100 +200,3 @@ def _row_place(spec: str, row: int) -> str:
                 if rows == row:
                     return f"line {number} of {path}"
     return f"row {row + 1}"
-
-
-def _eos(tokenizer: Any) -> tuple[int, str]:
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
-        raise TokenizerError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token; pass a tokenizer "
-                         "with eos_token set (--tokenizer)")
-    return int(eos_id), str(tokenizer.eos_token)
-
-
-def _tokenized(tokenizer: Any, documents: Iterable[tuple[int, str]]) -> Iterator[tuple[int, str, list, list]]:
-    """(doc_index, text, ids, offsets) per non-empty document, tokenising groups of documents per call."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise TokenizerError("tokenizer is not a fast (Rust) tokenizer; character offsets need one (save it with "
-                         "`tokenizers` or pass a fast --tokenizer)")
-    group: list[tuple[int, str]] = []
-
-    def flush() -> Iterator[tuple[int, str, list, list]]:
-        enc = tokenizer([t for _, t in group], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        for (doc_index, text), ids, offs in zip(group, enc["input_ids"], enc["offset_mapping"], strict=True):
-            if ids:
-                yield doc_index, text, ids, offs
-        group.clear()
-
-    for doc_index, text in documents:
-        if text:
-            group.append((doc_index, text))
-        if len(group) >= _TOKENIZE_GROUP:
-            yield from flush()
-    if group:
-        yield from flush()
-
-
-class _WindowBuilder:
-    """Accumulates one window: token ids plus the pieces of text they cover, each piece one run of tokens of one
-    document (or one EOS), so offsets are re-based onto the window's own text."""
-
-    def __init__(self) -> None:
-        self.ids: list[int] = []
-        self.offsets: list[tuple[int, int]] = []
-        self.pieces: list[str] = []
-        self.length_chars = 0
-        self.doc_index = -1
-
-    def add_run(self, doc_index: int, text: str, ids: list[int], offsets: list[tuple[int, int]]) -> None:
-        if self.doc_index < 0:
-            self.doc_index = doc_index
-        lo = min(start for start, _ in offsets)
-        hi = max(end for _, end in offsets)
-        base = self.length_chars - lo
-        self.ids.extend(ids)
-        self.offsets.extend((s + base, e + base) for s, e in offsets)
-        self.pieces.append(text[lo:hi])
-        self.length_chars += hi - lo
-
-    def add_eos(self, doc_index: int, eos_id: int, eos_text: str) -> None:
-        if self.doc_index < 0:
-            self.doc_index = doc_index  # a window opening on a separator belongs to the document it closes
-        self.ids.append(eos_id)
-        self.offsets.append((self.length_chars, self.length_chars + len(eos_text)))
-        self.pieces.append(eos_text)
-        self.length_chars += len(eos_text)
-
-    def window(self) -> Window:
-        return Window(
-            input_ids=np.asarray(self.ids, dtype=np.int64),
-            offsets=np.asarray(self.offsets, dtype=np.int32).reshape(-1, 2),
-            text="".join(self.pieces),
-            doc_index=self.doc_index,
-        )
-
-
-def pack_windows(tokenizer: Any, documents: Iterable[tuple[int, str]], max_length: int) -> Iterator[Window]:
-    """Concatenate the documents' tokens with EOS between documents and cut the stream into windows of exactly
-    `max_length` tokens (the last may be shorter). A long document spans several windows; nothing is truncated."""
-    if max_length < 1:
-        raise DatasetInputError(f"--max-length must be >= 1, got {max_length}")
-    eos_id, eos_text = _eos(tokenizer)
-    current = _WindowBuilder()
-    previous_doc = -1
-    for doc_index, text, ids, offsets in _tokenized(tokenizer, documents):
-        if previous_doc >= 0:
-            current.add_eos(previous_doc, eos_id, eos_text)
-            if len(current.ids) == max_length:
-                yield current.window()
-                current = _WindowBuilder()
-        previous_doc = doc_index
-        pos = 0
-        while pos < len(ids):
-            take = min(max_length - len(current.ids), len(ids) - pos)
-            current.add_run(doc_index, text, ids[pos : pos + take], offsets[pos : pos + take])
-            pos += take
-            if len(current.ids) == max_length:
-                yield current.window()
-                current = _WindowBuilder()
-    if current.ids:
-        yield current.window()

@@ -3,6 +3,7 @@ numbers themselves: every sequence is decoded as the reader would, then checked 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +94,7 @@ def _read_block(f: h5py.File, lo: int, hi: int, m: schema.CacheManifest, first: 
             return f"valid_length outside 1..{m.max_length}"
         try:
             values = shard_io.read_row(f, m, row)
-            decoded.append(encodings.decode_targets(m, values, n, sequence))
+            decoded.append(encodings.decode_targets(m, values, n, sequence, expand=False))  # stored positions only
         except UnicodeDecodeError:
             return f"row {row}: text is not valid UTF-8"
         except (ValueError, KeyError, IndexError) as err:  # codec.CodecError is a ValueError
@@ -124,6 +125,52 @@ def _column(block: _Block, name: str) -> np.ndarray:
     return np.concatenate([np.atleast_1d(values[name]) for values in block.raw])
 
 
+def _segments_fault(b: _Block) -> str | None:
+    for row, values in enumerate(b.raw, start=b.lo):
+        lengths = np.asarray(values[schema.SEGMENT_LENGTHS])
+        n = int(values[schema.VALID_LENGTH])
+        if lengths.size == 0 or (lengths < 1).any() or int(lengths.sum()) != n:
+            return f"row {row}: segment_lengths {lengths.tolist()[:8]} do not split its {n} tokens into pieces >= 1"
+    return None
+
+
+def _masks_fault(m: schema.CacheManifest, b: _Block) -> str | None:
+    """Mask values are 0/1 and agree with each other: a position stores targets exactly when the next token of the
+    same piece is assistant content (the window's last position may look into the next window, so it is free)."""
+    for row, values in enumerate(b.raw, start=b.lo):
+        n = int(values[schema.VALID_LENGTH])
+        for name in (schema.ASSISTANT_MASK, schema.TARGET_MASK):
+            if name in values and (np.asarray(values[name][:n]) > 1).any():
+                return f"row {row}: {name} holds values other than 0/1"
+        if not m.targets.assistant_only or schema.ASSISTANT_MASK not in values:
+            continue
+        assistant = np.asarray(values[schema.ASSISTANT_MASK][:n]).astype(bool)
+        stored = np.asarray(values[schema.TARGET_MASK][:n]).astype(bool)
+        expected = np.zeros(n, dtype=bool)
+        expected[:-1] = assistant[1:]
+        expected[np.cumsum(values[schema.SEGMENT_LENGTHS])[:-1] - 1] = False  # a piece's last token
+        wrong = (stored != expected)[:-1]
+        if wrong.any():
+            t = int(np.argmax(wrong))
+            return (f"row {row}: target_mask[{t}] = {int(stored[t])} but token {t + 1} is "
+                    f"{'' if assistant[t + 1] else 'not '}assistant content (assistant_mask and target_mask disagree)")
+    return None
+
+
+def _conversation_fault(b: _Block) -> str | None:
+    for row, values in enumerate(b.raw, start=b.lo):
+        try:
+            pieces = json.loads(encodings.decode_text(values[schema.CONVERSATION]))
+            text = values[schema.TEXT]
+            for piece in pieces:
+                for msg, field, start, end, offset in piece["spans"]:
+                    if text[start:end] != piece["messages"][msg][field][offset : offset + end - start]:
+                        return f"row {row}: conversation span ({msg}, {field}, {start}, {end}) is not that content"
+        except (ValueError, KeyError, TypeError, IndexError) as err:
+            return f"row {row}: conversation record unreadable ({type(err).__name__}: {err})"
+    return None
+
+
 # What each check name of `schema.DATASETS` means: (manifest, block) -> first fault or None.
 CHECKS: dict[str, Callable[[schema.CacheManifest, _Block], str | None]] = {
     "length_range": lambda m, b: None,  # checked while reading the block: decoding needs a sane length
@@ -136,6 +183,9 @@ CHECKS: dict[str, Callable[[schema.CacheManifest, _Block], str | None]] = {
     else "non-finite pooled_hidden",
     "token_count": lambda m, b: None,  # checked per shard against the manifest, see verify_shard
     "offsets_in_text": lambda m, b: _offsets_fault(b),  # decoding (compact) was checked while reading the block
+    "segments": lambda m, b: _segments_fault(b),
+    "masks": _masks_fault,
+    "conversation": lambda m, b: _conversation_fault(b),
 }
 
 

@@ -1,0 +1,71 @@
+"""Conversations for tests and benches, made from text the repository has (no download), and helpers for tiny dense
+Qwen3 teachers that use the real Qwen3 tokenizer (../shared/tokenizers/qwen3)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+QWEN3 = SHARED / "tokenizers" / "qwen3"
+SMOLLM2 = SHARED / "tokenizers" / "smollm2"
+QWEN3_HEAD_ROWS = 151936
+
+
+def make_conversations(texts: list[str], count: int, *, seed: int = 0, reasoning: bool = True,
+                       max_turns: int = 3) -> list[dict]:
+    """`count` rows of TRL's `messages` format: short user questions, longer assistant answers (answers are a
+    minority of tokens in real chat data only when prompts are long, so prompts here carry a context passage),
+    some with a system turn, some multi-turn, some with `<think>` reasoning or `reasoning_content`."""
+    rng = np.random.default_rng(seed)
+    words = " ".join(texts).split()
+
+    def snippet(lo: int, hi: int) -> str:
+        n = int(rng.integers(lo, hi))
+        start = int(rng.integers(0, max(1, len(words) - n)))
+        return " ".join(words[start : start + n])
+
+    rows = []
+    for i in range(count):
+        messages = []
+        if i % 3 == 0:
+            messages.append({"role": "system", "content": "You answer briefly. " + snippet(3, 8)})
+        for turn in range(int(rng.integers(1, max_turns + 1))):
+            messages.append({"role": "user", "content": f"Context: {snippet(30, 90)}\nQuestion: {snippet(4, 12)}?"})
+            answer = snippet(8, 40)
+            if reasoning and (i + turn) % 4 == 1:
+                answer = f"<think>\n{snippet(5, 20)}\n</think>\n\n{answer}"
+            msg = {"role": "assistant", "content": answer}
+            if reasoning and (i + turn) % 4 == 3:
+                msg["reasoning_content"] = snippet(5, 15)
+            messages.append(msg)
+        rows.append({"messages": messages})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def tiny_qwen3_config(vocab_rows: int = QWEN3_HEAD_ROWS, *, hidden_size: int = 32, layers: int = 2):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=vocab_rows, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=hidden_size // 4, max_position_embeddings=1024, tie_word_embeddings=False)
+
+
+def chatml_assistant_mask(text: str, offsets: np.ndarray) -> np.ndarray:
+    """Independent computation for ChatML templates (Qwen3, SmolLM2): tokens inside an assistant turn's body (after
+    '<|im_start|>assistant\\n', up to '<|im_end|>') plus that '<|im_end|>' token."""
+    regions = [(m.start(1), m.end(1) + len("<|im_end|>"))
+               for m in re.finditer(r"<\|im_start\|>assistant\n(.*?)<\|im_end\|>", text, flags=re.S)]
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    mask = np.zeros(len(offsets), dtype=bool)
+    for lo, hi in regions:
+        mask |= (starts >= lo) & (ends <= hi) & (ends > starts)
+    return mask
