@@ -182,8 +182,8 @@ def test_cross_tokenizer_student_tokenises_each_document_alone(tmp_path, tokeniz
     seen_multi = False
     for i in range(len(reader)):
         raw = reader[i]
-        seq = SimpleNamespace(**vars(raw), segment_lengths=eos_segments(raw.input_ids, tokenizer.eos_token_id),
-                              assistant_mask=None, target_mask=None)
+        seq = SimpleNamespace(**{**vars(raw), "segment_lengths": eos_segments(raw.input_ids, tokenizer.eos_token_id),
+                                 "assistant_mask": None, "target_mask": None})
         seq.length = raw.length
         out = builder(seq)
         pieces = out["segment_lengths"]

@@ -114,7 +114,9 @@ def template_hash(template: str) -> str:
 
 
 def _pieces(msg: dict[str, Any]) -> list[tuple[str, str, int]]:
-    """(field, text, offset in that field) of each piece of a message's content, in rendering order."""
+    """(field, text, offset) of each piece of a message's content, in rendering order. Inline reasoning
+    (`<think>...</think>` opening an assistant content) is field "reasoning_content" with offsets into the CONTENT
+    (see `field_text`)."""
     content = msg[CONTENT]
     if REASONING in msg:
         return [(REASONING, msg[REASONING], 0), (CONTENT, content, 0)]
@@ -122,9 +124,14 @@ def _pieces(msg: dict[str, Any]) -> list[tuple[str, str, int]]:
         close = content.index(_THINK_CLOSE)
         open_at = content.find(_THINK_OPEN, 0, close)
         start = 0 if open_at < 0 else open_at + len(_THINK_OPEN)
-        return [(CONTENT, content[start:close], start), (CONTENT, content[close + len(_THINK_CLOSE):],
-                                                           close + len(_THINK_CLOSE))]
+        return [(REASONING, content[start:close], start), (CONTENT, content[close + len(_THINK_CLOSE):],
+                                                             close + len(_THINK_CLOSE))]
     return [(CONTENT, content, 0)]
+
+
+def field_text(msg: dict[str, Any], field: str) -> str:
+    """The string a span's offsets index: the field itself, or the content for inline reasoning."""
+    return msg[field] if field in msg else msg[CONTENT]
 
 
 def _find(text: str, piece: str, cursor: int) -> tuple[int, int, int] | None:

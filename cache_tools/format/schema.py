@@ -40,7 +40,9 @@ plain text, targets at every position):
   to re-render each conversation: a list with one entry per piece, ``{"row": dataset row, "messages": [{role,
   content[, reasoning_content]}...], "spans": [[message, field, start, end, offset], ...]}``; each span says that
   window text [start, end) equals ``messages[message][field][offset : offset + end - start]`` (field = "content" or
-  "reasoning_content"), clipped to the window. `cache_tools.format.conversations` renders and finds these spans.
+  "reasoning_content"; reasoning written inline as ``<think>...</think>`` at the start of an assistant content is
+  "reasoning_content" with offsets into the content), clipped to the window. `cache_tools.format.conversations`
+  renders and finds these spans.
 
 Manifest (v3): ``packing``, ``dataset.row_format`` / ``chat_template_hash`` / ``chat_template_kwargs`` (JSON) /
 ``long_conversations``, ``targets.assistant_only``.

@@ -12,7 +12,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cache_tools.format import encodings, schema, shard_io
+from cache_tools.format import conversations, encodings, schema, shard_io
 from cache_tools.format.windows import compute_shard_digest
 
 _ROWS_PER_READ = 64  # sequences checked at a time, so memory stays bounded on big shards
@@ -164,7 +164,8 @@ def _conversation_fault(b: _Block) -> str | None:
             text = values[schema.TEXT]
             for piece in pieces:
                 for msg, field, start, end, offset in piece["spans"]:
-                    if text[start:end] != piece["messages"][msg][field][offset : offset + end - start]:
+                    source = conversations.field_text(piece["messages"][msg], field)
+                    if text[start:end] != source[offset : offset + end - start]:
                         return f"row {row}: conversation span ({msg}, {field}, {start}, {end}) is not that content"
         except (ValueError, KeyError, TypeError, IndexError) as err:
             return f"row {row}: conversation record unreadable ({type(err).__name__}: {err})"
