@@ -26,7 +26,8 @@ from cache_tools.format import encodings, schema, shard_io
 from cache_tools.format.errors import BuildError, CacheError
 
 _ROWS_PER_APPEND = 64  # bounds memory on big shards
-_LISTS = (schema.TEXT, schema.TOPK_BLOB)  # fields handed to the writer as lists (variable length)
+# Fields handed to the writer as lists (variable length).
+_LISTS = (schema.TEXT, schema.TOPK_BLOB, schema.SEGMENT_LENGTHS, schema.CONVERSATION)
 
 
 def _say(message: str) -> None:
@@ -57,8 +58,11 @@ def _row_fields(src: schema.CacheManifest, dst: schema.CacheManifest, raw: dict[
         schema.OFFSETS: _padded(encodings.decode_offsets(src, raw, n, sequence), L),
         schema.TEXT: raw[schema.TEXT],
     }
+    if src.targets.kind == "topk":  # expanded like the other targets (assistant-only caches store fewer positions)
+        fields[schema.TAIL_LOGPROB] = _padded(targets.tail, L)
     if src.targets.kind == "topk" and src.targets.encoding == dst.targets.encoding == "compact":
-        fields[schema.TOPK_BLOB] = _carry_levels(src, raw, n, sequence)  # re-quantising would move some levels
+        stored = int(encodings.target_mask(src, raw, n).sum())  # an assistant-only blob covers only those
+        fields[schema.TOPK_BLOB] = _carry_levels(src, raw, stored, sequence)  # re-quantising would move some levels
     elif src.targets.kind == "topk":
         fields[schema.TOPK_IDS] = _padded(targets.ids, L)
         fields[schema.TOPK_LOGPROBS] = _padded(targets.logprobs, L)
@@ -66,7 +70,8 @@ def _row_fields(src: schema.CacheManifest, dst: schema.CacheManifest, raw: dict[
         fields[schema.SAMPLE_IDS] = _padded(targets.ids, L, -1)
         fields[schema.SAMPLE_COUNTS] = _padded(targets.counts, L)
     for spec in schema.datasets_for(dst):  # every other dataset is copied as stored
-        if spec.name not in fields and spec.name not in (schema.TOPK_BLOB, schema.SAMPLE_BLOB, schema.OFFSETS_BLOB):
+        if spec.name not in fields and spec.name not in (schema.TOPK_BLOB, schema.SAMPLE_BLOB, schema.OFFSETS_BLOB) \
+                and spec.name in raw:  # an older source lacks the format 3 datasets (encode_batch defaults them)
             value = np.asarray(raw[spec.name])
             fields[spec.name] = _padded(value, L) if spec.per_token else value
     return fields

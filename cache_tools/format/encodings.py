@@ -114,8 +114,12 @@ def _segment_lengths(m: CacheManifest, batch: dict[str, Any], first: int) -> np.
 
 
 def _conversation(m: CacheManifest, batch: dict[str, Any], first: int) -> np.ndarray:
-    return encode_text([json.dumps(record, ensure_ascii=False, separators=(",", ":"))
-                        for record in batch[schema.CONVERSATION]])
+    out = encode_text([json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+                       if not isinstance(record, np.ndarray) else "" for record in batch[schema.CONVERSATION]])
+    for i, record in enumerate(batch[schema.CONVERSATION]):
+        if isinstance(record, np.ndarray):  # already stored bytes (`cache_tools convert` copies them)
+            out[i] = np.asarray(record, dtype=np.uint8)
+    return out
 
 
 def _blobs(parts: list[np.ndarray]) -> np.ndarray:
