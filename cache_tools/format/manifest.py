@@ -11,14 +11,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cache_tools.format.errors import CacheError
 from cache_tools.format.fsutil import atomic_write_text
+from cache_tools.format.typed_json import load_dataclass
 
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)  # older ones are read through `_upgrade_v1` / `_upgrade_v2`
@@ -264,86 +263,15 @@ def _upgrade_v2(data: dict[str, Any]) -> dict[str, Any]:
 _OPTIONAL_KEYS = ("build_id", "rows", "windows_digest")
 
 
-class _Bad(Exception):
-    pass
-
-
-def _check(value: Any, tp: Any, key: str, where: str) -> Any:
-    """`value` converted to the annotated type `tp` (nested dataclasses loaded); raises _Bad on a mismatch."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _load(tp, value, where, key)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _check(value, option, key, where)
-            except _Bad:
-                continue
-        raise _Bad(tp)
-    if origin is list:
-        if not isinstance(value, list):
-            raise _Bad(tp)
-        (item,) = typing.get_args(tp)
-        return [_check(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _Bad(tp)
-        _, item = typing.get_args(tp)
-        return {k: _check(v, item, f"{key}.{k}", where) for k, v in value.items()}
-    if tp is type(None):
-        if value is not None:
-            raise _Bad(tp)
-        return None
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
-    raise _Bad(tp)
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _load(cls: type, data: Any, where: str, prefix: str) -> Any:
-    """Instance of dataclass `cls` from `data`, requiring every field (unknown keys are ignored: forward
-    compatible within a version)."""
-    if not isinstance(data, dict):
-        raise CacheError(f"{where}: key {prefix or '(top level)'} must be an object, got {type(data).__name__}; "
-                         "rebuild the cache with --overwrite")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        if f.name not in data and f.name in _OPTIONAL_KEYS:
-            continue  # the field's default
-        if f.name not in data:
-            raise CacheError(f"{where}: key {key} missing; rebuild the cache with --overwrite")
-        try:
-            values[f.name] = _check(data[f.name], hints[f.name], key, where)
-        except _Bad:
-            raise CacheError(f"{where}: key {key} is {data[f.name]!r} ({type(data[f.name]).__name__}), expected "
-                             f"{_type_name(hints[f.name])}; rebuild the cache with --overwrite") from None
-    if cls is TargetsInfo:
-        _check_targets(values, where, prefix)
-    for name, allowed in _CHOICES.get(cls, ()):
-        if values[name] not in allowed:
-            raise CacheError(f"{where}: key {prefix + '.' if prefix else ''}{name} is {values[name]!r}, expected one "
-                             f"of {', '.join(allowed)}; upgrade cache_tools or rebuild the cache")
-    return cls(**values)
-
-
-def _check_targets(values: dict[str, Any], where: str, prefix: str) -> None:
-    for name, allowed in (("kind", TARGET_KINDS), ("encoding", ENCODINGS)):
-        if values[name] not in allowed:
-            raise CacheError(f"{where}: key {prefix}.{name} is {values[name]!r}, expected one of {', '.join(allowed)}"
-                             "; upgrade cache_tools or rebuild the cache")
-
-
 _CHOICES: dict[type, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    TargetsInfo: (("kind", TARGET_KINDS), ("encoding", ENCODINGS)),
     CacheManifest: (("packing", PACKING_MODES),),
     DatasetInfo: (("row_format", ROW_FORMATS), ("long_conversations", ("split", "skip"))),
 }
+
+
+def _load(cls: type, data: Any, where: str, prefix: str) -> Any:
+    return load_dataclass(cls, data, where, prefix, optional=_OPTIONAL_KEYS, choices=_CHOICES)
 
 
 def load_manifest(cache_dir: str | os.PathLike) -> CacheManifest:
