@@ -150,3 +150,10 @@ def check_options(opts: BuildOptions) -> schema.TargetsInfo:
     if not opts.pool_layers:
         raise BuildError("--pool-layers: give at least one hidden_states index (default -1 = last layer)")
     return targets_info(opts)
+
+
+def check_top_k(targets: schema.TargetsInfo, vocab: int) -> None:
+    """The one check of --top-k, once the teacher's vocabulary is known: 1 <= K <= vocab (top-k targets only)."""
+    if targets.kind == "topk" and not 1 <= targets.top_k <= vocab:
+        raise BuildError(f"--top-k {targets.top_k}: must be between 1 and the vocabulary size ({vocab}); lower "
+                         "--top-k")

@@ -11,6 +11,8 @@ import itertools
 import math
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import torch
 
 import cache_tools
 from cache_tools import build_input, dist, output_dir, teacher
-from cache_tools.build_options import BuildOptions, check_options
+from cache_tools.build_options import BuildOptions, check_options, check_top_k
 from cache_tools.format import packing, schema
 from cache_tools.format.errors import BuildError
 from cache_tools.writer_thread import BackgroundShardWriter, to_host
@@ -91,38 +93,48 @@ def _pad(windows: list[packing.Window], length: int) -> dict[str, Any]:
     }
 
 
-def _build_shard(loaded, writer, shard_windows, first_sequence, opts, manifest, pool_layers, device, bar,
-                 stats) -> None:
+@dataclass
+class _ShardRun:
+    """What every shard of one build shares."""
+
+    opts: BuildOptions
+    manifest: schema.CacheManifest
+    loaded: teacher.LoadedTeacher
+    writer: BackgroundShardWriter
+    pool_layers: list[int]  # non-negative hidden_states indices
+    device: torch.device
+    bar: Any  # tqdm progress bar (tokens)
+    stats: dict[str, float]  # teacher_s, tokens, sequences, kept_shards
+
+
+def _build_shard(run: _ShardRun, shard_windows: list[Any], first_sequence: int) -> None:
     """Forward every batch of one shard; results go to the writer thread while the next batch runs."""
-    targets = manifest.targets
+    opts, manifest, targets = run.opts, run.manifest, run.manifest.targets
     for lo in range(0, len(shard_windows), opts.batch_size):
         batch_windows = shard_windows[lo : lo + opts.batch_size]
         host = _pad(batch_windows, opts.max_length)
         longest = int(host[schema.VALID_LENGTH].max())  # forward only up to the longest window, pad on the host side
-        ids = torch.from_numpy(host[schema.INPUT_IDS][:, :longest]).to(device)
-        mask = (torch.arange(longest)[None, :] < torch.from_numpy(host[schema.VALID_LENGTH])[:, None]).to(device)
+        ids = torch.from_numpy(host[schema.INPUT_IDS][:, :longest]).to(run.device)
+        mask = (torch.arange(longest)[None, :] < torch.from_numpy(host[schema.VALID_LENGTH])[:, None]).to(run.device)
         start = time.perf_counter()
         sampling = None
         if targets.kind == "sampled":
             sampling = _sampling(targets, first_sequence + lo, host[schema.VALID_LENGTH], longest)
-        out = teacher.teacher_batch(loaded, ids, mask.long(), pool_layers, targets.top_k,
+        out = teacher.teacher_batch(run.loaded, ids, mask.long(), run.pool_layers, targets.top_k,
                                     first_sequence=first_sequence + lo, sampling=sampling,
                                     segments=host[schema.SEGMENT_LENGTHS] if manifest.packing == "isolated" else None)
-        if sampling is not None:  # teacher_batch gives the sampled ids under the top-k key
-            out[schema.SAMPLE_IDS] = out.pop(schema.TOPK_IDS)
-        B = len(batch_windows)
         # Narrow on the device (fewer bytes over PCIe); pad to L on the host while writing.
         device_batch = {name: t.to(_device_dtype(manifest, name, t.dtype)) for name, t in out.items()}
         copied, event = to_host(device_batch)
-        stats["teacher_s"] += time.perf_counter() - start
+        run.stats["teacher_s"] += time.perf_counter() - start
         if longest < opts.max_length:
             copied = {name: t if name == schema.POOLED_HIDDEN else _PadLater(t, opts.max_length)
                       for name, t in copied.items()}
-        writer.append({**host, **copied}, event)
+        run.writer.append({**host, **copied}, event)
         tokens = int(host[schema.VALID_LENGTH].sum())
-        stats["tokens"] += tokens
-        stats["sequences"] += B
-        bar.update(tokens)
+        run.stats["tokens"] += tokens
+        run.stats["sequences"] += len(batch_windows)
+        run.bar.update(tokens)
 
 
 def _device_dtype(m: schema.CacheManifest, name: str, dtype: torch.dtype) -> torch.dtype:
@@ -153,26 +165,25 @@ class _PadLater:
 def build_cache(opts: BuildOptions) -> dict[str, Any]:
     """Build (or resume) the cache described by `opts`. Returns summary stats; raises BuildError on bad input."""
     wall_start = time.perf_counter()
-    check_options(opts)
+    targets = check_options(opts)  # the options' one check, before anything is loaded or locked
     info = dist.init_distributed()
     # Only rank 0 locks: the other ranks are part of the same build. Taken before anything is loaded: refuse at once.
     lock = output_dir.BuildLock(Path(opts.output).expanduser()) if info.is_main else None
     try:
-        return _build(opts, info, wall_start)
+        return _build(opts, targets, info, wall_start)
     finally:
         if lock is not None:
             lock.release()
         dist.shutdown(info)
 
 
-def _build(opts: BuildOptions, info: dist.DistInfo, wall_start: float) -> dict[str, Any]:
+def _build(opts: BuildOptions, targets: schema.TargetsInfo, info: dist.DistInfo, wall_start: float) -> dict[str, Any]:
     out_dir = Path(opts.output).expanduser()
     device = dist.pick_device(opts.device, info)
     dtype = teacher.resolve_dtype(opts.dtype, device)
     config, tokenizer = teacher.load_config_and_tokenizer(opts.teacher, opts.tokenizer, opts.trust_remote_code)
-    targets = check_options(opts)
-    pool_layers = teacher.check_settings(config, tokenizer, top_k=max(1, targets.top_k), max_length=opts.max_length,
-                                         pool_layers=opts.pool_layers)
+    check_top_k(targets, len(tokenizer))
+    pool_layers = teacher.check_settings(config, tokenizer, max_length=opts.max_length, pool_layers=opts.pool_layers)
     rows = schema.RowsInfo()
     plan = build_input.plan_input(opts, tokenizer)
     targets.assistant_only = plan.assistant_only
@@ -180,75 +191,95 @@ def _build(opts: BuildOptions, info: dist.DistInfo, wall_start: float) -> dict[s
     loaded = teacher.load_teacher(opts.teacher, opts.tokenizer, trust_remote_code=opts.trust_remote_code,
                                   dtype=dtype, device=device)
     manifest = _manifest(opts, loaded, pool_layers, dtype, targets, plan)
-    output_plan = output_dir.plan_output(out_dir, manifest, resume=opts.resume, overwrite=opts.overwrite)
-    dist.barrier(info)  # every rank has decided before rank 0 changes the folder
-    if output_plan == "done":
+    if not _start_output(out_dir, manifest, tokenizer, opts, info):
         done = schema.load_manifest(out_dir)
         if info.is_main:
             print(f"cache_tools: {out_dir} is already complete ({done.num_sequences} sequences); nothing to do",
                   file=sys.stderr)
         return {"num_sequences": done.num_sequences, "num_tokens": done.num_tokens, "skipped": True}
+    load_s = time.perf_counter() - wall_start
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(unit="tok", unit_scale=True, desc=f"teacher cache (rank {info.rank})",
+               disable=not (opts.progress and info.is_main), dynamic_ncols=True)
+    run = _ShardRun(opts, manifest, loaded, BackgroundShardWriter(out_dir, manifest), pool_layers, device, bar,
+                    {"teacher_s": 0.0, "tokens": 0, "sequences": 0, "kept_shards": 0})
+    build_start = time.perf_counter()
+    total_windows = _build_shards(run, windows, out_dir, info)
+    build_s = time.perf_counter() - build_start
+    dist.barrier(info)  # every rank's shards are on disk
+    result = {"load_s": load_s, "build_s": build_s, "writer_wait_s": run.writer.wait_s, **run.stats}
+    if info.is_main:
+        result.update(build_input.report(plan, rows))
+        result.update(_finish_manifest(out_dir, manifest, rows, total_windows, wall_start))
+    dist.barrier(info)
+    return result
+
+
+def _start_output(out_dir: Path, manifest: schema.CacheManifest, tokenizer: Any, opts: BuildOptions,
+                  info: dist.DistInfo) -> bool:
+    """Decide what to do with the output folder (every rank agrees) and prepare it; False when it is already
+    complete. Every rank leaves with the build id its sidecars must carry."""
+    output_plan = output_dir.plan_output(out_dir, manifest, resume=opts.resume, overwrite=opts.overwrite)
+    dist.barrier(info)  # every rank has decided before rank 0 changes the folder
+    if output_plan == "done":
+        return False
     if info.is_main:
         output_dir.start_build(out_dir, manifest, output_plan)  # build id, screened shards, unfinished manifest
         output_dir.save_tokenizer(out_dir, tokenizer)
     dist.barrier(info)
     if not info.is_main:
         manifest.build_id = schema.load_manifest(out_dir).build_id  # the sidecars this rank writes carry it
-    load_s = time.perf_counter() - wall_start
+    return True
 
-    writer = BackgroundShardWriter(out_dir, manifest)
-    stats = {"teacher_s": 0.0, "tokens": 0, "sequences": 0, "kept_shards": 0}
-    from tqdm.auto import tqdm
 
-    bar = tqdm(unit="tok", unit_scale=True, desc=f"teacher cache (rank {info.rank})",
-               disable=not (opts.progress and info.is_main), dynamic_ncols=True)
-    build_start = time.perf_counter()
-    total_windows = 0
+def _build_shards(run: _ShardRun, windows: Iterator[Any], out_dir: Path, info: dist.DistInfo) -> int:
+    """Build this rank's unfinished shards (global window i is in shard i // shard_size, built by rank
+    shard % world_size); returns how many windows the dataset has."""
+    shard_size, total_windows = run.opts.shard_size, 0
     try:
-        groups = itertools.groupby(enumerate(windows), key=lambda pair: pair[0] // opts.shard_size)
-        for shard_index, group in groups:
+        for shard_index, group in itertools.groupby(enumerate(windows), key=lambda pair: pair[0] // shard_size):
             shard_windows = [w for _, w in group]
             total_windows += len(shard_windows)
             if shard_index % info.world_size != info.rank:
                 continue
-            if output_dir.finished_shard(out_dir, shard_index, manifest.build_id) is not None:
-                stats["kept_shards"] += 1
+            if output_dir.finished_shard(out_dir, shard_index, run.manifest.build_id) is not None:
+                run.stats["kept_shards"] += 1
                 continue
-            writer.open_shard(shard_index, shard_index * opts.shard_size, opts.shard_size)
-            _build_shard(loaded, writer, shard_windows, shard_index * opts.shard_size, opts, manifest, pool_layers,
-                         device, bar, stats)
-            writer.finish_shard()
-        writer.close()
+            run.writer.open_shard(shard_index, shard_index * shard_size, shard_size)
+            _build_shard(run, shard_windows, shard_index * shard_size)
+            run.writer.finish_shard()
+        run.writer.close()
     except BaseException:
-        writer.abort()
+        run.writer.abort()
         raise
     finally:
-        bar.close()
-    build_s = time.perf_counter() - build_start
-    dist.barrier(info)  # every rank's shards are on disk
-    result = {"load_s": load_s, "build_s": build_s, "writer_wait_s": writer.wait_s, **stats}
-    if info.is_main:
-        num_shards = math.ceil(total_windows / opts.shard_size)
-        shards = []
-        for index in range(num_shards):
-            shard = output_dir.finished_shard(out_dir, index, manifest.build_id)
-            if shard is None:
-                raise BuildError(f"{out_dir / schema.shard_name(index)}: missing after the build (did a rank fail?); "
-                                 "rerun with --resume")
-            shards.append(shard)
-        manifest.shards = shards
-        manifest.num_sequences = sum(s.num_sequences for s in shards)
-        manifest.num_tokens = sum(s.num_tokens for s in shards)
-        manifest.complete = True
-        result.update(build_input.report(plan, rows))
-        manifest.rows = rows
-        manifest.save(out_dir)  # written last: its presence with complete=true means every shard is there
-        total_bytes = sum(s.bytes for s in shards)
-        wall = time.perf_counter() - wall_start
-        result.update(num_sequences=manifest.num_sequences, num_tokens=manifest.num_tokens,
-                      bytes_per_token=total_bytes / max(1, manifest.num_tokens), wall_s=wall, num_shards=num_shards)
-        print(f"cache_tools: {manifest.num_sequences} sequences, {manifest.num_tokens} tokens, "
-              f"{result['bytes_per_token']:.1f} bytes/token, {num_shards} shards, {wall:.1f}s wall -> {out_dir}",
-              file=sys.stderr)
-    dist.barrier(info)
-    return result
+        run.bar.close()
+    return total_windows
+
+
+def _finish_manifest(out_dir: Path, manifest: schema.CacheManifest, rows: schema.RowsInfo, total_windows: int,
+                     wall_start: float) -> dict[str, Any]:
+    """Rank 0, after every rank's shards are on disk: record them and mark the manifest complete (written last: its
+    presence with complete=true means every shard is there). Returns the summary numbers."""
+    num_shards = math.ceil(total_windows / manifest.shard_size)
+    shards = []
+    for index in range(num_shards):
+        shard = output_dir.finished_shard(out_dir, index, manifest.build_id)
+        if shard is None:
+            raise BuildError(f"{out_dir / schema.shard_name(index)}: missing after the build (did a rank fail?); "
+                             "rerun with --resume")
+        shards.append(shard)
+    manifest.shards = shards
+    manifest.num_sequences = sum(s.num_sequences for s in shards)
+    manifest.num_tokens = sum(s.num_tokens for s in shards)
+    manifest.complete = True
+    manifest.rows = rows
+    manifest.save(out_dir)
+    bytes_per_token = sum(s.bytes for s in shards) / max(1, manifest.num_tokens)
+    wall = time.perf_counter() - wall_start
+    print(f"cache_tools: {manifest.num_sequences} sequences, {manifest.num_tokens} tokens, "
+          f"{bytes_per_token:.1f} bytes/token, {num_shards} shards, {wall:.1f}s wall -> {out_dir}", file=sys.stderr)
+    return {"num_sequences": manifest.num_sequences, "num_tokens": manifest.num_tokens,
+            "bytes_per_token": bytes_per_token, "wall_s": wall, "num_shards": num_shards}

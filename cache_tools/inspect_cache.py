@@ -54,7 +54,7 @@ def cache_summary(cache_dir: str | Path) -> dict[str, Any]:
         "vocab_size": m.vocab_size,
         "head_rows": m.teacher.head_rows,
         "targets": dataclasses.asdict(m.targets),
-        "top_k": m.top_k,
+        "top_k": m.slots,
         "max_length": m.max_length,
         "pool_layers": m.pooling.layers,
         "hidden_size": m.pooling.hidden_size,

@@ -68,7 +68,7 @@ def load_config_and_tokenizer(teacher: str, tokenizer_src: str | None, trust_rem
     return config, tokenizer
 
 
-def check_settings(config: Any, tokenizer: Any, *, top_k: int, max_length: int, pool_layers: list[int]) -> list[int]:
+def check_settings(config: Any, tokenizer: Any, *, max_length: int, pool_layers: list[int]) -> list[int]:
     """Validate the flags against the teacher; returns pool layers as non-negative hidden_states indices."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     head_rows = int(text_config.vocab_size)
@@ -76,8 +76,6 @@ def check_settings(config: Any, tokenizer: Any, *, top_k: int, max_length: int, 
     if vocab > head_rows:
         raise BuildError(f"--tokenizer: {vocab} tokens but the teacher head has only {head_rows} rows; use the "
                          "teacher's own tokenizer")
-    if not 1 <= top_k <= vocab:
-        raise BuildError(f"--top-k {top_k}: must be between 1 and the vocabulary size ({vocab}); lower --top-k")
     max_positions = getattr(text_config, "max_position_embeddings", None)
     if max_length < 1 or (max_positions is not None and max_length > int(max_positions)):
         raise BuildError(f"--max-length {max_length}: the teacher has {max_positions} positions; use "
@@ -188,7 +186,8 @@ def teacher_batch(
     """One forward. input_ids/attention_mask [B, T] (right-padded) on the model's device; first_sequence = global
     index of row 0 (named when an output is not finite). Returns device tensors: pooled_hidden [B, P, H] fp32 and
     top-k: topk_ids [B, T, K] (0 on padding), topk_logprobs [B, T, K], tail_logprob [B, T]; or with `sampling`:
-    topk_ids [B, T, S] distinct sampled ids (-1 padded, -1 on padding) and SAMPLE_COUNTS [B, T, S] int32.
+    SAMPLE_IDS [B, T, S] distinct sampled ids (-1 padded, -1 on padding) and SAMPLE_COUNTS [B, T, S] int32 (`top_k`
+    is unused then).
     `segments` (per row, the lengths of its packed pieces): each piece is run as if alone (isolated packing)."""
     model = teacher.model
     extra: dict[str, torch.Tensor] = {"attention_mask": attention_mask}
@@ -221,7 +220,7 @@ def teacher_batch(
         full_ids = torch.full((B, T, num_samples), -1, dtype=torch.int64, device=input_ids.device)
         full_counts = torch.zeros((B, T, num_samples), dtype=torch.int32, device=input_ids.device)
         full_ids[mask], full_counts[mask] = ids, sample_counts
-        return {schema.TOPK_IDS: full_ids, SAMPLE_COUNTS: full_counts, schema.POOLED_HIDDEN: pooled}
+        return {schema.SAMPLE_IDS: full_ids, SAMPLE_COUNTS: full_counts, schema.POOLED_HIDDEN: pooled}
     ids, logprobs, tail = topk_targets(flat, head, teacher.vocab_size, top_k, transform)
     check_finite(torch.isnan(logprobs).any(-1) | torch.isnan(tail), token_rows, first_sequence, "logits")
     full_ids = torch.zeros((B, T, top_k), dtype=torch.int64, device=input_ids.device)

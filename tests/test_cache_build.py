@@ -155,7 +155,7 @@ def test_other_settings_refused_then_overwritten(built, boosted_teacher, text_fi
         build_cache(_options(boosted_teacher, text_file, copy))
     build_cache(_options(boosted_teacher, text_file, copy, top_k=8, overwrite=True, max_samples=4))
     manifest = schema.load_manifest(copy)
-    assert manifest.top_k == 8 and manifest.complete
+    assert manifest.slots == 8 and manifest.complete
     assert len(list(copy.glob("shard-*.h5"))) == len(manifest.shards)  # stale shards of the old cache are gone
     with h5py.File(copy / manifest.shards[0].file, "r") as f:
         assert f[schema.TOPK_IDS].shape[-1] == 8

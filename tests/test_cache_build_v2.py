@@ -87,7 +87,7 @@ def test_sampled_build_records_targets_and_reads_back(sampled_cache):
     assert m.targets.sample_temperature == 2.0 and m.targets.top_k == 0
     assert verify_cache(sampled_cache) == []
     reader = TeacherCacheReader(sampled_cache)
-    assert reader.top_k == 16
+    assert reader.slots == 16
     seq = reader[0]
     used = seq.topk_ids >= 0
     assert np.isneginf(seq.tail_logprob).all()

@@ -39,7 +39,7 @@ def test_v1_cache_reads_as_topk_fp16(v1_cache):
     cache_dir, arrays = v1_cache
     m = schema.load_manifest(cache_dir)
     assert m.format_version == 1 and m.targets.kind == "topk" and m.targets.encoding == "fp16"
-    assert m.top_k == m.targets.top_k == 4 and m.targets.num_samples == 0
+    assert m.slots == m.targets.top_k == 4 and m.targets.num_samples == 0
     reader = TeacherCacheReader(cache_dir)
     for i in range(len(reader)):
         seq, n = reader[i], int(arrays["valid_length"][i])
@@ -95,7 +95,7 @@ def test_manifest_json_round_trip_is_typed(tmp_path):
                              pooling=schema.PoolingInfo(layers=[1, -1], hidden_size=8))
     m.save(tmp_path)
     back = schema.load_manifest(tmp_path)
-    assert back == m and back.top_k == 16 and isinstance(back.targets.sample_temperature, float)
+    assert back == m and back.slots == 16 and isinstance(back.targets.sample_temperature, float)
     assert back.settings()["targets.num_samples"] == 16  # dotted keys: a resume mismatch names the field
 
 

@@ -60,10 +60,10 @@ def test_reader_fields_same_for_every_kind_and_encoding(make_cache, kind, encodi
     reference = TeacherCacheReader(make_cache(kind, "fp16", "reference"))
     reader = TeacherCacheReader(cache)
     assert reader.manifest.targets.kind == kind and reader.manifest.targets.encoding == encoding
-    assert reader.top_k == (K if kind == "topk" else N)
+    assert reader.slots == (K if kind == "topk" else N)
     for i in range(len(reader)):
         seq, ref = reader[i], reference[i]
-        assert seq.topk_ids.dtype == np.int64 and seq.topk_ids.shape == (seq.length, reader.top_k)
+        assert seq.topk_ids.dtype == np.int64 and seq.topk_ids.shape == (seq.length, reader.slots)
         assert seq.topk_logprobs.dtype == np.float32 and seq.tail_logprob.dtype == np.float32
         assert_same_targets(seq, ref)
         assert_same_offsets(seq, ref)

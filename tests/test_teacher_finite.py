@@ -119,7 +119,7 @@ def test_sampled_batch_equals_sample_targets_on_the_models_logits(loaded):
     with torch.no_grad():
         logits = loaded.model(input_ids=ids, attention_mask=mask).logits[..., : loaded.vocab_size]
     ref_ids, ref_counts = teacher.sample_targets(logits[mask.bool()], uniforms[mask.bool()], temperature=1.5)
-    assert torch.equal(out[schema.TOPK_IDS][mask.bool()], ref_ids)
+    assert torch.equal(out[schema.SAMPLE_IDS][mask.bool()], ref_ids)
     assert torch.equal(out[teacher.SAMPLE_COUNTS][mask.bool()], ref_counts)
     assert (out[teacher.SAMPLE_COUNTS][mask.bool()].sum(-1) == 16).all()
-    assert (out[schema.TOPK_IDS][1, 7:] == -1).all() and (out[teacher.SAMPLE_COUNTS][1, 7:] == 0).all()
+    assert (out[schema.SAMPLE_IDS][1, 7:] == -1).all() and (out[teacher.SAMPLE_COUNTS][1, 7:] == 0).all()

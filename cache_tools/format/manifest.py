@@ -161,8 +161,8 @@ class CacheManifest:
         return self.tokenizer.content_hash
 
     @property
-    def top_k(self) -> int:
-        """K target slots per position (see `TargetsInfo.slots`)."""
+    def slots(self) -> int:
+        """K target slots per position (see `TargetsInfo.slots`): top_k, or N for sampled targets."""
         return self.targets.slots
 
     def settings(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from cache_tools.format import encodings, schema, shard_check, shard_io
 
 @dataclass
 class CachedSequence:
-    """One window, trimmed to its valid length n (K = `reader.top_k` slots, P = pooled layers, H = teacher hidden
+    """One window, trimmed to its valid length n (K = `reader.slots`, P = pooled layers, H = teacher hidden
     size). The same fields for every target kind and encoding: a sampled cache gives the distinct sampled ids
     (-1 padding), log(count / N) and a tail of -inf (see `encodings.Targets`). Format 3 fields (see `schema`):
     `segment_lengths` of the pieces packed in the window (older caches: one segment [n]); `assistant_mask` (None for
@@ -119,8 +119,8 @@ class TeacherCacheReader:
         return self.manifest.num_tokens
 
     @property
-    def top_k(self) -> int:
-        return self.manifest.top_k
+    def slots(self) -> int:
+        return self.manifest.slots
 
     @property
     def vocab_size(self) -> int:

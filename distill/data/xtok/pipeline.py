@@ -132,7 +132,7 @@ class CrossTokenizerTargets:
         if max_length is None:
             max_length = manifest.max_length
         self.max_length = int(max_length) if max_length else None
-        self.top_k = manifest.top_k
+        self.slots = manifest.slots
         self._mapper = TopKMapper(self.vocab_map.ids, self.vocab_map.exact)
         self._validator = SequenceValidator(manifest, cache_dir) if validate else None
         self._student_rows = self.student_bytes.size
@@ -143,7 +143,7 @@ class CrossTokenizerTargets:
         self.isolated = isolated
         self.assistant_only = assistant_only
         self.chat_template = chat_template
-        self.store_meta = store_key(self.teacher_hash, self.student_hash, rule, self.max_length, self.top_k,
+        self.store_meta = store_key(self.teacher_hash, self.student_hash, rule, self.max_length, self.slots,
                                     isolated=isolated, assistant_only=assistant_only,
                                     chat_template=self.renderer.template if self.renderer is not None else "")
         self.store: TargetStore | None = None
