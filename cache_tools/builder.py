@@ -107,7 +107,7 @@ class _ShardRun:
     stats: dict[str, float]  # teacher_s, tokens, sequences, kept_shards
 
 
-def _build_shard(run: _ShardRun, shard_windows: list[Any], first_sequence: int) -> None:
+def _build_shard(run: _ShardRun, shard_windows: list[packing.Window], first_sequence: int) -> None:
     """Forward every batch of one shard; results go to the writer thread while the next batch runs."""
     opts, manifest, targets = run.opts, run.manifest, run.manifest.targets
     for lo in range(0, len(shard_windows), opts.batch_size):
@@ -234,7 +234,7 @@ def _start_output(out_dir: Path, manifest: schema.CacheManifest, tokenizer: Any,
     return True
 
 
-def _build_shards(run: _ShardRun, windows: Iterator[Any], out_dir: Path, info: dist.DistInfo) -> int:
+def _build_shards(run: _ShardRun, windows: Iterator[packing.Window], out_dir: Path, info: dist.DistInfo) -> int:
     """Build this rank's unfinished shards (global window i is in shard i // shard_size, built by rank
     shard % world_size); returns how many windows the dataset has."""
     shard_size, total_windows = run.opts.shard_size, 0
