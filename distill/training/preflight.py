@@ -52,21 +52,36 @@ def check_output_dir(output_dir: str | Path) -> None:
                           "fix its permissions") from err
 
 
+# Set by every multi-process launcher (torchrun, deepspeed, accelerate with num_processes > 1; MPI for mpirun).
+_LAUNCHER_VARS = ("RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+
+
 def check_deepspeed(cfg: Any) -> None:
     """Refuse, before anything is written, what would otherwise fail inside DeepSpeed's engine set-up with its
-    traceback: --deepspeed without a launcher (DeepSpeed then falls back to MPI discovery), --fp16 on an accelerator
-    without fp16 support."""
+    traceback (--fp16 on an accelerator without fp16 support), and give a single process its world of one.
+
+    DeepSpeed needs a process group even for one process. Multi-process launchers define it; one process (plain
+    `python -m distill.train`, or `accelerate launch` with one process and no DeepSpeed config, as in
+    launch/accelerate/p100_fp16_single_gpu.yaml) defines nothing, and DeepSpeed would fall back to MPI discovery.
+    There the world of one is set up as the transformers documentation does for notebooks (RANK=0, WORLD_SIZE=1,
+    a free local port), so `--deepspeed` means the same under every launcher."""
     t = cfg.training
     if not t.deepspeed:
         return
-    import importlib.util
-
     from deepspeed.accelerator import get_accelerator
 
-    if "RANK" not in os.environ and importlib.util.find_spec("mpi4py") is None:
-        raise ConfigError(f"--deepspeed {t.deepspeed}: DeepSpeed needs a launcher; run under `accelerate launch` "
-                          "(see launch/accelerate/), `torchrun` or `deepspeed`, or drop --deepspeed")
+    if not any(var in os.environ for var in _LAUNCHER_VARS):
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
     accel = get_accelerator()
     if t.fp16 and not accel.is_fp16_supported():
         raise ConfigError(f"--fp16 with --deepspeed {t.deepspeed}: DeepSpeed's {accel.device_name()} accelerator has "
                           "no fp16 support on this machine; drop --fp16 (fp32), use --bf16, or run on a GPU")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -24,7 +24,7 @@ torchrun --nnodes "$NUM_MACHINES" --nproc_per_node "$GPUS_PER_MACHINE" --node_ra
   --batch-size 16 --compression lzf --output "$OUT/cache" --resume
 
 # 2. Student: DeepSpeed ZeRO-2 across all GPUs, bf16 (Ampere or newer; on V100/T4 use --fp16 and zero2_fp16.json).
-accelerate launch --config_file launch/accelerate/multi_gpu_zero2.yaml \
+accelerate launch --quiet --config_file launch/accelerate/multi_gpu_zero2.yaml \
   --num_machines "$NUM_MACHINES" --num_processes "$NPROC" --machine_rank "$MACHINE_RANK" \
   --main_process_ip "$MAIN_IP" --main_process_port "$PORT" \
   -m distill.train launch/recipes/multi_node.yaml --cache "$OUT/cache" --output_dir "$OUT/student_run"
