@@ -49,7 +49,7 @@ def loader_tokens_per_s(dataset: Any, batch: int, epochs: int, pad_id: int) -> t
     return tokens / elapsed, tokens
 
 
-# The v2 target layouts against today's fp16 top-k (issue 10 goal: compact and sampled loaders >= 0.8x fp16).
+# The other target layouts against fp16 top-k (goal: compact and sampled loaders >= 0.8x fp16).
 ENCODINGS = {"topk compact": ["--encoding", "compact"],
              "sampled N=64 compact": ["--encoding", "compact", "--targets", "sampled", "--samples", "64"]}
 

@@ -13,9 +13,9 @@ from cache_tools.format.errors import BuildError
 
 DEFAULT_TOP_K = 256
 DEFAULT_SAMPLES = 64
-# `--encoding auto` per target kind (measurements: docs/RESULTS.md, section 5). Sampled: compact is lossless and its
-# loader keeps 0.83-1.03x the fp16 top-k loader's tokens/s. Top-k: compact is 3.3x smaller but its loader runs at
-# 0.39-0.43x, below the 0.8x goal, so it stays opt-in.
+# `--encoding auto` per target kind (measured in docs/RESULTS.md, section 5). Sampled: compact is lossless and its
+# loader keeps up with the fp16 top-k loader. Top-k: compact is several times smaller but its loader is slower than
+# the loader goal allows, so it stays opt-in.
 AUTO_ENCODING = "auto"
 AUTO_ENCODINGS = {"topk": "fp16", "sampled": "compact"}
 
@@ -60,9 +60,9 @@ class BuildOptions:
     seed: int = field(default=0, metadata={"help": "sampling seed (with the global sequence index: resume- and "
                                                    "rank-independent)"})
     encoding: Literal["auto", "fp16", "compact"] = field(
-        default="auto", metadata={"help": "fp16: plain arrays; compact: one packed blob per sequence (~3.3x smaller "
-                                          "top-k, lossless sampled); auto: compact for sampled targets, fp16 for "
-                                          "top-k (whose compact decoding is the slower loader)"})
+        default="auto", metadata={"help": "fp16: plain arrays; compact: one packed blob per sequence (several times "
+                                          "smaller top-k, lossless sampled); auto: compact for sampled targets, fp16 "
+                                          "for top-k (whose compact decoding is the slower loader)"})
     pool_layers: list[int] = field(
         default_factory=lambda: [-1],
         metadata={"help": "hidden_states indices to mean-pool (0 = embeddings, -1 = last layer); space or comma "

@@ -34,7 +34,7 @@ def with_suggestions(names: Sequence[str], known: Iterable[str]) -> str:
     known = sorted(set(known))
     parts = []
     for name in names:
-        # A cut-off flag (what argparse used to guess) first, then the closest spelling.
+        # A cut-off flag (what argparse's prefix matching would take) first, then the closest spelling.
         close = [k for k in known if k.startswith(name)][:1] or difflib.get_close_matches(name, known, n=1, cutoff=0.6)
         parts.append(f"{name} (did you mean {close[0]}?)" if close else name)
     return ", ".join(parts)

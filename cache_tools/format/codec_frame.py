@@ -25,7 +25,7 @@ from cache_tools.format.errors import CodecError
 MAGIC = b"DK"
 FRAME_VERSION = 2  # the format-2 bit coder (`codec_bits`) wrote 1
 HEADER = struct.Struct("<2sccBI")  # magic, kind, version, kind-specific parameter, crc32
-ZSTD_LEVEL = 9  # measured: level 3 costs ~3% more bytes, level 15+ encodes 3-20x slower for <1%
+ZSTD_LEVEL = 9  # lower levels cost bytes, higher ones much encoding time for little gain (docs/RESULTS.md)
 KIND_NAMES = {b"T": "top-k", b"S": "sampled", b"O": "token-offsets"}
 
 

@@ -3,7 +3,7 @@ zstd frame per blob, framed and bound to the row's global sequence index by `cac
 
 The numbers are exactly those of the format-2 bit coder (`cache_tools.format.codec`): the same 7-bit companded
 log-prob levels (`codec.quantise_logprobs`) and the same ids, so a cache converted between the two decodes to
-identical arrays. Only the packing changed: zstd over byte planes decodes ~20x faster than numpy bit unpacking and,
+identical arrays. Only the packing differs: zstd over byte planes decodes much faster than numpy bit unpacking and,
 over a whole window, stores fewer bytes (see docs/RESULTS.md for the measured table).
 
 Payloads ("wide" = `codec_frame.split_wide`: 16-bit values as a low and a high byte plane, larger ones escaped):
@@ -108,7 +108,7 @@ def finish_topk(steps: np.ndarray, levels: np.ndarray, lp_max: np.ndarray, range
     """`topk_parts` -> (ids [n, K] int64, logprobs [n, K] float32), each row by log-prob descending (ties: id order),
     identical to the format-2 decoder's output for the same targets."""
     n, K = steps.shape
-    # One running sum over the whole blob (a row-wise cumsum is ~4x slower), less each row's starting total.
+    # One running sum over the whole blob (faster than a row-wise cumsum), less each row's starting total.
     ids = np.cumsum(steps.ravel()).reshape(n, K)
     if n > 1:
         ids[1:] -= ids[:-1, -1:].copy()

@@ -20,7 +20,7 @@ from cache_tools.format.reader import CachedSequence, TeacherCacheReader
 
 def is_sampled(manifest: schema.CacheManifest) -> bool:
     """Sampled targets (format v2: distinct sampled ids, log(count/N), tail -inf) rather than top-k."""
-    return getattr(getattr(manifest, "targets", None), "kind", "topk") == "sampled"
+    return manifest.targets.kind == "sampled"
 
 
 class SequenceValidator:

@@ -6,7 +6,7 @@ Why everything happens inside `forward`:
   weight directly (it never calls the head, so no `[N, V]` logits exist); we register that weight as an *external
   parameter* of this wrapper, so DeepSpeed gathers it for the duration of this forward (and its backward).
 - Evaluation (`model.eval()`) disables autocast inside forward: eval metrics are computed in the student's own dtype
-  (fp16 or fp32) with fp32 logits, never in a mixed autocast region (the old fp16/fp32 evaluation crash).
+  (fp16 or fp32) with fp32 logits, never in a mixed autocast region (mixing fp16 and fp32 there fails).
 """
 
 from __future__ import annotations
@@ -48,12 +48,9 @@ def aux_settings(reader: Any, loss_args: Any) -> AuxSettings | None:
     weight (else None: no projection heads). `reader` is None in LM-only mode."""
     if reader is None or not wants_aux(weights_of(loss_args)):
         return None
-    m = reader.manifest
-    pooling, teacher = m.pooling, m.teacher
-    read = (lambda obj, key: obj[key]) if isinstance(pooling, dict) else getattr  # untyped (v1) or typed manifest
-    return AuxSettings(teacher_hidden=int(read(pooling, "hidden_size")),
-                       teacher_pool_layers=list(read(pooling, "layers")),
-                       teacher_num_layers=int(read(teacher, "num_hidden_layers")), params=aux_params(loss_args))
+    pooling, teacher = reader.manifest.pooling, reader.manifest.teacher
+    return AuxSettings(teacher_hidden=int(pooling.hidden_size), teacher_pool_layers=list(pooling.layers),
+                       teacher_num_layers=int(teacher.num_hidden_layers), params=aux_params(loss_args))
 
 
 def kd_config_for_caches(kd_config: KDConfig, readers: list[Any]) -> KDConfig:

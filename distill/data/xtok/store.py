@@ -1,6 +1,6 @@
 """Precomputed cross-tokenizer targets, stored beside the cache: `CACHE/xtok/<key>/<cache shard name>`.
 
-Computing a window's student targets costs ~20 ms of CPU (re-tokenise, align, map and merge 256 teacher ids per
+Computing a window's student targets costs real CPU time (re-tokenise, align, map and merge 256 teacher ids per
 row); reading them back costs a slice per array. `python -m distill.prepare_xtok` computes them once per (cache,
 student tokenizer, rule, max_length, code) and `CrossTokenizerTargets.fetch` reads them, so DataLoader workers only
 read arrays. The dict a read returns is bit-identical to `CrossTokenizerTargets.__call__` on the same sequence.
