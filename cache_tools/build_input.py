@@ -43,7 +43,9 @@ def plan_input(opts: BuildOptions, tokenizer: Any) -> InputPlan:
     if opts.packing == "cross_document":
         raise BuildError("--packing cross_document: conversations are always packed isolated (a conversation never "
                          "attends to another); drop the flag")
-    template = chat_data.chat_template(tokenizer, opts.chat_template)
+    template = None
+    if opts.chat_template or chat_data.needs_template(opts.dataset, opts.split, opts.streaming, row_format):
+        template = chat_data.chat_template(tokenizer, opts.chat_template)
     return InputPlan(row_format, template, kwargs, "isolated", not opts.all_positions, chat_data.ChatStats())
 
 
@@ -54,7 +56,7 @@ def windows(opts: BuildOptions, tokenizer: Any, plan: InputPlan, rows: schema.Ro
     # text_data / chat_data raise their own one-line UserErrors naming the spec and the fix.
     if plan.conversational:
         pieces = chat_data.conversation_pieces(
-            tokenizer, opts.dataset, split=opts.split, row_format=plan.row_format, template=plan.template or "",
+            tokenizer, opts.dataset, split=opts.split, row_format=plan.row_format, template=plan.template,
             kwargs=plan.kwargs, max_samples=opts.max_samples, streaming=opts.streaming, stats=plan.stats)
         stream = packing.pack_conversations(pieces, opts.max_length, long=opts.long_conversations,
                                             counts=plan.stats.counts)

@@ -7,6 +7,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cache_tools.format import schema, shard_io
 
 
@@ -29,6 +31,21 @@ def _shard_storage(cache_dir: Path, m: schema.CacheManifest) -> tuple[dict[str, 
         except (OSError, KeyError, schema.CacheError) as err:
             problems.append(f"{shard.file}: unreadable ({type(err).__name__})")
     return per_dataset, problems
+
+
+def _positions_with_targets(cache_dir: Path, m: schema.CacheManifest) -> str:
+    """'X of N (p%)': the positions that store teacher targets (assistant-only caches skip prompt positions, whose
+    targets are never used; what that saves per token is in docs/RESULTS.md)."""
+    if not m.targets.assistant_only:
+        return f"{m.num_tokens} of {m.num_tokens} (all)"
+    stored = 0
+    for shard in m.shards:
+        try:
+            with shard_io.open_shard(cache_dir / shard.file) as f:
+                stored += int(f[schema.TARGET_MASK][:].astype(np.int64).sum())
+        except (OSError, KeyError, schema.CacheError):
+            return "unknown (a shard is unreadable)"
+    return f"{stored} of {m.num_tokens} ({100 * stored / max(1, m.num_tokens):.1f}%, assistant-only)"
 
 
 def cache_summary(cache_dir: str | Path) -> dict[str, Any]:
@@ -61,6 +78,9 @@ def cache_summary(cache_dir: str | Path) -> dict[str, Any]:
         "compute_dtype": m.compute_dtype,
         "compression": m.compression,
         "dataset": m.dataset.spec,
+        "row_format": m.dataset.row_format,
+        "packing": m.packing,
+        "positions_with_targets": _positions_with_targets(Path(cache_dir), m),
         "rows_read": m.rows.read,
         "rows_without_text": m.rows.without_text,
         "num_shards": len(m.shards),

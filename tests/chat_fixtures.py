@@ -16,7 +16,7 @@ QWEN3_HEAD_ROWS = 151936
 
 
 def make_conversations(texts: list[str], count: int, *, seed: int = 0, reasoning: bool = True,
-                       max_turns: int = 3) -> list[dict]:
+                       max_turns: int = 3, context: tuple[int, int] = (30, 90)) -> list[dict]:
     """`count` rows of TRL's `messages` format: short user questions, longer assistant answers (answers are a
     minority of tokens in real chat data only when prompts are long, so prompts here carry a context passage),
     some with a system turn, some multi-turn, some with `<think>` reasoning or `reasoning_content`."""
@@ -34,7 +34,7 @@ def make_conversations(texts: list[str], count: int, *, seed: int = 0, reasoning
         if i % 3 == 0:
             messages.append({"role": "system", "content": "You answer briefly. " + snippet(3, 8)})
         for turn in range(int(rng.integers(1, max_turns + 1))):
-            messages.append({"role": "user", "content": f"Context: {snippet(30, 90)}\nQuestion: {snippet(4, 12)}?"})
+            messages.append({"role": "user", "content": f"Context: {snippet(*context)}\nQuestion: {snippet(4, 12)}?"})
             answer = snippet(8, 40)
             if reasoning and (i + turn) % 4 == 1:
                 answer = f"<think>\n{snippet(5, 20)}\n</think>\n\n{answer}"
@@ -59,11 +59,11 @@ def tiny_qwen3_config(vocab_rows: int = QWEN3_HEAD_ROWS, *, hidden_size: int = 3
                        head_dim=hidden_size // 4, max_position_embeddings=1024, tie_word_embeddings=False)
 
 
-def chatml_assistant_mask(text: str, offsets: np.ndarray) -> np.ndarray:
+def chatml_assistant_mask(text: str, offsets: np.ndarray, end: str = "<|im_end|>") -> np.ndarray:
     """Independent computation for ChatML templates (Qwen3, SmolLM2): tokens inside an assistant turn's body (after
-    '<|im_start|>assistant\\n', up to '<|im_end|>') plus that '<|im_end|>' token."""
-    regions = [(m.start(1), m.end(1) + len("<|im_end|>"))
-               for m in re.finditer(r"<\|im_start\|>assistant\n(.*?)<\|im_end\|>", text, flags=re.S)]
+    '<|im_start|>assistant\\n', up to the end-of-turn token `end`) plus that token."""
+    regions = [(m.start(1), m.end(1) + len(end))
+               for m in re.finditer(r"<\|im_start\|>assistant\n(.*?)" + re.escape(end), text, flags=re.S)]
     starts, ends = offsets[:, 0], offsets[:, 1]
     mask = np.zeros(len(offsets), dtype=bool)
     for lo, hi in regions:

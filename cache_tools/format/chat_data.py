@@ -56,6 +56,15 @@ def resolve_row_format(requested: str, spec: str, split: str, streaming: bool) -
     return requested
 
 
+def needs_template(spec: str, split: str, streaming: bool, row_format: str) -> bool:
+    """Conversations are rendered with a chat template; prompt/completion rows of plain strings are not (TRL's
+    standard format: prompt + completion + EOS), judged from the first row."""
+    if row_format != "prompt_completion":
+        return True
+    first = next(iter(open_dataset(spec, split, streaming)), None)
+    return not (isinstance(first, dict) and isinstance(first.get("prompt"), str))
+
+
 def parse_template_kwargs(value: str) -> dict[str, Any]:
     try:
         kwargs = json.loads(value or "{}")
@@ -83,7 +92,7 @@ def chat_template(tokenizer: Any, template_file: str | None) -> str:
     return str(template)
 
 
-def conversation_pieces(tokenizer: Any, spec: str, *, split: str, row_format: str, template: str,
+def conversation_pieces(tokenizer: Any, spec: str, *, split: str, row_format: str, template: str | None,
                         kwargs: dict[str, Any], max_samples: int | None, streaming: bool,
                         stats: ChatStats) -> Iterator[Piece]:
     """One `Piece` per good row (doc_index = row number); bad rows are warned about one line each and counted."""
