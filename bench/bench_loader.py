@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from bench.common import WORK_ROOT, apply_offline_env, build_cache, ratio, resolve_device, time_fn, tiny_assets
+from bench.loader_checks import run_checks
 from cache_tools.format.cli_args import StrictArgumentParser, parse_command_line
 
 SHAPES = {
@@ -167,6 +168,9 @@ def run(quick: bool, device: str) -> dict[str, Any]:
           f"({cross_tps / direct_tps:.3f}x), cross precomputed {stored_tps:.0f} tokens/s "
           f"({stored_tps / direct_tps:.3f}x); prepare {prep['seconds']:.1f} s; builder ms/window "
           f"{json.dumps(builder_ms)}", flush=True)
+    checks = run_checks(cache, direct, stored, rounds=5 if quick else 7)
+    print(f"[loader] integrity checks: {json.dumps({k: round(v['value'], 3) for k, v in checks['ratios'].items()})}",
+          flush=True)
     by_encoding = encoding_loaders(assets, shape, cache, teacher_tok.pad_token_id)
     print(f"[loader] direct, by layout (tokens/s): {json.dumps({k: round(v) for k, v in by_encoding.items()})}",
           flush=True)
@@ -179,10 +183,12 @@ def run(quick: bool, device: str) -> dict[str, Any]:
             "cross loader/direct loader": ratio(cross_tps, direct_tps, "", "direct loader tokens/s"),
             "cross loader precomputed/direct loader": ratio(stored_tps, direct_tps, ">= 0.7",
                                                             "direct loader tokens/s"),
+            **checks.pop("ratios"),
             **{f"{name} loader/fp16 loader": ratio(by_encoding[name], by_encoding["topk fp16"], ">= 0.8",
                                                    "fp16 top-k direct loader tokens/s") for name in ENCODINGS},
         },
         "tokens_per_s_by_layout": by_encoding,
+        "integrity_checks": checks,
         "tokens_per_s": {"cross_loader": cross_tps, "cross_loader_precomputed": stored_tps,
                          "direct_loader": direct_tps, "trainer": trainer_tps},
         "prepare_xtok": {"seconds": prep["seconds"], "windows": prep["windows"], "workers": 2,
@@ -201,6 +207,8 @@ def run(quick: bool, device: str) -> dict[str, Any]:
                   "cross precomputed: distill.data.xtok.prepare.prepare_store (2 fork workers, timed as a one-off), "
                   "then CacheDataset reads CACHE/xtok/<key>/ through CrossTokenizerTargets.fetch (range checks on "
                   "every read window; the cache itself is not read)",
+                  "integrity checks (bench/loader_checks.py): single-process passes over every window, checked vs "
+                  "unchecked, alternated and compared by medians",
                   "trainer: one AdamW step with distill.losses.fused_ce_kd_loss on a collated cross-tokenizer batch",
                   "on CPU the trainer is slow, so the ratio flatters the loader; rerun with --device cuda"],
     }
