@@ -197,6 +197,8 @@ def _check_rows(f: h5py.File, lo: int, hi: int, m: schema.CacheManifest, first: 
     if isinstance(block, str):
         return block
     names = dict.fromkeys(check for spec in schema.datasets_for(m) for check in spec.checks)
+    # Masks and segments first: a damaged target_mask also misplaces the targets it selects; name the cause.
+    names = {**{k: None for k in ("segments", "masks") if k in names}, **names}
     for name in names:
         fault = CHECKS[name](m, block)
         if fault:
