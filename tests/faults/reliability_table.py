@@ -33,7 +33,19 @@ ROWS = [
     ("test_concurrency_diskfull.test_disk_full_is", "disk full (tokenizer, shard write, shard close)", True),
     ("test_concurrency_diskfull.test_disk_full_before", "disk full at the first manifest write", False),
     ("test_concurrency_diskfull.test_output_is_a_file", "--output is a file", False),
-    ("test_bad_text.", "bad text (UTF-8, JSON, non-text, missing/null, NUL, 5 MB line, no column)", False),
+    ("test_corruption.test_compact_manifest", "compact manifest edited to say fp16: verify / reader / --resume", True),
+    ("test_bad_text.", "bad text (UTF-8, JSON, non-text, missing/null + console/inspect count, NUL, 5 MB line, no "
+     "column)", False),
+    ("test_compact_blobs.", "compact blobs damaged under valid shard checksums (bit flip, truncation, codec id, "
+     "blobs swapped between rows, format 2 blob): verify / reader / --resume", False),
+    ("test_chat_faults.", "conversations: malformed rows, chat templates, damaged assistant/target masks", False),
+    ("test_xtok_store.test_damaged", "cross-tokenizer store damaged (a value, swapped rows, offsets): loader + "
+     "prepare_xtok rerun", False),
+    ("test_xtok_store.", "cross-tokenizer store of an older format; prepare_xtok killed, then rerun", False),
+    ("test_training_checksums.", "same-size damage to a shard on the default training path", False),
+    ("test_training_faults.test_disk_full", "disk full while saving a checkpoint, then resume", False),
+    ("test_training_faults.", "training: unusable output, bad flags, kill + resume, cache cut mid-run, sampled KD",
+     False),
 ]
 # Damage that --resume must refuse (not repair): a manifest of another format version.
 REFUSED = tuple(d.name for d in DAMAGES if d.resume == "refused")
