@@ -104,6 +104,7 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
         kd_config_for_caches,
         resolve_pool_layers,
     )
+    from distill.training.preflight import check_student_context
     from distill.training.teachers import parse_teacher_weights
     from distill.training.trainer import DistillTrainer
 
@@ -123,6 +124,8 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
     else:
         data = build_text_data(d.dataset, tokenizer, max_length=d.max_length, text_column=d.text_column,
                                max_samples=d.max_samples, packing=d.packing or "cross_document")
+    check_student_context(student_config, "--student_config" if cfg.model.student_config else "--student",
+                          data.readers, None if d.cache else d.max_length)
     loss = cfg.loss
     # The one KDConfig of the run: its flags (kd_kind, temperature, use_tail, loss_chunk_size, divergence
     # parameters) and the caches' target kind; the model hands it to the kernel unchanged.
@@ -194,13 +197,15 @@ def _main(argv: list[str]) -> int:
         return 0
     from distill.training.checkpoints import resolve_resume
     from distill.training.distributed import enable_cpu_deepspeed
-    from distill.training.preflight import check_deepspeed, check_output_dir, verify_caches
+    from distill.training.preflight import check_deepspeed, check_output_dir, check_previous_run, verify_caches
 
     enable_cpu_deepspeed()  # before parse_config: the TrainingArguments create the distributed state
     cfg = parse_config(argv)
     validate(cfg)
     check_deepspeed(cfg)
     check_output_dir(cfg.training.output_dir)  # before hours of loading: an unwritable folder fails at once
+    check_previous_run(cfg.training.output_dir, overwrite=cfg.run.overwrite_output_dir,
+                       resume=cfg.training.resume_from_checkpoint)
     resume = resolve_resume(cfg.training.resume_from_checkpoint, cfg.training.output_dir)  # complete ones only
     verify_caches(cfg.data)  # --verify_cache: every shard's checksum and values, before loading anything
     built = build_trainer(cfg)  # its ResolvedConfigCallback writes OUTPUT/distill_config.yaml once training starts

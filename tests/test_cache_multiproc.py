@@ -24,8 +24,9 @@ def _build_args(teacher_dir, text_file, output, *extra) -> list[str]:
             "--top-k", "8", "--shard-size", "3", "--batch-size", "1", "--max-samples", "30", "--no-progress", *extra]
 
 
-def _run(cmd: list[str], timeout: float = 240) -> None:
-    """Run in its own session so a timeout can kill the launcher AND its workers (no orphans left behind)."""
+def _run(cmd: list[str], timeout: float | None = None) -> None:
+    """Run in its own session so a timeout (none by default: a slow correct run must not fail) can kill the launcher
+    AND its workers (no orphans left behind)."""
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -64,8 +65,7 @@ def test_kill_9_then_resume_equals_clean_build(reference, teacher_dir, text_file
     proc = subprocess.Popen(cli_command(*args), env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     first_shard = out / schema.shard_name(0)
-    deadline = time.monotonic() + 180
-    while not first_shard.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not first_shard.exists() and proc.poll() is None:
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

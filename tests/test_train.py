@@ -207,7 +207,7 @@ def test_cli_exit_code_for_unknown_yaml_key(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("student: x\ncache: y\noutput_dir: z\nlearning_rat: 0.1\n")
     proc = subprocess.run([sys.executable, "-m", "distill.train", str(config)], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent.parent, timeout=120)
+                          cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "learning_rat" in proc.stderr and proc.stdout == ""

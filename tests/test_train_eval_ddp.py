@@ -64,7 +64,7 @@ def test_ddp_eval_excludes_even_batch_padding(tmp_path, student_dir, caches):
                 "--master_port", str(_free_port())]
     proc = subprocess.run([*launcher, str(script), str(result), *_argv(student_dir, caches, tmp_path / "ddp"),
                            "--ddp_backend", "gloo"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ddp = json.loads(result.read_text())
     for key in ("eval_ce", "eval_kd", "eval_loss", "eval_top1_agreement", "eval_teacher_mass_covered"):

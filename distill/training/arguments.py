@@ -164,6 +164,10 @@ class RunArguments:
     early_stopping_warmup_steps: int = field(default=0, metadata={"help": "No early stop before this global step."})
     early_stopping_metric: str = field(default="eval_loss", metadata={"help": "Metric watched (lower is better)."})
     console_log: bool = field(default=True, metadata={"help": "Print one summary line per logging step."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Train into an --output_dir that holds a finished or started run, replacing "
+                                         "its student and config (without it such a folder is refused)."}
+    )
 
 
 @dataclass

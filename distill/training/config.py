@@ -128,6 +128,9 @@ def validate(cfg: DistillConfig) -> None:
         problems.append(f"--student_chat_template {d.student_chat_template}: no such file")
     if not t.output_dir:
         problems.append("--output_dir is required")
+    if t.max_steps == 0 or t.max_steps < -1:
+        problems.append(f"--max_steps {t.max_steps}: give a positive number of optimizer steps, or -1 (the default) "
+                        "to train --num_train_epochs epochs")
     problems += _component_problems(cfg)
     problems += KDConfig.from_args(loss).problems(flags=True)  # --kd_kind, --temperature, --jsd_beta, ...
     if loss.max_nonfinite_steps < 1:

@@ -56,6 +56,42 @@ def check_output_dir(output_dir: str | Path) -> None:
 _LAUNCHER_VARS = ("RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
 
 
+def check_previous_run(output_dir: str | Path, *, overwrite: bool, resume: Any) -> None:
+    """Refuse (ConfigError) to train into a folder that holds another run (its exported student, its resolved config
+    or its checkpoints) unless --overwrite_output_dir or --resume_from_checkpoint says that is meant: a finished
+    run's student is hours of work, and a rerun would replace it silently."""
+    from distill.training.config import RESOLVED_CONFIG_NAME
+    from distill.training.export import STUDENT_DIR
+
+    path = Path(output_dir)
+    if overwrite or resume or not path.is_dir():
+        return
+    found = [name for name in (STUDENT_DIR, RESOLVED_CONFIG_NAME) if (path / name).exists()]
+    found += sorted(p.name for p in path.glob("checkpoint-*"))[:2]
+    if found:
+        raise ConfigError(f"--output_dir {path}: holds a previous run ({', '.join(found)}); pass "
+                          "--overwrite_output_dir true to replace it, --resume_from_checkpoint true to continue it, or "
+                          "choose another --output_dir")
+
+
+def check_student_context(student_config: Any, flag: str, readers: list[Any], lm_max_length: int | None) -> None:
+    """Refuse (ConfigError) windows longer than the student's positions (max_position_embeddings): past them a
+    rotary model extrapolates and a learned-position model indexes out of range; either way it trains on garbage."""
+    positions = getattr(student_config.get_text_config(), "max_position_embeddings", None)
+    if not positions:
+        return
+    for reader in readers:
+        length = int(reader.manifest.max_length)
+        if length > positions:
+            raise ConfigError(f"{flag}: {positions} positions (max_position_embeddings) but the cache "
+                              f"{reader.cache_dir} holds windows of up to {length} tokens; rebuild the cache with "
+                              f"`build-cache ... --max-length {positions}` or use a student with at least {length} "
+                              "positions")
+    if lm_max_length is not None and lm_max_length > positions:
+        raise ConfigError(f"--max_length {lm_max_length}: the student ({flag}) has {positions} positions "
+                          f"(max_position_embeddings); pass --max_length {positions} or less")
+
+
 def check_deepspeed(cfg: Any) -> None:
     """Refuse, before anything is written, what would otherwise fail inside DeepSpeed's engine set-up with its
     traceback (--fp16 on an accelerator without fp16 support), and give a single process its world of one.

@@ -28,7 +28,7 @@ def test_second_build_refused_while_first_runs(tmp_path, clean_cache, build_args
     out, ready = tmp_path / "cache", tmp_path / "ready"
     pid, log = start_forked(build_args(out), before=hold_after_manifest(ready))
     try:
-        wait_for(ready)
+        wait_for(ready, pid)
         before = sorted(p.name for p in out.iterdir())
         for extra in ((), ("--resume",), ("--overwrite",)):  # following any advice must not break the running build
             outcome = run_cli(build_args(out, *extra), capsys)
@@ -36,7 +36,7 @@ def test_second_build_refused_while_first_runs(tmp_path, clean_cache, build_args
         assert sorted(p.name for p in out.iterdir()) == before, "a refused build touched the folder"
     finally:
         os.kill(pid, signal.SIGKILL)  # the first build dies holding the lock: the lock dies with it
-        assert wait_child(pid, log, 60).signal == signal.SIGKILL
+        assert wait_child(pid, log, None).signal == signal.SIGKILL
     assert run_cli(build_args(out, "--resume"), capsys).code == 0
     assert_same_cache(clean_cache, out)
     assert not (out / ".build-cache.lock").exists()

@@ -68,9 +68,9 @@ def test_interrupted_build_resumes(sig, tmp_path, clean_cache, build_args, capsy
     and --resume ends byte-identical."""
     out, ready = tmp_path / "cache", tmp_path / "ready"
     pid, pipe = start_forked(build_args(out), before=hold_after_manifest(ready))
-    wait_for(ready)
+    wait_for(ready, pid)
     os.kill(pid, sig)
-    stopped = wait_child(pid, pipe, 60)
+    stopped = wait_child(pid, pipe, None)
     if sig == signal.SIGINT:
         assert stopped.code == 130 and stopped.error_line.startswith("cache_tools build-cache: interrupted"), stopped
         assert "--resume" in stopped.error_line and "Traceback" not in "\n".join(stopped.stderr)
