@@ -8,7 +8,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cache_tools.format import schema
+from cache_tools.format import chat_data, schema
 from cache_tools.format.errors import BuildError
 
 DEFAULT_TOP_K = 256
@@ -32,7 +32,7 @@ class BuildOptions:
     max_samples: int | None = field(default=None, metadata={"help": "use only the first N documents"})
     streaming: bool = field(default=False, metadata={"help": "stream the dataset instead of materialising it"})
     max_length: int = field(default=512, metadata={"help": "tokens per window"})
-    dataset_format: Literal["auto", "text", "messages", "prompt_completion"] = field(
+    dataset_format: Literal[chat_data.ROW_FORMATS] = field(  # type: ignore[valid-type]
         default="auto", metadata={"help": "row format (TRL naming): messages column, prompt + completion columns, or "
                                           "plain text; auto = from the columns"})
     chat_template: str | None = field(

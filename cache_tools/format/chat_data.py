@@ -18,7 +18,7 @@ from cache_tools.format.errors import DatasetInputError
 from cache_tools.format.packing import Piece, eos_of, require_fast
 from cache_tools.format.text_data import describe_load_error, open_dataset, row_place, warn
 
-ROW_FORMATS = ("auto", "text", "messages", "prompt_completion")
+ROW_FORMATS = ("auto", "text", *conversations.ROW_FORMATS)  # --dataset-format
 
 
 @dataclass
@@ -48,7 +48,7 @@ def resolve_row_format(requested: str, spec: str, split: str, streaming: bool) -
     found = conversations.detect_row_format(columns)
     if requested == "auto":
         return found
-    needs = {"messages": ["messages"], "prompt_completion": ["prompt", "completion"], "text": []}[requested]
+    needs = conversations.ROW_FORMATS[requested].columns if requested != "text" else ()
     missing = [c for c in needs if c not in columns]
     if missing:
         raise DatasetInputError(f"--dataset-format {requested}: dataset {spec} has no column {missing[0]!r} (columns: "

@@ -20,6 +20,7 @@ ends at its last content span; the token after a region (the end-of-turn token) 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,12 +52,9 @@ class Rendered:
 
 
 def detect_row_format(columns: list[str]) -> str:
-    """TRL's naming: a `messages` column, or `prompt` + `completion`, else plain text."""
-    if "messages" in columns:
-        return "messages"
-    if "prompt" in columns and "completion" in columns:
-        return "prompt_completion"
-    return "text"
+    """TRL's naming: the first of `ROW_FORMATS` whose columns are all there (`messages`, or `prompt` + `completion`),
+    else plain text."""
+    return next((name for name, fmt in ROW_FORMATS.items() if all(c in columns for c in fmt.columns)), "text")
 
 
 def check_messages(value: Any, what: str = "messages") -> list[dict[str, Any]]:
@@ -87,23 +85,42 @@ def check_messages(value: Any, what: str = "messages") -> list[dict[str, Any]]:
     return out
 
 
+def _messages_row(row: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
+    return check_messages(row.get("messages")), False
+
+
+def _prompt_completion_row(row: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return [{"role": "user", CONTENT: prompt}, {"role": "assistant", CONTENT: completion}], True
+    if isinstance(prompt, list) and isinstance(completion, list):
+        if not any(m["role"] == "assistant" for m in check_messages(completion, "completion")):
+            raise BadRow("completion holds no assistant message")
+        return check_messages(prompt, "prompt") + check_messages(completion, "completion"), False
+    raise BadRow(f"prompt/completion are {type(prompt).__name__}/{type(completion).__name__}; both must be strings "
+                 "or both lists of messages")
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """A conversational row format: the columns that identify it (all present) and how one row becomes
+    (messages, plain), plain = strings concatenated without a template. Raises BadRow."""
+
+    columns: tuple[str, ...]
+    messages: Callable[[dict[str, Any]], tuple[list[dict[str, Any]], bool]]
+
+
+# The conversational row formats, in detection order (`text` is the plain-document format, not listed). The manifest,
+# `--dataset-format` and both sides' checks take their names from here.
+ROW_FORMATS: dict[str, RowFormat] = {
+    "messages": RowFormat(("messages",), _messages_row),
+    "prompt_completion": RowFormat(("prompt", "completion"), _prompt_completion_row),
+}
+
+
 def row_messages(row: dict[str, Any], row_format: str) -> tuple[list[dict[str, Any]], bool]:
-    """(messages, plain) of one dataset row; plain = prompt/completion strings (no template). Raises BadRow."""
-    if row_format == "messages":
-        messages = check_messages(row.get("messages"))
-        plain = False
-    else:
-        prompt, completion = row.get("prompt"), row.get("completion")
-        if isinstance(prompt, str) and isinstance(completion, str):
-            messages, plain = [{"role": "user", CONTENT: prompt}, {"role": "assistant", CONTENT: completion}], True
-        elif isinstance(prompt, list) and isinstance(completion, list):
-            messages = check_messages(prompt, "prompt") + check_messages(completion, "completion")
-            if not any(m["role"] == "assistant" for m in check_messages(completion, "completion")):
-                raise BadRow("completion holds no assistant message")
-            plain = False
-        else:
-            raise BadRow(f"prompt/completion are {type(prompt).__name__}/{type(completion).__name__}; both must be "
-                         "strings or both lists of messages")
+    """(messages, plain) of one dataset row of a `ROW_FORMATS` format. Raises BadRow."""
+    messages, plain = ROW_FORMATS[row_format].messages(row)
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRow("no assistant message (nothing to learn from)")
     return messages, plain

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cache_tools.format import conversations
 from cache_tools.format.errors import CacheError
 from cache_tools.format.fsutil import atomic_write_text
 from cache_tools.format.typed_json import load_dataclass
@@ -29,7 +30,7 @@ ENCODINGS = ("fp16", "compact")
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # isolated: no token attends across the documents packed in a window (per-document positions, block-diagonal mask).
 PACKING_MODES = ("isolated", "cross_document")
-ROW_FORMATS = ("text", "messages", "prompt_completion")
+ROW_FORMATS = ("text", *conversations.ROW_FORMATS)
 
 
 @dataclass

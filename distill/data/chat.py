@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 
 from cache_tools.format.errors import ConfigError
-
-ROW_FORMATS = ("text", "messages", "prompt_completion")
+from cache_tools.format.manifest import ROW_FORMATS
 
 
 def cache_row_format(manifest: Any) -> str:
-    """"text" | "messages" | "prompt_completion" as the manifest records it ("text" before format 3)."""
+    """One of `ROW_FORMATS` ("text", "messages", "prompt_completion", ...) as the manifest records it ("text"
+    before format 3)."""
     for holder in (getattr(manifest, "dataset", None), manifest):
         for name in ("row_format", "format"):
             value = getattr(holder, name, None)
