@@ -67,7 +67,7 @@ def run(out: Path, s: ChatSettings) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from examples.chat_demo import data
-    from examples.tiny_models import save_random_model, tiny_llama_config, tiny_qwen3_moe_config
+    from examples.tiny_models import tiny_llama_config, tiny_qwen3_moe_config
 
     total, seconds = 7, {}
     logs = out / "logs"

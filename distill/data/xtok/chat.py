@@ -110,11 +110,13 @@ class StudentRenderer:
         """(text, spans, ids, offsets, assistant) of the student's tokens covering the same content as the cached
         piece `record`, coordinates relative to the returned text; None when the template cannot render it."""
         try:
+            # prompt/completion strings were concatenated without a template: the student does the same
+            plain = bool(record["messages"]) and bool(record["messages"][0].get("plain"))
             rendered = conversations.render(self.tokenizer, record["messages"], template=self.template,
-                                            kwargs=self.kwargs)
+                                            kwargs=self.kwargs, plain=plain, eos_text=self.tokenizer.eos_token or "")
         except conversations.RenderError:
             return None
-        begin, end = _student_range(rendered.spans, record["spans"], record["messages"], len(rendered.text))
+        begin, end = _student_range(rendered.spans, record["spans"], len(rendered.text))
         enc = self.tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids = np.asarray(enc["input_ids"], dtype=np.int64)
         offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
@@ -155,33 +157,38 @@ def cat(parts: list[np.ndarray], dtype: Any, shape: tuple[int, ...]) -> np.ndarr
     return np.concatenate(parts).astype(dtype) if parts else np.zeros(shape, dtype=dtype)
 
 
+def _locate(spans: list[tuple[int, str, int, int, int]], msg: int, field: str, offset: int, at_end: bool) -> int:
+    """Index of the student span of (msg, field) holding character `offset` of that field (at_end: ending at or
+    after it), or -1."""
+    for i, (m, f, s, e, o) in enumerate(spans):
+        if (m, f) == (msg, field) and ((o < offset <= o + e - s) if at_end else (o <= offset < o + e - s)):
+            return i
+    return -1
+
+
 def _student_range(student_spans: list[tuple[int, str, int, int, int]], cached_spans: list[list[Any]],
-                   messages: list[dict[str, Any]], text_len: int) -> tuple[int, int]:
+                   text_len: int) -> tuple[int, int]:
     """[begin, end) of the student's rendering that covers the cached piece's content: from the start of the
     rendering (or, when the piece starts inside a field, that character; or after the content before its first
     field) to the end (or the matching character / the start of the next content after its last field)."""
     if not cached_spans:
         return 0, 0
-    order = [(m, f) for m, f, _, _, _ in student_spans]
-    where = {(m, f): (s, e, o) for m, f, s, e, o in student_spans}
     first_m, first_f, _, _, first_off = cached_spans[0]
     last_m, last_f, last_s, last_e, last_off = cached_spans[-1]
     begin, end = 0, text_len
-    first = (int(first_m), str(first_f))
-    if first in where:
-        s, _, o = where[first]
-        at = order.index(first)
+    i = _locate(student_spans, int(first_m), str(first_f), int(first_off), at_end=False)
+    if i >= 0:
+        _, _, s, _, o = student_spans[i]
         if first_off > o:
             begin = s + first_off - o
-        elif at > 0:
-            begin = where[order[at - 1]][1]
-    last = (int(last_m), str(last_f))
-    if last in where:
-        s, e, o = where[last]
-        at = order.index(last)
-        cut = last_off + (last_e - last_s)
-        if cut < message_fields(messages[last[0]]).get(last[1], 0):
-            end = min(e, s + cut - o)
-        elif at + 1 < len(order):
-            end = where[order[at + 1]][0]
+        elif i > 0:
+            begin = student_spans[i - 1][3]
+    cut = int(last_off) + int(last_e) - int(last_s)
+    j = _locate(student_spans, int(last_m), str(last_f), cut, at_end=True)
+    if j >= 0:
+        _, _, s, e, o = student_spans[j]
+        if cut < o + e - s:
+            end = s + cut - o
+        elif j + 1 < len(student_spans):
+            end = student_spans[j + 1][2]
     return begin, max(begin, end)
