@@ -23,13 +23,13 @@ class DemoError(RuntimeError):
 
 @dataclass
 class ChatSettings:
-    conversations: int = 1400
+    conversations: int = 1200
     teacher_vocab: int = 1024
     student_vocab: int = 768
     max_length: int = 256
     top_k: int = 32
-    teacher_steps: int = 500
-    student_steps: int = 250
+    teacher_steps: int = 400
+    student_steps: int = 200
     batch_size: int = 8
     seeds: int = 3
 
