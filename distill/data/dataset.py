@@ -116,17 +116,21 @@ class CacheDataset(Dataset):
 
 
 class TokenWindowDataset(Dataset):
-    """LM-only: a list of token windows [n_i] int64. With `isolate_after` (the EOS id) each window is cut into
-    documents after each EOS and no token attends across them."""
+    """LM-only: a list of token windows [n_i] int64. With `segments` (int32 [d_i] per window: the document pieces
+    the packer recorded) or `isolate_after` (the EOS id: cut after each EOS) no token attends across documents."""
 
-    def __init__(self, windows: list[np.ndarray], isolate_after: int | None = None):
+    def __init__(self, windows: list[np.ndarray], isolate_after: int | None = None,
+                 segments: list[np.ndarray] | None = None):
         self.windows = windows
         self.isolate_after = isolate_after
+        self.segments = segments
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        if self.segments is not None:
+            return {"input_ids": self.windows[i], "segment_lengths": self.segments[i]}
         if self.isolate_after is None:
             return {"input_ids": self.windows[i]}
         return {"input_ids": self.windows[i], "segment_lengths": eos_segments(self.windows[i], self.isolate_after)}
@@ -213,11 +217,16 @@ def build_text_data(spec: str, tokenizer: Any, *, max_length: int, text_column: 
 
     # text_data raises its own one-line UserErrors (DatasetInputError, TokenizerError) naming the spec and the fix.
     docs = load_documents(spec, text_column=text_column, max_samples=max_samples)
-    windows = [w.input_ids.astype(np.int64) for w in pack_windows(tokenizer, docs, max_length)]
-    windows = [w for w in windows if len(w) >= 2]  # a 1-token window has no next-token label
-    if not windows:
+    packed = [w for w in pack_windows(tokenizer, docs, max_length) if len(w.input_ids) >= 2]  # 1 token: no label
+    if not packed:
         raise ConfigError(f"--dataset {spec}: no text windows of >= 2 tokens; check --text_column {text_column}")
-    return BuiltData(TokenWindowDataset(windows, tokenizer.eos_token_id if packing == ISOLATED else None), None, None)
+    windows = [w.input_ids.astype(np.int64) for w in packed]
+    if packing != ISOLATED:
+        return BuiltData(TokenWindowDataset(windows), None, None)
+    pieces = [getattr(w, "segment_lengths", None) for w in packed]
+    if all(p is not None and len(p) and int(np.sum(p)) == len(ids) for p, ids in zip(pieces, windows, strict=True)):
+        return BuiltData(TokenWindowDataset(windows, segments=pieces), None, None)
+    return BuiltData(TokenWindowDataset(windows, tokenizer.eos_token_id), None, None)
 
 
 class DistillCollator:

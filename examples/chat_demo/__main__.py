@@ -3,7 +3,7 @@ distillation offline, across two tokenizers AND two chat templates, through the 
 
 Stages: (1) conversations built from the Python standard library's docstrings (question about a function, its
 docstring as the answer, sometimes a follow-up turn and a system message); (2) a teacher and a student tokenizer,
-each with its own chat template; (3) a small Qwen3-MoE teacher pretrained LM-only (`distill.train --dataset ...
+each with its own chat template; (3) a small dense teacher pretrained LM-only (`distill.train --dataset ...
 --packing isolated`) on its rendering of the training conversations; (4) `cache_tools build-cache` on the `messages`
 file (teacher template, isolated packing, targets stored on assistant positions only) for training and held-out
 conversations; (5) `distill.prepare_xtok` + `distill.coverage`: the student re-renders every conversation with its own
