@@ -84,7 +84,7 @@ class FusedCEKD(torch.autograd.Function):
                                                 config)
                 grad_logits.add_(grad_i)
                 chunk_stats += stats_i[1:]
-                del grad_i
+                del grad_i, buffer  # the same storage: freed before the next chunk allocates its logits
             del pristine
 
             if grad_hidden is not None:
