@@ -80,6 +80,9 @@ def cache_summary(cache_dir: str | Path) -> dict[str, Any]:
         "dataset": m.dataset.spec,
         "row_format": m.dataset.row_format,
         "packing": m.packing,
+        # What several teachers' caches are compared by (`cache_tools.format.windows`).
+        "windows_digests": "recorded" if m.shards and all(sh.windows_digest for sh in m.shards) else
+        "not recorded (built before format 3): computed from ids and text when caches are compared",
         "positions_with_targets": _positions_with_targets(Path(cache_dir), m),
         "rows_read": m.rows.read,
         "rows_without_text": m.rows.without_text,

@@ -38,7 +38,11 @@ def test_digest_recorded_at_build_time_equals_the_one_read_back(tmp_path, tokeni
     assert recorded == [compute_shard_digest(cache / s.file) for s in m.shards]
     sidecar = json.loads((cache / schema.shard_sidecar_name(0)).read_text())
     assert sidecar["windows_digest"] == recorded[0]
+    from cache_tools.inspect_cache import cache_summary
+
+    assert cache_summary(cache)["windows_digests"] == "recorded"
     _strip_digests(cache)
+    assert cache_summary(cache)["windows_digests"].startswith("not recorded")
     old = schema.load_manifest(cache)
     assert [s.windows_digest for s in old.shards] == ["", ""]
     assert shard_digests(cache, old) == recorded  # older caches: the same value, computed from ids and text
