@@ -82,20 +82,51 @@ def load_student(cfg: Any, tokenizer: Any, config: Any) -> Any:
 
 def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list[Any] | None = None) -> Built:
     """Tokenizer + student + data + DistillModel + DistillTrainer (callbacks installed), ready for `.train()`."""
-    from transformers import set_seed
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from distill.data.dataset import DistillCollator
+    from distill.training.preflight import check_student_context
+    from distill.training.trainer import DistillTrainer
 
-    from distill.data.dataset import DistillCollator, build_cache_data, build_text_data
-    from distill.data.multi import build_multi_cache_data
-    from distill.losses import KDConfig
-    from distill.training.arguments import as_list
-    from distill.training.callbacks import (
-        DistillEarlyStoppingCallback,
-        OneLinePrinterCallback,
-        OneLineProgressCallback,
-        ResolvedConfigCallback,
+    tokenizer = load_tokenizer(cfg)
+    student_config = load_student_config(cfg)
+    # Check the data against the student's vocabulary BEFORE loading (possibly billions of) weights.
+    rows = int(student_config.get_text_config().vocab_size)
+    data = _build_data(cfg, tokenizer, rows, target_builder)
+    check_student_context(student_config, "--student_config" if cfg.model.student_config else "--student",
+                          data.readers, None if cfg.data.cache else cfg.data.max_length)
+    model = _build_model(cfg, tokenizer, student_config, rows, data)
+    trainer = DistillTrainer(
+        model=model, args=cfg.training, data_collator=DistillCollator(tokenizer.pad_token_id),
+        train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer, loss_args=cfg.loss,
     )
-    from distill.training.checkpoints import CheckpointCompleteCallback, guard_checkpoint_saves
+    _install_callbacks(trainer, cfg, extra_callbacks or [])
+    return Built(trainer, tokenizer, model, data)
+
+
+def _build_data(cfg: Any, tokenizer: Any, rows: int, target_builder: Any) -> Any:
+    """The training/eval data: one cache, several caches (several teachers), or LM-only text."""
+    from distill.data.dataset import build_cache_data, build_text_data
+    from distill.data.multi import build_multi_cache_data
+    from distill.training.arguments import as_list
+
+    d = cfg.data
+    caches = as_list(d.cache)
+    options = dict(eval_fraction=d.eval_fraction, max_eval_sequences=d.max_eval_sequences,
+                   target_builder=target_builder, xtok_rule=d.xtok_rule, packing=d.packing,
+                   assistant_only_loss=d.assistant_only_loss, student_chat_template=d.student_chat_template)
+    if len(caches) > 1:  # several teachers: the caches are checked to cover the same windows first
+        return build_multi_cache_data(caches, tokenizer, rows, eval_caches=as_list(d.eval_cache), **options)
+    if d.cache:
+        return build_cache_data(caches[0], tokenizer, rows, eval_cache=d.eval_cache, **options)
+    return build_text_data(d.dataset, tokenizer, max_length=d.max_length, text_column=d.text_column,
+                           max_samples=d.max_samples, packing=d.packing or "cross_document")
+
+
+def _build_model(cfg: Any, tokenizer: Any, student_config: Any, rows: int, data: Any) -> Any:
+    """The KD settings (checked against the caches), the pooling layout, then the student's weights and the
+    `DistillModel` around them."""
+    from transformers import set_seed
+
+    from distill.losses import KDConfig
     from distill.training.config import student_pool_layers
     from distill.training.modeling import (
         DistillModel,
@@ -104,35 +135,15 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
         kd_config_for_caches,
         resolve_pool_layers,
     )
-    from distill.training.preflight import check_student_context
     from distill.training.teachers import parse_teacher_weights
-    from distill.training.trainer import DistillTrainer
 
-    tokenizer = load_tokenizer(cfg)
-    student_config = load_student_config(cfg)
-    # Check the data against the student's vocabulary BEFORE loading (possibly billions of) weights.
-    rows = int(student_config.get_text_config().vocab_size)
-    d = cfg.data
-    caches = as_list(d.cache)
-    options = dict(eval_fraction=d.eval_fraction, max_eval_sequences=d.max_eval_sequences,
-                   target_builder=target_builder, xtok_rule=d.xtok_rule, packing=d.packing,
-                   assistant_only_loss=d.assistant_only_loss, student_chat_template=d.student_chat_template)
-    if len(caches) > 1:  # several teachers: the caches are checked to cover the same windows first
-        data = build_multi_cache_data(caches, tokenizer, rows, eval_caches=as_list(d.eval_cache), **options)
-    elif d.cache:
-        data = build_cache_data(caches[0], tokenizer, rows, eval_cache=d.eval_cache, **options)
-    else:
-        data = build_text_data(d.dataset, tokenizer, max_length=d.max_length, text_column=d.text_column,
-                               max_samples=d.max_samples, packing=d.packing or "cross_document")
-    check_student_context(student_config, "--student_config" if cfg.model.student_config else "--student",
-                          data.readers, None if d.cache else d.max_length)
     loss = cfg.loss
     # The one KDConfig of the run: its flags (kd_kind, temperature, use_tail, loss_chunk_size, divergence
     # parameters) and the caches' target kind; the model hands it to the kernel unchanged.
     kd_config = kd_config_for_caches(KDConfig.from_args(loss), data.readers)
     teacher_readers = getattr(data, "teacher_readers", [data.readers])
     teacher_kd_configs = [kd_config_for_caches(KDConfig.from_args(loss), readers) for readers in teacher_readers]
-    teacher_weights = parse_teacher_weights(d.teacher_weights, len(teacher_readers))
+    teacher_weights = parse_teacher_weights(cfg.data.teacher_weights, len(teacher_readers))
     aux = aux_settings(data.reader, loss)
     if aux is not None:  # before loading weights: a bad --pool_student_layers is a one-line error at once
         resolve_pool_layers(student_pool_layers(cfg.model.pool_student_layers), aux,
@@ -142,12 +153,21 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
         raise ConfigError(f"--student: LM head has {head_rows(student)} rows but config.vocab_size is {rows}; fix "
                           "the model's config")
     set_seed(cfg.training.seed)  # projection heads: the same initial values on every rank and every run
-    model = DistillModel(student, kd_config, aux, student_pool_layers(cfg.model.pool_student_layers),
-                         teacher_weights=teacher_weights, teacher_kd_configs=teacher_kd_configs)
-    trainer = DistillTrainer(
-        model=model, args=cfg.training, data_collator=DistillCollator(tokenizer.pad_token_id),
-        train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer, loss_args=loss,
+    return DistillModel(student, kd_config, aux, student_pool_layers(cfg.model.pool_student_layers),
+                        teacher_weights=teacher_weights, teacher_kd_configs=teacher_kd_configs)
+
+
+def _install_callbacks(trainer: Any, cfg: Any, extra_callbacks: list[Any]) -> None:
+    """fp16 on CPU, one-line logs, skipped steps, the resolved config, checkpoint markers and guards, early stopping."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from distill.training.callbacks import (
+        DistillEarlyStoppingCallback,
+        OneLinePrinterCallback,
+        OneLineProgressCallback,
+        ResolvedConfigCallback,
     )
+    from distill.training.checkpoints import CheckpointCompleteCallback, guard_checkpoint_saves
     from distill.training.nonfinite import SkipStepCallback
     from distill.training.precision import enable_cpu_fp16
 
@@ -163,9 +183,8 @@ def build_trainer(cfg: Any, *, target_builder: Any = None, extra_callbacks: list
     if run.early_stopping_patience > 0:
         trainer.add_callback(DistillEarlyStoppingCallback(run.early_stopping_patience, run.early_stopping_min_delta,
                                                           run.early_stopping_warmup_steps, run.early_stopping_metric))
-    for callback in extra_callbacks or []:
+    for callback in extra_callbacks:
         trainer.add_callback(callback)
-    return Built(trainer, tokenizer, model, data)
 
 
 def finish_distributed() -> None:
