@@ -26,6 +26,9 @@ class BuildOptions:
     dataset: str = field(metadata={"help": "local file/folder, save_to_disk folder or hub name[:config]"})
     output: str = field(metadata={"help": "cache folder to write"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer source; None = the teacher's"})
+    allow_tokenizer_mismatch: bool = field(
+        default=False, metadata={"help": "accept a --tokenizer whose ids the teacher reads as other tokens (checked: "
+                                         "head rows, special tokens, a probe text)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model/tokenizer code"})
     split: str = field(default="train", metadata={"help": "dataset split"})
     text_column: str = field(default="text", metadata={"help": "column holding the text"})

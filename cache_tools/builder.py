@@ -24,6 +24,7 @@ from cache_tools import build_input, dist, output_dir, teacher
 from cache_tools.build_options import BuildOptions, check_options, check_top_k
 from cache_tools.format import packing, schema
 from cache_tools.format.errors import BuildError
+from cache_tools.tokenizer_check import check_tokenizer
 from cache_tools.writer_thread import BackgroundShardWriter, to_host
 
 __all__ = ["BuildOptions", "build_cache"]
@@ -184,6 +185,9 @@ def _build(opts: BuildOptions, targets: schema.TargetsInfo, info: dist.DistInfo,
     config, tokenizer = teacher.load_config_and_tokenizer(opts.teacher, opts.tokenizer, opts.trust_remote_code)
     check_top_k(targets, len(tokenizer))
     pool_layers = teacher.check_settings(config, tokenizer, max_length=opts.max_length, pool_layers=opts.pool_layers)
+    if opts.tokenizer:
+        check_tokenizer(opts.teacher, opts.tokenizer, config, tokenizer, trust_remote_code=opts.trust_remote_code,
+                        allow_mismatch=opts.allow_tokenizer_mismatch)
     rows = schema.RowsInfo()
     plan = build_input.plan_input(opts, tokenizer)
     targets.assistant_only = plan.assistant_only

@@ -35,7 +35,8 @@ _OURS = re.compile(
     rf"^({re.escape(schema.MANIFEST_NAME)}|{re.escape(LOCK_NAME)}|{schema.SHARD_PREFIX}\d+\.(h5|json))$"
     rf"|.*{re.escape(schema.TMP_SUFFIX)}$"
 )
-_OUR_DIRS = (schema.VOCAB_MAP_DIR, schema.TOKENIZER_DIR)
+# Folders a build writes, or that student-side tools derive from this cache and keep beside it.
+_OUR_DIRS = (schema.VOCAB_MAP_DIR, schema.TOKENIZER_DIR, schema.XTOK_STORE_DIR)
 
 
 def _say(message: str) -> None:

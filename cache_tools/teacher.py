@@ -57,6 +57,9 @@ def load_config_and_tokenizer(teacher: str, tokenizer_src: str | None, trust_rem
     try:
         config = AutoConfig.from_pretrained(teacher, trust_remote_code=trust_remote_code)
     except Exception as err:  # OSError/ValueError from the hub client or a broken config.json
+        if not path.exists():  # "Check your internet connection" misleads when a local folder was meant
+            raise BuildError(f"--teacher {teacher}: no local folder by that name, and it is not a hub model this "
+                             f"machine can load ({one_line(err)}); check the path or the hub id") from err
         raise BuildError(f"--teacher {teacher}: cannot load the config ({one_line(err)}); pass a model folder or "
                          "hub id (custom code needs --trust-remote-code)") from err
     src = tokenizer_src or teacher

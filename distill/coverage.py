@@ -31,11 +31,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         args = parser().parse_args(argv)
-        from transformers import AutoTokenizer
-
         from distill.data.xtok.coverage import coverage_report, format_coverage
+        from distill.data.xtok.pipeline import tokenizer_from_flag
 
-        student = AutoTokenizer.from_pretrained(args.student_tokenizer)
+        student = tokenizer_from_flag("--student-tokenizer", args.student_tokenizer)
         report = coverage_report(args.cache_dir, student, max_sequences=args.max_sequences, rule=args.xtok_rule,
                                  chat_template=args.student_chat_template)
         print(json.dumps(report, indent=2, sort_keys=True, default=str) if args.json else format_coverage(report))

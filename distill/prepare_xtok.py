@@ -48,13 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         from cache_tools.format.reader import TeacherCacheReader
         from distill.data.chat import resolve_assistant_only
         from distill.data.packing import ISOLATED, cache_packing
-        from distill.data.xtok.pipeline import CrossTokenizerTargets
+        from distill.data.xtok.pipeline import CrossTokenizerTargets, tokenizer_from_flag
         from distill.data.xtok.prepare import prepare_store
 
         reader = TeacherCacheReader(args.cache_dir)
         requested = None if args.assistant_only_loss is None else args.assistant_only_loss == "true"
         assistant_only = resolve_assistant_only(requested, [(args.cache_dir, reader.manifest)])
-        builder = CrossTokenizerTargets(reader, None, args.student_tokenizer, rule=args.xtok_rule,
+        student = tokenizer_from_flag("--student-tokenizer", args.student_tokenizer)
+        builder = CrossTokenizerTargets(reader, None, student, rule=args.xtok_rule,
                                         max_length=args.max_length, use_store=False,
                                         isolated=cache_packing(reader.manifest) == ISOLATED,
                                         assistant_only=assistant_only, chat_template=args.student_chat_template)

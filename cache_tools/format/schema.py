@@ -84,6 +84,7 @@ from cache_tools.format.manifest import (  # noqa: F401 - the manifest is part o
 SHARD_PREFIX = "shard-"
 VOCAB_MAP_DIR = "vocab_maps"  # cross-tokenizer maps saved beside the cache, keyed by both tokenizer hashes
 TOKENIZER_DIR = "tokenizer"  # the teacher tokenizer, saved with the cache so students never need the teacher's path
+XTOK_STORE_DIR = "xtok"  # precomputed cross-tokenizer targets (`python -m distill.prepare_xtok`), beside the cache
 
 # Dataset names (stored) and target field names (what the builder produces and the reader returns).
 INPUT_IDS = "input_ids"

@@ -75,9 +75,13 @@ def open_dataset(spec: str, split: str, streaming: bool) -> Any:
             return ds.to_iterable_dataset() if streaming else ds
         if path.exists():
             builder, files = _local_files(path)
+            if files and all(os.path.getsize(f) == 0 for f in files):
+                what = "the file has" if len(files) == 1 else "every file has"
+                raise DatasetInputError(f"--dataset {spec}: empty ({what} 0 bytes); pass a file with text")
             # Local files have one split; name it after --split so any split name the user passes selects it.
             return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
-        if os.sep in spec and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+        looks_like_file = Path(spec).suffix.lower() in (".txt", ".jsonl", ".json", ".parquet", ".csv", ".arrow")
+        if looks_like_file or (os.sep in spec and (spec.startswith((".", "/", "~")) or spec.count("/") > 1)):
             raise DatasetInputError(f"--dataset {spec}: no such file or folder; check the path")
         name, _, config = spec.partition(":")
         return datasets.load_dataset(name, config or None, split=split, streaming=streaming)

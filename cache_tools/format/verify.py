@@ -270,8 +270,9 @@ def verify_cache(cache_dir: str | Path) -> list[str]:
                       for f in verify_shard(cache_dir, m, shard))
     listed = {s.file for s in m.shards}
     for extra in sorted(p.name for p in cache_dir.glob(f"{schema.SHARD_PREFIX}*.h5") if p.name not in listed):
-        faults.append(f"{extra}: not listed in the manifest (left by another build?); delete it or run build-cache "
-                      "--resume, which discards it")
+        faults.append(f"{extra}: not listed in the manifest (a shard an interrupted build finished, or one left by "
+                      "another build); run build-cache --resume, which keeps it when its checksum and settings match "
+                      "(else rebuilds it)")
     faults.extend(_tokenizer_faults(cache_dir, m))
     if expected_first != m.num_sequences:
         faults.append(f"{schema.MANIFEST_NAME}: shards hold {expected_first} sequences, manifest says "

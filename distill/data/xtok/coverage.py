@@ -69,8 +69,10 @@ def format_coverage(report: dict[str, Any]) -> str:
         f"(rule {report['rule']}, {report['sequences']} windows)",
         f"  aligned positions   {report['aligned_positions']}/{report['student_tokens']} student tokens "
         f"({pct(report['aligned_fraction'])} get a KD target; CE applies to all)",
-        f"  mapped top-k mass   {pct(report['mapped_mass_fraction'])} "
-        f"(exact twins {pct(report['exact_mass_fraction'])}; the rest goes to the tail bucket)",
+        f"  mapped top-k mass   {pct(report['mapped_mass_fraction'])} to student ids "
+        f"(exact twins {pct(report['exact_mass_fraction'])}, by the rule "
+        f"{pct(max(0.0, report['mapped_mass_fraction'] - report['exact_mass_fraction']))}); "
+        f"{pct(max(0.0, 1.0 - report['mapped_mass_fraction']))} goes to the tail bucket",
         f"  vocab overlap       {report['exact_teacher_tokens']}/{tv} teacher tokens have an exact student twin "
         f"({pct(report['exact_teacher_tokens'] / tv if tv else 0.0)}); {report['exact_student_tokens']}/{sv} student "
         f"tokens ({pct(report['exact_student_tokens'] / sv if sv else 0.0)})",

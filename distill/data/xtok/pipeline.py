@@ -35,7 +35,8 @@ from distill.data.xtok.vocab_map import load_or_build_vocab_map, require_student
 
 log = logging.getLogger(__name__)
 
-__all__ = ["STAT_KEYS", "CrossTokenizerTargets", "aggregate_stats", "load_teacher_tokenizer", "load_tokenizer"]
+__all__ = ["STAT_KEYS", "CrossTokenizerTargets", "aggregate_stats", "load_teacher_tokenizer", "load_tokenizer",
+           "tokenizer_from_flag"]
 
 
 def load_tokenizer(spec: Any, role: str) -> Any:
@@ -49,6 +50,18 @@ def load_tokenizer(spec: Any, role: str) -> Any:
     except (OSError, ValueError) as err:
         raise TokenizerError(f"{role} tokenizer {str(spec)!r}: cannot load ({str(err).splitlines()[0]}); pass a "
                              "folder with tokenizer.json or a hub id") from err
+
+
+def tokenizer_from_flag(flag: str, spec: str) -> Any:
+    """The tokenizer a command-line flag names; TokenizerError (one line naming the flag) when it cannot load."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError) as err:
+        local = "" if os.path.exists(spec) else "no local folder by that name and "
+        raise TokenizerError(f"{flag} {spec}: cannot load it ({local}{str(err).splitlines()[0]}); pass a folder "
+                             "with tokenizer.json or a hub id") from err
 
 
 def load_teacher_tokenizer(cache_dir: str | os.PathLike, manifest: schema.CacheManifest) -> Any:

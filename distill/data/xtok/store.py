@@ -45,7 +45,7 @@ from distill.data.xtok.store_check import (
 
 log = logging.getLogger(__name__)
 
-STORE_DIR = "xtok"
+STORE_DIR = schema.XTOK_STORE_DIR
 # 4: per-window CRCs and an index checksum (3 added documents and label masks).
 STORE_FORMAT = 4
 STAT_KEYS = ("student_tokens", "aligned", "teacher_mass", "mapped_mass", "exact_mass", "skipped", "truncated",
