@@ -150,7 +150,9 @@ def sizes_and_speed(rows, settings, rng) -> dict[str, Any]:
     t_samp = cpu_seconds(lambda: [decode_sampled(b, min(seq, n - i * seq), NUM_SAMPLES, VOCAB)
                                   for i, b in enumerate(s_blobs)], reps)
     t_enc = cpu_seconds(lambda: [encode_topk(ids[i : i + seq], lp[i : i + seq], VOCAB) for i in range(0, n, seq)], 1)
+    v3 = format_3(ids, lp, s_ids, s_counts, seq, reps)
     return {
+        "format_3": v3,
         "topk_bytes_per_token": topk_bpt,
         "fp16_bytes_per_token": K * (4 + 2) + 4,
         "sampled_bytes_per_token": sum(b.size for b in s_blobs) / n,
@@ -160,6 +162,57 @@ def sizes_and_speed(rows, settings, rng) -> dict[str, Any]:
         "positions_per_cpu_s": {"fp16_read": n / t_fp16, "compact_topk_decode": n / t_topk,
                                 "sampled_decode": n / t_samp, "compact_topk_encode": n / t_enc},
     }
+
+
+def finish_topk_torch(steps, levels, lp_max, ranges, level_bits: int, table):
+    """`codec_zstd.finish_topk` in torch: what a training device would run on the small arrays a collator ships
+    (uint16 steps + uint8 levels + a float and a byte per row instead of int64 ids + float32 log-probs)."""
+    import torch
+
+    ids = torch.cumsum(steps.to(torch.int64), dim=1)
+    order = torch.sort(levels.to(torch.int16), dim=1, stable=True).indices
+    cell = torch.gather(levels, 1, order).to(torch.int64) + (ranges.to(torch.int64) << level_bits)[:, None]
+    return torch.gather(ids, 1, order), lp_max[:, None] - table.view(-1)[cell]
+
+
+def format_3(ids, lp, s_ids, s_counts, seq: int, reps: int) -> dict[str, Any]:
+    """Format 3 (zstd) blobs of the same rows: bytes/token, and CPU us per position of each decode step: the whole
+    decode in the worker, its first half (checksum, zstd, byte planes), the final step (cumsum, stable sort by level,
+    table gather) in numpy, and the same final step in torch (CPU here; a GPU does it in microseconds per batch)."""
+    import torch
+
+    from cache_tools.format import codec_zstd
+    from cache_tools.format.codec import level_table
+
+    n = ids.shape[0]
+    cuts = list(range(0, n, seq))
+    blobs = [codec_zstd.encode_topk(ids[i : i + seq], lp[i : i + seq], VOCAB, sequence=i) for i in cuts]
+    s_blobs = [codec_zstd.encode_sampled(s_ids[i : i + seq], s_counts[i : i + seq], NUM_SAMPLES, VOCAB, sequence=i)
+               for i in cuts]
+    rows = [min(seq, n - i) for i in cuts]
+    parts = [codec_zstd.topk_parts(b, m, K, VOCAB, sequence=i) for b, m, i in zip(blobs, rows, cuts, strict=True)]
+    small = [(torch.from_numpy(p[0].astype(np.uint16)), torch.from_numpy(p[1].copy()), torch.from_numpy(p[2].copy()),
+              torch.from_numpy(p[3].copy()), p[4]) for p in parts]
+    table = torch.from_numpy(level_table(parts[0][4]))
+    for p, got in zip(small, parts, strict=True):  # the torch finish gives the same arrays
+        t_ids, t_lp = finish_topk_torch(*p, table)
+        ref_ids, ref_lp = codec_zstd.finish_topk(*got, VOCAB)
+        assert (t_ids.numpy() == ref_ids).all() and (t_lp.numpy() == ref_lp).all()
+    us = {
+        "decode_in_worker": cpu_seconds(lambda: [codec_zstd.decode_topk(b, m, K, VOCAB, sequence=i)
+                                                 for b, m, i in zip(blobs, rows, cuts, strict=True)], reps),
+        "parts_in_worker": cpu_seconds(lambda: [codec_zstd.topk_parts(b, m, K, VOCAB, sequence=i)
+                                                for b, m, i in zip(blobs, rows, cuts, strict=True)], reps),
+        "finish_numpy": cpu_seconds(lambda: [codec_zstd.finish_topk(*p, VOCAB) for p in parts], reps),
+        "finish_torch_cpu": cpu_seconds(lambda: [finish_topk_torch(*p, table) for p in small], reps),
+        "sampled_decode": cpu_seconds(lambda: [codec_zstd.decode_sampled(b, m, NUM_SAMPLES, VOCAB, sequence=i)
+                                               for b, m, i in zip(s_blobs, rows, cuts, strict=True)], reps),
+    }
+    return {"topk_bytes_per_token": sum(b.size for b in blobs) / n + 4,
+            "sampled_bytes_per_token": sum(b.size for b in s_blobs) / n,
+            "cpu_us_per_position": {k: 1e6 * v / n for k, v in us.items()},
+            "shipped_bytes_per_position": {"decoded (int64 ids + float32 log-probs)": K * 12,
+                                           "small arrays (uint16 steps + uint8 levels + row max/range)": K * 3 + 5}}
 
 
 def run(quick: bool, device: str) -> dict[str, Any]:
@@ -180,6 +233,17 @@ def run(quick: bool, device: str) -> dict[str, Any]:
         ratios[f"{name} sampled N=64 bytes/token"] = ratio(s["sampled_bytes_per_token"], 1.0, "<= 64", "absolute")
         speed = s["positions_per_cpu_s"]
         ratios[f"{name} decode top-k/fp16 speed"] = ratio(speed["compact_topk_decode"], speed["fp16_read"])
+        v3 = s["format_3"]
+        fp16_us = 1e6 / speed["fp16_read"]
+        ratios[f"{name} format 3 top-256 bytes/token"] = ratio(v3["topk_bytes_per_token"], 1.0, "", "absolute")
+        ratios[f"{name} format 3 / format 2 top-256 bytes"] = ratio(v3["topk_bytes_per_token"],
+                                                                   s["topk_bytes_per_token"])
+        ratios[f"{name} format 3 sampled N=64 bytes/token"] = ratio(v3["sampled_bytes_per_token"], 1.0, "<= 45",
+                                                                   "absolute")
+        ratios[f"{name} format 3 decode top-k/fp16 speed"] = ratio(
+            fp16_us, v3["cpu_us_per_position"]["decode_in_worker"], "", "fp16 conversion CPU us/position")
+        ratios[f"{name} format 3 worker half (parts)/fp16 speed"] = ratio(
+            fp16_us, v3["cpu_us_per_position"]["parts_in_worker"], "", "fp16 conversion CPU us/position")
         ratios[f"{name} decode sampled/fp16 speed"] = ratio(speed["sampled_decode"], speed["fp16_read"])
     for temperature in ("1", "2"):
         chosen = [v for k, v in acc.items() if f"T={temperature} bits={default_bits}" in k]

@@ -13,9 +13,9 @@ from cache_tools.format.errors import BuildError
 
 DEFAULT_TOP_K = 256
 DEFAULT_SAMPLES = 64
-# `--encoding auto` per target kind (measured in docs/RESULTS.md, section 5). Sampled: compact is lossless and its
-# loader keeps up with the fp16 top-k loader. Top-k: compact is several times smaller but its loader is slower than
-# the loader goal allows, so it stays opt-in.
+# `--encoding auto` per target kind (measurements: docs/RESULTS.md, sections 5 and 12). Sampled: compact is lossless
+# and its loader keeps up with the fp16 top-k loader. Top-k: compact is several times smaller, but decoding 256 ids
+# and levels per position keeps its loader below the fp16 layout's tokens/s on CPU workers, so it stays opt-in.
 AUTO_ENCODING = "auto"
 AUTO_ENCODINGS = {"topk": "fp16", "sampled": "compact"}
 

@@ -115,8 +115,21 @@ def finish_topk(steps: np.ndarray, levels: np.ndarray, lp_max: np.ndarray, range
     if n and (int(ids[:, -1].max()) >= vocab_size or (K > 1 and int(steps[:, 1:].min()) < 1)):
         raise CodecError(f"top-k blob decodes to ids >= vocab_size={vocab_size} or repeated ids: corrupt, or another "
                          "vocabulary")
-    # Level 0 is the row maximum: a stable ascending sort (numpy's radix sort for uint8) orders by log-prob
-    # descending and keeps id order among ties, as format 2 does.
+    shift = max(vocab_size - 1, 1).bit_length()
+    if shift + level_bits <= 31:
+        # Level 0 is the row maximum, so output order is (level, id) ascending: one int32 key per entry, sorted in
+        # place (numpy's vectorised sort; measured cheaper than a stable argsort by level plus three gathers).
+        key = levels.astype(np.int32)
+        key <<= shift
+        key |= ids.astype(np.int32, copy=False)
+        key.sort(axis=1)
+        cell = key >> shift
+        cell += (ranges.astype(np.int32) << level_bits)[:, None]
+        logprobs = level_table(level_bits).take(cell)
+        np.subtract(lp_max[:, None], logprobs, out=logprobs)
+        key &= (1 << shift) - 1
+        return key.astype(np.int64), logprobs
+    # Vocabularies too large for the packed key: a stable sort by level keeps id order among ties.
     flat = np.argsort(levels, axis=1, kind="stable")
     flat += np.arange(0, n * K, K)[:, None]
     cell = levels.take(flat).astype(np.int64)
