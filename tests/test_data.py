@@ -127,3 +127,14 @@ def test_sampled_targets_refuse_kd_they_cannot_serve(tmp_path):
         kd_config_for_caches(KDConfig(temperature=2.0), [sampled, reader(top_k, "eval")])
     for kind in KD_KINDS:
         assert kd_config_for_caches(KDConfig(kind=kind, temperature=3.0), [reader(top_k)]).targets == "topk"
+
+
+def test_eval_fraction_rounded_up_to_whole_shards_says_so(cache_dir, caplog):
+    reader = TeacherCacheReader(cache_dir)  # 4 shards of 4 sequences
+    with caplog.at_level("WARNING", logger="distill.data.dataset"):
+        split_eval_indices(reader, 0.25)
+    assert not caplog.records  # exactly a quarter: nothing to say
+    with caplog.at_level("WARNING", logger="distill.data.dataset"):
+        _, held = split_eval_indices(reader, 0.01)
+    assert len(held) == 4
+    assert "--eval_fraction 0.01: holds out 4 of 16 sequences (25.0%)" in caplog.text and "--eval_cache" in caplog.text

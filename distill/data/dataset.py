@@ -11,6 +11,7 @@ otherwise.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from cache_tools.format.reader import CachedSequence, TeacherCacheReader
 from distill.data.chat import loss_masks, resolve_assistant_only
 from distill.data.packing import ISOLATED, eos_segments, positions_and_segments, resolve_packing, segment_lengths_of
 from distill.losses import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 TargetBuilder = Callable[[CachedSequence], dict[str, Any]]
 TEACHER_KEYS = ("topk_ids", "topk_logprobs", "tail_logprob", "kd_mask")
@@ -151,6 +154,11 @@ def split_eval_indices(reader: TeacherCacheReader, eval_fraction: float) -> tupl
     if cut <= 0:
         raise schema.CacheError(f"{reader.cache_dir}: too few sequences ({n}) to hold out --eval_fraction "
                                 f"{eval_fraction}; use --eval_cache")
+    held_fraction = (n - cut) / n
+    if held_fraction > 1.5 * eval_fraction:  # whole shards: a small fraction of a few shards rounds up a lot
+        log.warning("--eval_fraction %s: holds out %d of %d sequences (%.1f%%): the split is by whole shards; "
+                    "pass --eval_cache, or build with a smaller --shard-size", eval_fraction, n - cut, n,
+                    100 * held_fraction)
     return np.arange(cut), np.arange(cut, n)
 
 
