@@ -207,12 +207,10 @@ def _main(argv: list[str]) -> int:
     from distill.training.config import parse_config, validate
     from distill.training.export import export_student
 
-    if any(a in ("-h", "--help") for a in argv):
-        from transformers import HfArgumentParser
+    if any(a in ("-h", "--help", "--help-all") for a in argv):
+        from distill.training.help_text import format_help
 
-        from distill.training.config import ARG_CLASSES
-
-        HfArgumentParser(ARG_CLASSES).print_help()
+        print(format_help(full="--help-all" in argv), end="")
         return 0
     from distill.training.checkpoints import resolve_resume
     from distill.training.distributed import enable_cpu_deepspeed

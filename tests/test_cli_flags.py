@@ -73,3 +73,18 @@ def test_suggestions():
     assert with_suggestions(["--learnin_rate", "--zzz"], ["--learning_rate", "--seed"]) == \
         "--learnin_rate (did you mean --learning_rate?), --zzz"
     assert unknown_options_message(["stray"], ["--a"], "x --help") == "unexpected argument(s) stray; see `x --help`"
+
+
+def test_train_help_shows_our_flags_first_and_groups_the_rest(capsys):
+    from distill.train import main
+
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    order = [text.index(h) for h in ("student model:", "teacher cache / data:", "losses:", "run:",
+                                     "training (transformers TrainingArguments", "other TrainingArguments")]
+    assert order == sorted(order)
+    assert "--kd_kind" in text and "--learning_rate (default" in text and "--adam_beta1," in text
+    assert len(text.splitlines()) < 300
+    assert main(["--help-all"]) == 0
+    full = capsys.readouterr().out
+    assert "--adam_beta1 ADAM_BETA1" in full and len(full.splitlines()) > len(text.splitlines())
