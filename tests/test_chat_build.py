@@ -158,3 +158,25 @@ def test_plain_text_keeps_its_layout_and_records_segments(tmp_path, teacher_dir,
     first = int(a.segment_lengths[0])
     assert np.array_equal(a.topk_logprobs[:first], b.topk_logprobs[:first])  # the first piece sees the same context
     assert not np.array_equal(a.topk_logprobs[first:], b.topk_logprobs[first:])  # later ones no longer see it
+
+
+@pytest.mark.parametrize("name, encoding", [("assistant", "compact"), ("compact", "fp16"), ("compact", "compact")])
+def test_convert_keeps_conversational_fields(chat_caches, tmp_path, name, encoding):
+    """`cache_tools convert` on assistant-only conversational caches: masks, segments, conversation records, tails
+    and the targets at every stored position survive (fp16 -> compact quantises the log-probs only; compact ->
+    compact keeps them exactly)."""
+    from cache_tools.convert import convert_cache
+
+    out = tmp_path / "converted"
+    convert_cache(chat_caches[name], out, encoding)
+    assert verify_cache(out) == []
+    a, b = TeacherCacheReader(chat_caches[name]), TeacherCacheReader(out)
+    assert len(a) == len(b)
+    for i in range(len(a)):
+        x, y = a[i], b[i]
+        for field in ("input_ids", "assistant_mask", "target_mask", "segment_lengths", "tail_logprob", "offsets"):
+            np.testing.assert_array_equal(getattr(x, field), getattr(y, field), err_msg=field)
+        assert x.conversation == y.conversation
+        np.testing.assert_array_equal(np.sort(x.topk_ids, -1), np.sort(y.topk_ids, -1))
+        if name == encoding == "compact":
+            np.testing.assert_array_equal(x.topk_logprobs, y.topk_logprobs)
