@@ -76,7 +76,7 @@ def run(quick: bool, device: str) -> dict[str, Any]:
         return {"status": "skipped", "reason": f"needs {storage_teacher.QWEN_TOKENIZER} (../shared)"}
     else:
         built = storage_teacher.build_teacher(WORK_ROOT / "storage-teacher", tokens=32 * MAX_LENGTH)
-        teacher, variants, count = built["teacher"], VARIANTS, 48
+        teacher, variants, count = built["teacher"], VARIANTS, 16
         texts = Path(built["text"]).read_text(encoding="utf-8").split(". ")
         template_flags, template = [], None
     tokenizer = AutoTokenizer.from_pretrained(str(teacher))
