@@ -214,29 +214,41 @@ class DistillModel(nn.Module):
                                           weights=weights, teacher_weights=self.teacher_weights,
                                           kd_configs=self.teacher_kd_configs, ce_denominator=ce_denominator)
             else:
-                K = topk_ids.shape[-1]
-                single = fused_ce_kd_loss(
-                    hidden.reshape(-1, H), self.head_weight(), flat_labels,
-                    topk_ids.reshape(-1, K), topk_logprobs.reshape(-1, K).float(), tail_logprob.reshape(-1).float(),
-                    kd_mask.reshape(-1), ce_weight=float(weights["ce"]), kd_weight=float(weights["kd"]),
-                    config=self.kd_config, ce_denominator=ce_denominator, kd_denominator=kd_denominator,
-                )
-                cekd = {"cekd_loss": single.loss, "ce": single.ce, "kd": single.kd,
-                        "n_ce": torch.tensor(single.n_ce, device=single.loss.device),
-                        "n_kd": torch.tensor(single.n_kd, device=single.loss.device),
-                        "top1_agree": single.top1_agree, "covered_mass": single.covered_mass}
-            aux_total = cekd["cekd_loss"].new_zeros(())
-            raw = {c.name: aux_total for c in AUX}
-            n_aux = 0
-            if self.projection is not None and pooled_hidden is not None and wants_aux(weights):
-                losses = self._aux_losses(pooled, pooled_hidden)
-                for name, value in losses.items():
-                    aux_total = aux_total + weights[name] * value
-                raw = {name: value.detach() for name, value in losses.items()}
-                n_aux = int(input_ids.shape[0])
+                cekd = self._single_teacher(hidden.reshape(-1, H), flat_labels, topk_ids, topk_logprobs, tail_logprob,
+                                            kd_mask, weights, ce_denominator, kd_denominator)
+            aux_total, raw, n_aux = self._aux_terms(pooled, pooled_hidden, weights, cekd["cekd_loss"])
         total = cekd["cekd_loss"] + aux_total
         return {"loss": total, "aux_loss": aux_total, **cekd, **raw,
                 "n_aux": torch.tensor(n_aux, device=total.device)}
+
+    def _single_teacher(self, hidden: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor,
+                        topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, kd_mask: torch.Tensor,
+                        weights: dict[str, float], ce_denominator: torch.Tensor | None,
+                        kd_denominator: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The fused CE + KD of one teacher over hidden [N, H]; the forward's CE/KD keys."""
+        K = topk_ids.shape[-1]
+        out = fused_ce_kd_loss(
+            hidden, self.head_weight(), labels,
+            topk_ids.reshape(-1, K), topk_logprobs.reshape(-1, K).float(), tail_logprob.reshape(-1).float(),
+            kd_mask.reshape(-1), ce_weight=float(weights["ce"]), kd_weight=float(weights["kd"]),
+            config=self.kd_config, ce_denominator=ce_denominator, kd_denominator=kd_denominator,
+        )
+        return {"cekd_loss": out.loss, "ce": out.ce, "kd": out.kd,
+                "n_ce": torch.tensor(out.n_ce, device=out.loss.device),
+                "n_kd": torch.tensor(out.n_kd, device=out.loss.device),
+                "top1_agree": out.top1_agree, "covered_mass": out.covered_mass}
+
+    def _aux_terms(self, pooled: torch.Tensor | None, pooled_hidden: torch.Tensor | None, weights: dict[str, float],
+                   like: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """(weighted aux total, raw detached value per aux component, sequences counted); zeros (on `like`'s
+        device) unless projection heads exist, the batch has teacher pooled states and some aux weight is set."""
+        aux_total = like.new_zeros(())
+        if self.projection is None or pooled_hidden is None or not wants_aux(weights):
+            return aux_total, {c.name: aux_total for c in AUX}, 0
+        losses = self._aux_losses(pooled, pooled_hidden)
+        for name, value in losses.items():
+            aux_total = aux_total + weights[name] * value
+        return aux_total, {name: value.detach() for name, value in losses.items()}, int(pooled_hidden.shape[0])
 
     def _aux_losses(self, student_pooled: torch.Tensor, teacher_pooled: torch.Tensor) -> dict[str, torch.Tensor]:
         """[B, P, H_s] (fp32) and [B, P, H_t] -> {aux component: scalar}, computed in fp32 (bounded losses). Every
