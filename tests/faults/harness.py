@@ -208,9 +208,14 @@ def edit_shard_consistently(cache: Path, index: int, dataset: str, edit: Callabl
         edit(values)
         f[dataset][...] = values
     size, sha = path.stat().st_size, file_sha256(path)
+    from cache_tools.format.windows import compute_shard_digest
+
+    digest = compute_shard_digest(path)  # what a faulty builder would have recorded for the windows it wrote
 
     def fix(record: dict) -> None:
         record["bytes"], record["sha256"] = size, sha
+        if "windows_digest" in record:
+            record["windows_digest"] = digest
 
     edit_manifest(cache, lambda m: [fix(s) for s in m["shards"] if s["index"] == index])
     sidecar = cache / schema.shard_sidecar_name(index)

@@ -143,13 +143,12 @@ def test_fp16_under_deepspeed_without_fp16_support(tmp_path, student_dir, cache_
 
 @pytest.mark.faults
 def test_deepspeed_without_a_launcher(tmp_path, student_dir, cache_dir):
+    """`--deepspeed` in one plain process (no launcher) runs as a world of one instead of being refused."""
     pytest.importorskip("deepspeed")
-    if __import__("importlib").util.find_spec("mpi4py") is not None:
-        pytest.skip("mpi4py installed: DeepSpeed can discover its ranks without a launcher")
     out = tmp_path / "out"
     proc = _run([*_argv(student_dir, cache_dir, out), "--deepspeed", str(REPO / "ds_configs" / "zero2_fp16.json")])
-    _assert_one_line_error(proc, "--deepspeed", "accelerate launch")
-    assert not out.exists()
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (out / "student" / "config.json").is_file()
 
 
 def _free_port() -> int:
