@@ -51,6 +51,8 @@ def test_demo_pipeline_runs_and_reports(demo_run):
     md = (out / "report.md").read_text()
     assert "| Student, distilled from the top-256 cache (" in md and "sampled N=64 cache" in md
     assert "B/token" in md
+    for figure in ("loss_curves.png", "cache_bytes.png"):  # pictures beside the report, embedded in it
+        assert f"]({figure})" in md and (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     numbers = re.findall(r"\| Student, LM-only[^|]*\| [\d,]+ \| (\d+\.\d+) \|", md)
     assert numbers and float(numbers[0]) == pytest.approx(metrics["lm_student"]["val_loss"], abs=1e-4)
 

@@ -54,8 +54,19 @@ QUICK = dict(max_docs=240, min_chars=200, vocab_size=512, student_vocab_size=384
 # steps of a MoE teacher (discrete expert routing) turn those bits into a different model (measured: the same teacher
 # run twice is bit-identical; with AVX2 kernels forced, or 2 threads instead of 1, it differs after 60 steps).
 # Pinning both makes every x86 machine with AVX2 take the same code path. Values the user set win.
+# Never more threads than are free, though: threads beyond the idle cores wait on each other at every barrier, so
+# on a busy machine the demo takes 1 thread, and its numbers are then those of the 1-thread path (the report records
+# which).
+def free_cores() -> int:
+    """Cores this process may use (affinity) minus the ones the 1-minute load average says are busy; at least 1."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, usable - busy)
+
+
 def reproducible_cpu_env() -> dict[str, str]:
-    env = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    threads = str(min(2, free_cores()))
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     if platform.machine().lower() in ("x86_64", "amd64"):
         env.update(ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
     return {key: value for key, value in env.items() if key not in os.environ}

@@ -93,7 +93,10 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def write_report(out_dir: Path, metrics: dict[str, Any], info: dict[str, Any]) -> Path:
-    """report.md (table + verdict + how to see the curves) and report.json (same numbers, machine-readable)."""
+    """report.md (table + verdict + figures + how to see the curves) and report.json (same numbers,
+    machine-readable); the figures (PNG) are written beside them."""
+    from examples.demo.plots import markdown, write_figures
+
     kd, lm = metrics["kd_student"]["val_loss"], metrics["lm_student"]["val_loss"]
     gain = (lm - kd) / lm
     rs_gain = (lm - metrics["rs_student"]["val_loss"]) / lm if "rs_student" in metrics else None
@@ -105,6 +108,9 @@ def write_report(out_dir: Path, metrics: dict[str, Any], info: dict[str, Any]) -
                            f"({bpt.get('sampled_cache', 0):.1f} B/token)"),
             ("lm_student", "Student, LM-only (same steps, seed, data)")]
     rows = [row for row in rows if row[0] in metrics]
+    figures = write_figures(out_dir, Path(info["runs_dir"]), {k: v for k, v in rows if k != "teacher"},
+                            metrics.get("teacher", {}).get("val_loss"), bpt)
+    info["figures"] = {k: str(v) for k, v in figures.items()}
     lines = [
         "# Distillation demo report",
         "",
@@ -134,6 +140,7 @@ def write_report(out_dir: Path, metrics: dict[str, Any], info: dict[str, Any]) -
         f"({kd:.4f} vs {lm:.4f} nats/token; goal: at least 3%)"
         + (f"; from sampled targets by {100 * rs_gain:.1f}%." if rs_gain is not None else "."),
         "",
+        *markdown(figures),
         "Training curves: `tensorboard --logdir " + str(info["runs_dir"]) + "` (runs: "
         + ", ".join(name for name, _ in rows) + ").",
         "",
