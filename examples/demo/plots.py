@@ -44,7 +44,8 @@ def write_figures(out_dir: Path, runs: Path, labels: dict[str, str], teacher_los
             tag, steps, values = curve
             ax.plot(steps, values, marker="o", markersize=3, label=f"{label} ({tag})")
     if teacher_loss is not None:
-        ax.axhline(teacher_loss, color="black", linestyle="--", linewidth=1, label="teacher (held-out, final; per token of its own tokenizer)")
+        ax.axhline(teacher_loss, color="black", linestyle="--", linewidth=1,
+                   label="teacher (held-out, final; per token of its own tokenizer)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title("Held-out loss")
