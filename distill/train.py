@@ -187,6 +187,22 @@ def _install_callbacks(trainer: Any, cfg: Any, extra_callbacks: list[Any]) -> No
         trainer.add_callback(callback)
 
 
+def print_summary(trainer: Any, cfg: Any) -> None:
+    """The run's closing lines on the console (after the per-step lines)."""
+    import os
+
+    from distill.training.callbacks import run_summary
+
+    t = cfg.training
+    report_to = t.report_to if isinstance(t.report_to, list) else [t.report_to]
+    curves = None
+    if "tensorboard" in report_to or "all" in report_to:
+        curves = os.environ.get("TENSORBOARD_LOGGING_DIR") or getattr(t, "logging_dir", None) or \
+            str(Path(t.output_dir) / "runs")
+    for line in run_summary(trainer.state.log_history, t.output_dir, curves):
+        print(line, flush=True)
+
+
 def finish_distributed() -> None:
     """End the run on every rank together: the others wait until rank 0 has written the export, then all tear down
     the process group. A rank that simply exits while rank 0 still works closes its gloo/NCCL connections under it,
@@ -228,6 +244,8 @@ def _main(argv: list[str]) -> int:
     built = build_trainer(cfg)  # its ResolvedConfigCallback writes OUTPUT/distill_config.yaml once training starts
     built.trainer.train(resume_from_checkpoint=resume)
     export_student(built.trainer, built.tokenizer, Path(cfg.training.output_dir))
+    if built.trainer.is_world_process_zero():
+        print_summary(built.trainer, cfg)
     finish_distributed()
     return 0
 

@@ -53,6 +53,12 @@ def test_full_run_logs_one_line_per_step_tensorboard_and_export(tmp_path, studen
                  "--kd_schedule", "linear:0:0.5", "--report_to", "tensorboard", "--disable_tqdm", "false")
     assert main(argv) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    # The closing summary: steps, tokens, final losses, where the student, its config and its curves are.
+    done, where = lines[-2:]
+    assert done.startswith("done: 6 steps, ") and " M tokens" in done and "| loss " in done and "| eval_loss " in done
+    assert where == (f"student: {out}/student | config: {out}/distill_config.yaml | curves: tensorboard --logdir "
+                     f"{out}/runs")
+    lines = lines[:-2]
     # 3 training logs + 2 evaluations + the end-of-training summary, one line each.
     assert len(lines) == 6, lines
     assert all(ln.startswith("step ") for ln in lines)

@@ -49,6 +49,26 @@ class OneLinePrinterCallback(TrainerCallback):
             print(format_log_line(state.global_step, logs), flush=True)
 
 
+def run_summary(history: list[dict[str, Any]], output_dir: str, curves_dir: str | None) -> list[str]:
+    """The closing lines of a run: steps, tokens, time, the last training and evaluation losses, and where the
+    student, its config and its curves are."""
+    last = {key: value for entry in history for key, value in entry.items()}  # the latest value of every key
+    train = [f"{key} {last[key]:.4g}" for key in CONSOLE_KEYS[: 1 + sum(c.console for c in COMPONENTS)]
+             if isinstance(last.get(key), (int, float))]
+    evals = [f"{key} {last[key]:.4g}" for key in ("eval_loss", "eval_ce", "eval_perplexity", "eval_kd")
+             if isinstance(last.get(key), (int, float))]
+    steps = int(last.get("step", 0))
+    tokens = last.get("tokens_seen")
+    runtime = last.get("train_runtime")
+    head = f"done: {steps} steps" + (f", {tokens / 1e6:.3g} M tokens" if tokens else "") + \
+        (f", {runtime:.0f} s" if runtime else "")
+    lines = [" | ".join([head, *train, *evals])]
+    where = f"student: {output_dir}/student | config: {output_dir}/distill_config.yaml"
+    if curves_dir:
+        where += f" | curves: tensorboard --logdir {curves_dir}"
+    return [*lines, where]
+
+
 class ResolvedConfigCallback(TrainerCallback):
     """Writes OUTPUT/distill_config.yaml once training has really started (after the engine's set-up, where DeepSpeed
     or device errors surface), so a run that fails to start leaves no config file behind."""

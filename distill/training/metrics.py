@@ -138,6 +138,7 @@ class TrainingLog:
     def __init__(self) -> None:
         self.metrics = MetricAccumulator()
         self._tokens = 0.0
+        self._total_tokens = 0.0  # every rank's real tokens since the run (or its resume) started
         self._last_time: float | None = None
         self._xtok_sums: torch.Tensor | None = None  # [4] sums of XTOK_STAT_KEYS
         self._weight_sums: dict[str, float] = {}
@@ -171,6 +172,8 @@ class TrainingLog:
             extras["tokens_per_second"] = tokens / (now - self._last_time)
         self._last_time = now
         self._tokens = 0.0
+        self._total_tokens += tokens
+        extras["tokens_seen"] = self._total_tokens
         extras["loss_scale"] = loss_scale
         extras["nonfinite_skipped"] = float(nonfinite_total)
         # Mean weight over the micro-steps since the last log (the losses on the same line used exactly these).
