@@ -180,3 +180,21 @@ def test_convert_keeps_conversational_fields(chat_caches, tmp_path, name, encodi
         np.testing.assert_array_equal(np.sort(x.topk_ids, -1), np.sort(y.topk_ids, -1))
         if name == encoding == "compact":
             np.testing.assert_array_equal(x.topk_logprobs, y.topk_logprobs)
+
+
+def test_resume_rebuilds_a_lost_shard_byte_identically(tmp_path, teacher_dir, chat_inputs):
+    import shutil
+
+    from cache_testing import assert_same_cache
+
+    _, template, data = chat_inputs
+    out = tmp_path / "c"
+    flags = ("--chat-template", str(template), "--shard-size", "2", "--max-samples", "6")
+    assert _build(teacher_dir, data, out, *flags) == 0
+    clean = tmp_path / "clean"
+    shutil.copytree(out, clean)
+    (out / schema.shard_name(1)).unlink()
+    (out / schema.shard_sidecar_name(1)).unlink()
+    assert _build(teacher_dir, data, out, *flags, "--resume") == 0
+    assert_same_cache(out, clean)
+    assert verify_cache(out) == []
