@@ -6,6 +6,7 @@ row) one line each; `ChatStats` keeps the counts for the build's report."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,8 +117,10 @@ def conversation_pieces(tokenizer: Any, spec: str, *, split: str, row_format: st
             piece = _piece(tokenizer, index, rendered)
         except (conversations.BadRow, conversations.RenderError) as err:
             stats.bad += 1
-            where = f"--dataset {spec}: {row_place(spec, index)}"
-            warn(f"{where}: skipped, {err}")
+            # Naming the file line rescans the file: past the first 100 bad rows, the row number is named.
+            where = f"--dataset {spec}: {row_place(spec, index) if stats.bad <= 100 else f'row {index + 1}'}"
+            if os.environ.get("RANK", "0") == "0":  # every rank reads every row; one of them names the bad ones
+                warn(f"{where}: skipped, {err}")
             if len(stats.first_bad) < 3:
                 stats.first_bad.append(f"{where}: {err}")
         else:
