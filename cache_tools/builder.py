@@ -216,7 +216,8 @@ def _build(opts: BuildOptions, targets: schema.TargetsInfo, info: dist.DistInfo,
     result = {"load_s": load_s, "build_s": build_s, "writer_wait_s": run.writer.wait_s, **run.stats}
     if info.is_main:
         result.update(build_input.report(plan, rows))
-        result.update(_finish_manifest(out_dir, manifest, rows, total_windows, wall_start))
+        kept = int(run.stats["kept_shards"]) if info.world_size == 1 else 0  # other ranks count their own
+        result.update(_finish_manifest(out_dir, manifest, rows, total_windows, wall_start, kept))
     dist.barrier(info)
     return result
 
@@ -248,8 +249,11 @@ def _build_shards(run: _ShardRun, windows: Iterator[packing.Window], out_dir: Pa
             total_windows += len(shard_windows)
             if shard_index % info.world_size != info.rank:
                 continue
-            if output_dir.finished_shard(out_dir, shard_index, run.manifest.build_id) is not None:
+            kept = output_dir.finished_shard(out_dir, shard_index, run.manifest.build_id)
+            if kept is not None:  # an interrupted build's finished shard: counted, so the bar resumes where it was
                 run.stats["kept_shards"] += 1
+                run.bar.update(kept.num_tokens)
+                run.bar.set_postfix_str(f"kept {run.stats['kept_shards']} finished shard(s)", refresh=False)
                 continue
             run.writer.open_shard(shard_index, shard_index * shard_size, shard_size)
             _build_shard(run, shard_windows, shard_index * shard_size)
@@ -264,7 +268,7 @@ def _build_shards(run: _ShardRun, windows: Iterator[packing.Window], out_dir: Pa
 
 
 def _finish_manifest(out_dir: Path, manifest: schema.CacheManifest, rows: schema.RowsInfo, total_windows: int,
-                     wall_start: float) -> dict[str, Any]:
+                     wall_start: float, kept: int = 0) -> dict[str, Any]:
     """Rank 0, after every rank's shards are on disk: record them and mark the manifest complete (written last: its
     presence with complete=true means every shard is there). Returns the summary numbers."""
     num_shards = math.ceil(total_windows / manifest.shard_size)
@@ -284,6 +288,8 @@ def _finish_manifest(out_dir: Path, manifest: schema.CacheManifest, rows: schema
     bytes_per_token = sum(s.bytes for s in shards) / max(1, manifest.num_tokens)
     wall = time.perf_counter() - wall_start
     print(f"cache_tools: {manifest.num_sequences} sequences, {manifest.num_tokens} tokens, "
-          f"{bytes_per_token:.1f} bytes/token, {num_shards} shards, {wall:.1f}s wall -> {out_dir}", file=sys.stderr)
+          f"{bytes_per_token:.1f} bytes/token, {num_shards} shards"
+          + (f" ({kept} kept from the interrupted build, {num_shards - kept} built now)" if kept else "")
+          + f", {wall:.1f}s wall -> {out_dir}", file=sys.stderr)
     return {"num_sequences": manifest.num_sequences, "num_tokens": manifest.num_tokens,
             "bytes_per_token": bytes_per_token, "wall_s": wall, "num_shards": num_shards}

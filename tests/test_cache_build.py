@@ -121,14 +121,18 @@ def _break_build(out) -> None:
     (out / (schema.shard_name(3) + schema.TMP_SUFFIX)).write_bytes(b"partial garbage")
 
 
-def test_resume_keeps_finished_shards_and_equals_clean_build(built, boosted_teacher, text_file, tmp_path):
+def test_resume_keeps_finished_shards_and_equals_clean_build(built, boosted_teacher, text_file, tmp_path, capsys):
     out, _ = built
     copy = tmp_path / "resumed"
     shutil.copytree(out, copy)
     _break_build(copy)
     kept_mtime = (copy / schema.shard_name(1)).stat().st_mtime_ns
+    capsys.readouterr()
     stats = build_cache(_options(boosted_teacher, text_file, copy, resume=True))
     assert stats["kept_shards"] >= 2
+    kept = int(stats["kept_shards"])  # the closing line says what the resumed build kept
+    closing = capsys.readouterr().err
+    assert f"({kept} kept from the interrupted build, {stats['num_shards'] - kept} built now)" in closing
     assert (copy / schema.shard_name(1)).stat().st_mtime_ns == kept_mtime  # kept, not rewritten
     assert not list(copy.glob("*" + schema.TMP_SUFFIX))
     assert json.loads((copy / schema.shard_sidecar_name(0)).read_text())["sha256"]
