@@ -178,15 +178,15 @@ def _count_width(num_samples: int) -> int:
     return (num_samples - 1).bit_length()
 
 
-def encode_sampled(ids: np.ndarray, counts: np.ndarray, num_samples: int, vocab_size: int) -> np.ndarray:
-    """One sequence's sampled targets -> 1-D uint8 blob, lossless.
-
-    ids [n, S] integer: distinct sampled ids per row, padded with -1 (any order, any S); counts [n, S] integer:
-    their counts, 0 in padding, each row summing to num_samples."""
+def sampled_rows(ids: np.ndarray, counts: np.ndarray, num_samples: int,
+                 vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Checked sampled targets in the order both compact codecs store them: (counts [n, S] int64 by ascending id,
+    distinct ids per row m [n], valid slots [n, S] bool (the first m of each row), id gaps [n, S] from `_check_ids`).
+    Raises ValueError on targets that break the contract (shapes, padding, counts not summing to num_samples)."""
     ids, counts = np.asarray(ids), np.asarray(counts)
     if ids.ndim != 2 or ids.shape != counts.shape:
         raise ValueError(f"sampled ids {ids.shape} and counts {counts.shape} must both be [n, S]")
-    width_m = _count_width(num_samples)
+    _count_width(num_samples)
     valid = ids >= 0
     if (counts[~valid] != 0).any() or (counts[valid] < 1).any():
         raise ValueError("sampled counts must be >= 1 for every id and 0 in the -1 padding")
@@ -196,7 +196,16 @@ def encode_sampled(ids: np.ndarray, counts: np.ndarray, num_samples: int, vocab_
     sorted_ids, cnt = _sort_rows(key, counts.astype(np.int64))
     m = valid.sum(1)
     valid = np.arange(ids.shape[1])[None, :] < m[:, None]
-    gaps = _check_ids(sorted_ids, sorted_ids, valid, vocab_size, "sampled")
+    return cnt, m, valid, _check_ids(sorted_ids, sorted_ids, valid, vocab_size, "sampled")
+
+
+def encode_sampled(ids: np.ndarray, counts: np.ndarray, num_samples: int, vocab_size: int) -> np.ndarray:
+    """One sequence's sampled targets -> 1-D uint8 blob, lossless.
+
+    ids [n, S] integer: distinct sampled ids per row, padded with -1 (any order, any S); counts [n, S] integer:
+    their counts, 0 in padding, each row summing to num_samples."""
+    width_m = _count_width(num_samples)
+    cnt, m, valid, gaps = sampled_rows(ids, counts, num_samples, vocab_size)
     cm1 = np.where(valid, cnt - 1, 0)
     k_id = best_k(gaps, valid, _id_k_max(vocab_size), True)
     k_ct = best_k(cm1, valid, (1 << AUX_K_BITS) - 1, True)

@@ -56,8 +56,9 @@ def _gaps_lengths(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return start - previous_end, end - start
 
 
-def encode_offsets(offsets: np.ndarray) -> np.ndarray:
-    """One sequence's token offsets [n, 2] (integers within int32; n may be 0) -> 1-D uint8 blob, lossless."""
+def offset_streams(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Checked offsets [n, 2] -> what both compact codecs store: (gaps [n], lengths [n] above `base` or zigzagged
+    when some are negative, flags (SIGNED_LENGTHS or 0), base)."""
     offsets = np.asarray(offsets)
     if offsets.ndim != 2 or offsets.shape[1] != 2 or not np.issubdtype(offsets.dtype, np.integer):
         raise ValueError(f"offsets must be an integer array [n, 2], got {offsets.dtype} with shape {offsets.shape}")
@@ -70,6 +71,12 @@ def encode_offsets(offsets: np.ndarray) -> np.ndarray:
     elif length.size:
         base = int(length.min())  # <= 2**32 - 1: fits its uint32
         length = length - base
+    return gap, length, flags, base
+
+
+def encode_offsets(offsets: np.ndarray) -> np.ndarray:
+    """One sequence's token offsets [n, 2] (integers within int32; n may be 0) -> 1-D uint8 blob, lossless."""
+    gap, length, flags, base = offset_streams(offsets)
     streams = [length]
     if (gap != 0).any():
         streams.insert(0, _zigzag(gap))

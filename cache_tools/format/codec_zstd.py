@@ -32,9 +32,17 @@ from cache_tools.format.codec import (
     _sort_rows,
     level_table,
     quantise_logprobs,
+    sampled_rows,
 )
 from cache_tools.format.codec_frame import Payload, open_blob, seal, split_wide, wide_bound
-from cache_tools.format.codec_offsets import INT32, NO_GAPS, SIGNED_LENGTHS, _gaps_lengths, _unzigzag, _zigzag
+from cache_tools.format.codec_offsets import (
+    INT32,
+    NO_GAPS,
+    SIGNED_LENGTHS,
+    _unzigzag,
+    _zigzag,
+    offset_streams,
+)
 from cache_tools.format.errors import CodecError
 
 __all__ = ["encode_topk", "encode_topk_levels", "decode_topk", "encode_sampled", "decode_sampled", "encode_offsets",
@@ -149,20 +157,7 @@ def encode_sampled(ids: np.ndarray, counts: np.ndarray, num_samples: int, vocab_
                    sequence: int) -> np.ndarray:
     """One sequence's sampled targets (ids [n, S] distinct per row, -1 padding; counts [n, S], 0 in padding, each
     row summing to num_samples) -> lossless blob bound to `sequence`."""
-    ids, counts = np.asarray(ids), np.asarray(counts)
-    if ids.ndim != 2 or ids.shape != counts.shape:
-        raise ValueError(f"sampled ids {ids.shape} and counts {counts.shape} must both be [n, S]")
-    _count_width(num_samples)
-    valid = ids >= 0
-    if (counts[~valid] != 0).any() or (counts[valid] < 1).any():
-        raise ValueError("sampled counts must be >= 1 for every id and 0 in the -1 padding")
-    if (counts.sum(1, dtype=np.int64) != num_samples).any():
-        raise ValueError(f"sampled counts must sum to num_samples={num_samples} in every row")
-    key = np.where(valid, ids.astype(np.int64), np.iinfo(np.int64).max)  # padding sorts last
-    sorted_ids, cnt = _sort_rows(key, counts.astype(np.int64))
-    m = valid.sum(1)
-    valid = np.arange(ids.shape[1])[None, :] < m[:, None]
-    gaps = _check_ids(sorted_ids, sorted_ids, valid, vocab_size, "sampled")
+    cnt, m, valid, gaps = sampled_rows(ids, counts, num_samples, vocab_size)
     steps = gaps + 1
     steps[:, 0] -= 1  # the first id itself
     parts = [struct.pack("<I", ids.shape[0]), *split_wide(m - 1), *split_wide(steps[valid]),
@@ -203,18 +198,7 @@ def decode_sampled(blob: np.ndarray, n: int, num_samples: int, vocab_size: int, 
 
 def encode_offsets(offsets: np.ndarray, *, sequence: int) -> np.ndarray:
     """One sequence's token offsets [n, 2] (integers within int32) -> lossless blob bound to `sequence`."""
-    offsets = np.asarray(offsets)
-    if offsets.ndim != 2 or offsets.shape[1] != 2 or not np.issubdtype(offsets.dtype, np.integer):
-        raise ValueError(f"offsets must be an integer array [n, 2], got {offsets.dtype} with shape {offsets.shape}")
-    if offsets.size and (int(offsets.min()) < INT32.min or int(offsets.max()) > INT32.max):
-        raise ValueError(f"offsets must fit int32; got {int(offsets.min())}..{int(offsets.max())}")
-    gap, length = _gaps_lengths(offsets.astype(np.int64))
-    flags, base = 0, 0
-    if (length < 0).any():
-        flags, length = SIGNED_LENGTHS, _zigzag(length)
-    elif length.size:
-        base = int(length.min())
-        length = length - base
+    gap, length, flags, base = offset_streams(offsets)
     parts = [struct.pack("<II", offsets.shape[0], base), *split_wide(length)]
     if (gap != 0).any():
         parts.extend(split_wide(_zigzag(gap)))
