@@ -104,6 +104,11 @@ def test_inspect_reports_targets_saved(chat_caches, capsys):
     out = capsys.readouterr().out
     saved = re.search(r"positions_with_targets\s+(\d+) of (\d+)", out)
     assert saved and int(saved.group(1)) < int(saved.group(2))
+    from cache_tools.inspect_cache import cache_summary
+
+    # fp16 too: target arrays of an assistant-only cache allocate only the chunks holding stored positions
+    mine, every = (cache_summary(chat_caches[name])["bytes_per_token_by_dataset"] for name in ("assistant", "all"))
+    assert mine["topk_ids"] < 0.8 * every["topk_ids"] and mine["topk_logprobs"] < 0.8 * every["topk_logprobs"]
 
 
 @pytest.mark.parametrize("mode, split, skipped", [("split", 1, 0), ("skip", 0, 1)])

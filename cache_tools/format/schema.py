@@ -34,7 +34,8 @@ plain text, targets at every position):
   ``<think>`` block).
 * ``target_mask`` (manifest ``targets.assistant_only``): 1 where the position stores teacher targets, i.e. where the
   NEXT token is assistant content (the last position of a piece never does). The per-token target datasets then hold
-  only those positions, in order, at the front of the row (fp16) or in the blob (compact); `encodings.decode_targets`
+  only those positions, in order, at the front of the row (fp16: chunks of TARGET_CHUNK_POSITIONS positions, those
+  past the stored prefix never allocated) or in the blob (compact); `encodings.decode_targets`
   expands them back to n positions (ids -1, log-probs 0, tail 0 for top-k / -inf for sampled where not stored).
 * ``conversation`` (conversational caches): UTF-8 JSON per window, what a student with another chat template needs
   to re-render each conversation: a list with one entry per piece, ``{"row": dataset row, "messages": [{role,
@@ -122,6 +123,7 @@ TEXT_V1_DTYPE = h5py.string_dtype("utf-8")  # version 1 text (cannot hold NUL); 
 TAIL_LOGPROB_FLOOR = -100.0
 # Tolerance for "probabilities sum to at most 1": fp16 rounding of 256 log-probs can push the sum slightly past 1.
 PROB_SUM_EPS = 2e-2
+TARGET_CHUNK_POSITIONS = 64  # positions per chunk of an assistant-only cache's target arrays
 SCALAR_CHUNK_ROWS = 1024  # per-sequence scalars and blob references are chunked in runs (no tiny chunks)
 
 # Shard attribute names.
@@ -177,7 +179,13 @@ class DatasetSpec:
         """One sequence per chunk for arrays (a reader fetching a sequence touches exactly its chunks); runs of
         sequences for scalars and blob references."""
         shape = self.shape(m)
+        if self.sparse_rows(m):  # only the stored prefix of a row is written: chunks past it are never allocated
+            return (1, min(shape[0], TARGET_CHUNK_POSITIONS), *shape[1:])
         return (1, *shape) if shape else (max(1, min(capacity, SCALAR_CHUNK_ROWS)),)
+
+    def sparse_rows(self, m: CacheManifest) -> bool:
+        """A per-token target array of an assistant-only cache: each row holds its target positions at the front."""
+        return self.per_token and self.name in TARGET_FIELDS and m.targets.assistant_only
 
     def compressed(self, m: CacheManifest) -> bool:
         """--compression applies to array datasets; HDF5 filters never reach variable-length heap data."""

@@ -57,8 +57,17 @@ class ShardWriter:
         stored = encodings.encode_batch(self.manifest, batch, self.first_sequence + self.count)
         self.digest.update(batch[schema.INPUT_IDS], batch[schema.VALID_LENGTH], batch[schema.TEXT])
         lo, hi = self.count, self.count + n
+        stored_rows = None
+        if self.manifest.targets.assistant_only:
+            lengths = np.asarray(batch[schema.VALID_LENGTH])
+            masks = np.asarray(batch[schema.TARGET_MASK]).astype(bool)
+            stored_rows = (masks & (np.arange(masks.shape[1])[None, :] < lengths[:, None])).sum(axis=1)
         for spec in self.specs:
-            if spec.is_vlen(self.manifest):
+            if stored_rows is not None and spec.sparse_rows(self.manifest):
+                for row, count in enumerate(stored_rows.tolist()):  # the rest of the row stays unallocated (zeros)
+                    if count:
+                        self._datasets[spec.name][lo + row, :count] = stored[spec.name][row, :count]
+            elif spec.is_vlen(self.manifest):
                 # Element by element: h5py stacks equal-length arrays into a 2-D block and refuses the slice write.
                 for row, value in enumerate(stored[spec.name]):
                     self._datasets[spec.name][lo + row] = value
