@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
+           "DISTILL_DEMO_CACHE": str(tmp_path_factory.mktemp("demo_teachers"))}
     proc = subprocess.run([sys.executable, "-m", "examples.demo", "--quick", "--out", str(out)], cwd=REPO_ROOT,
                           env=env, capture_output=True, text=True)
     return out, proc

@@ -43,3 +43,37 @@ def test_demo_never_pins_more_threads_than_are_free(monkeypatch, cores, load, th
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == threads
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting wins
     assert "OMP_NUM_THREADS" not in common.reproducible_cpu_env()
+
+
+def test_kept_teacher_is_keyed_by_its_inputs_and_restored_whole(tmp_path, monkeypatch):
+    from examples.demo import teacher_cache
+
+    monkeypatch.setenv("DISTILL_DEMO_CACHE", str(tmp_path / "kept"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    text, config = tmp_path / "train.jsonl", tmp_path / "config.json"
+    text.write_text('{"text": "a"}\n')
+    config.write_text("{}")
+    settings = {"steps": 10, "lr": 1e-3, "seed": 0}
+    key = teacher_cache.teacher_key([text, config], settings)
+    assert key == teacher_cache.teacher_key([text, config], dict(settings))
+    assert key != teacher_cache.teacher_key([text, config], {**settings, "steps": 11})
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # another thread count takes another path: another teacher
+    assert key != teacher_cache.teacher_key([text, config], settings)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert key == teacher_cache.teacher_key([text, config], settings)
+    text.write_text('{"text": "b"}\n')
+    assert key != teacher_cache.teacher_key([text, config], settings)
+
+    model, run = tmp_path / "teacher" / "student", tmp_path / "runs" / "teacher"
+    assert not teacher_cache.restore(key, model, run)
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
+    run.mkdir(parents=True)
+    (run / "events.out.tfevents.1").write_bytes(b"events")
+    assert teacher_cache.keep(key, model, run) == tmp_path / "kept" / key
+    again_model, again_run = tmp_path / "again" / "student", tmp_path / "again_runs" / "teacher"
+    assert teacher_cache.restore(key, again_model, again_run)
+    assert (again_model / "model.safetensors").read_bytes() == b"weights"
+    assert (again_run / "events.out.tfevents.1").read_bytes() == b"events"
+    assert not list((tmp_path / "kept").glob("*.tmp"))

@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--dataset", help="a dataset spec as build-cache takes it (local file/folder or hub name)")
     parser.add_argument("--quick", action="store_true", help="tiny settings for CI (the pipeline, not the result)")
     parser.add_argument("--overwrite", action="store_true", help="delete a non-empty --out first")
+    parser.add_argument("--retrain-teacher", action="store_true",
+                        help="train the teacher even when one trained from the same inputs is kept "
+                             "($DISTILL_DEMO_CACHE, default ~/.cache/distill-demo/teachers)")
     for f in dataclasses.fields(DemoSettings):
         if f.name in ("max_docs",):
             parser.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")

@@ -68,17 +68,31 @@ def run_pipeline(args: argparse.Namespace, s: DemoSettings) -> Path:
                                                   else " (shared by teacher and student)")
     status(2, TOTAL, "tokenizer", f"{detail} ({seconds['tokenizer']:.1f} s)")
 
-    # 3. teacher, LM-only, with the project's trainer
+    # 3. teacher, LM-only, with the project's trainer; kept between runs with the same inputs (examples/demo/
+    # teacher_cache.py), so a rerun skips the demo's longest stage.
+    from examples.demo import teacher_cache
+
     teacher_out = out / "teacher"
-    cmd = [sys.executable, "-m", "distill.train", "--student_config", str(teacher_cfg), "--tokenizer", str(tok_dir),
-           "--dataset", str(train_file), "--max_length", str(s.max_length), "--kd_weight", "0",
-           *train_args(s, teacher_out, steps=s.teacher_steps, lr=s.teacher_lr)]
-    seconds["teacher"] = run_logged(cmd, logs / "teacher.log", {"TENSORBOARD_LOGGING_DIR": str(runs / "teacher")})
     teacher_dir = teacher_out / "student"  # the trainer exports its final model there
-    if not (teacher_dir / "config.json").is_file():
-        raise DemoError(f"teacher: the trainer did not export a model to {teacher_dir}; see {logs / 'teacher.log'}")
+    key = teacher_cache.teacher_key(
+        [train_file, tok_dir, teacher_cfg],
+        {"steps": s.teacher_steps, "lr": s.teacher_lr, "batch_size": s.batch_size, "seed": s.seed,
+         "max_length": s.max_length})
+    t0 = time.perf_counter()
+    reused = not getattr(args, "retrain_teacher", False) and teacher_cache.restore(key, teacher_dir, runs / "teacher")
+    if not reused:
+        cmd = [sys.executable, "-m", "distill.train", "--student_config", str(teacher_cfg), "--tokenizer",
+               str(tok_dir), "--dataset", str(train_file), "--max_length", str(s.max_length), "--kd_weight", "0",
+               *train_args(s, teacher_out, steps=s.teacher_steps, lr=s.teacher_lr)]
+        run_logged(cmd, logs / "teacher.log", {"TENSORBOARD_LOGGING_DIR": str(runs / "teacher")})
+        if not (teacher_dir / "config.json").is_file():
+            raise DemoError(f"teacher: the trainer did not export a model to {teacher_dir}; see {logs / 'teacher.log'}")
+        teacher_cache.keep(key, teacher_dir, runs / "teacher")
+    seconds["teacher"] = time.perf_counter() - t0
     n_teacher = demo_data.count_params(teacher_cfg)
-    status(3, TOTAL, "teacher", f"Qwen3-MoE, {n_teacher / 1e6:.2f} M params, {s.teacher_steps} steps "
+    how = (f"reused from {teacher_cache.cache_root() / key} (same inputs; --retrain-teacher trains it again)"
+           if reused else "trained")
+    status(3, TOTAL, "teacher", f"Qwen3-MoE, {n_teacher / 1e6:.2f} M params, {s.teacher_steps} steps, {how} "
            f"({seconds['teacher']:.1f} s)")
 
     # 4. teacher caches: top-k (compact) and sampled (RS-KD), each for the training text and for the held-out text
