@@ -117,8 +117,7 @@ def run(quick: bool, device: str) -> dict[str, Any]:
                    ["tokens"], "plain_tokens": plain_tokens},
         "notes": ["assistant-only caches store targets where the NEXT token is assistant content; inspect's "
                   "positions_with_targets gives the share",
-                  "fp16 arrays are allocated per window ([L, K] chunks): skipping positions saves bytes only in the "
-                  "compact (blob) encodings or under --compression lzf",
+                  "fp16 assistant-only target arrays are chunked by 64 positions; only the stored prefix is allocated",
                   "build time includes loading the teacher (same in both); the machine may be shared"],
     }
 
