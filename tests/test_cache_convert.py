@@ -70,6 +70,7 @@ def test_topk_conversions(tmp_path, tokenizer, corpus):
         np.testing.assert_allclose(y.topk_logprobs, x.topk_logprobs.astype(np.float16), rtol=0, atol=0)
     old = _make(tmp_path, tokenizer, corpus, "topk", "compact", version=2)
     assert format_notes(old) and "not bound to their rows" in format_notes(old)[0]
+    assert "no document pieces" in format_notes(old)[1]  # what a format 2 cache lacks for isolated packing
     new = tmp_path / "new"
     convert_cache(old, new, "compact")
     assert schema.load_manifest(new).format_version == schema.FORMAT_VERSION and format_notes(new) == []

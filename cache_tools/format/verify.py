@@ -288,4 +288,8 @@ def format_notes(cache_dir: str | Path) -> list[str]:
         notes.append(f"format {m.format_version} compact blobs are not bound to their rows (a blob moved to another "
                      "row is not detected) and decode slower than format 3; `cache_tools convert SRC DST "
                      "--encoding compact` rewrites them")
+    if m.format_version < 3:
+        notes.append(f"format {m.format_version} windows record no document pieces (read as one segment each, "
+                     "packed cross-document: the teacher attended across documents) and no conversation masks; "
+                     "rebuild with build-cache for isolated packing or conversations")
     return notes
