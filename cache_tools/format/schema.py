@@ -28,23 +28,18 @@ plain text, targets at every position):
   valid_length. A piece is one document's run of tokens (plain text: with the EOS that closes it; a conversation:
   its rendered tokens, no separator). Manifest ``packing`` = ``isolated``: the teacher saw each piece alone (positions
   restart at 0, block-diagonal causal mask); ``cross_document``: one causal run over the whole window.
-* ``assistant_mask`` (conversational caches, manifest ``dataset.row_format`` != text): 1 where the token is
-  assistant / completion content, including the end-of-turn token that closes the turn (and, when the chat template
-  renders a generation prompt as a prefix, the template text between that prompt and the content, e.g. Qwen3's
-  ``<think>`` block).
+* ``assistant_mask`` (``dataset.row_format`` != text): 1 = assistant / completion content, including the end-of-turn
+  token closing the turn (and the template text between a generation prompt and the content, e.g. Qwen3's ``<think>``).
 * ``target_mask`` (manifest ``targets.assistant_only``): 1 where the position stores teacher targets, i.e. where the
-  NEXT token is assistant content (the last position of a piece never does). The per-token target datasets then hold
-  only those positions, in order, at the front of the row (fp16: chunks of TARGET_CHUNK_POSITIONS positions, those
-  past the stored prefix never allocated) or in the blob (compact); `encodings.decode_targets`
-  expands them back to n positions (ids -1, log-probs 0, tail 0 for top-k / -inf for sampled where not stored).
+  NEXT token is assistant content (the last position of a piece never does). The target datasets then hold only those
+  positions, in order, at the front of the row (fp16: chunks past that prefix are never allocated) or in the blob
+  (compact); `encodings.decode_targets` expands them (ids -1, log-probs 0, tail 0 (top-k) / -inf (sampled)).
 * ``conversation`` (conversational caches): UTF-8 JSON per window, what a student with another chat template needs
   to re-render each conversation: a list with one entry per piece, ``{"row": dataset row, "messages": [{role,
   content[, reasoning_content]}...], "spans": [[message, field, start, end, offset], ...]}``; each span says that
   window text [start, end) equals ``messages[message][field][offset : offset + end - start]`` (field = "content" or
   "reasoning_content"; reasoning written inline as ``<think>...</think>`` at the start of an assistant content is
-  "reasoning_content" with offsets into the content), clipped to the window. `cache_tools.format.conversations`
-  renders and finds these spans.
-
+  "reasoning_content" with offsets into the content), clipped to the window (`format.conversations` finds them).
 Manifest (v3): ``packing``, ``dataset.row_format`` / ``chat_template_hash`` / ``chat_template_kwargs`` (JSON) /
 ``long_conversations``, ``targets.assistant_only``.
 """
