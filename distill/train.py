@@ -174,7 +174,10 @@ def _install_callbacks(trainer: Any, cfg: Any, extra_callbacks: list[Any]) -> No
     enable_cpu_fp16(trainer)  # --fp16 on CPU: real fp16 autocast + loss scaling, as on a GPU
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(OneLinePrinterCallback() if cfg.training.disable_tqdm else OneLineProgressCallback())
+    # A bar only on a terminal: redrawn through a pipe or a launcher (accelerate relays stderr on its own thread) it
+    # lands inside the per-step lines of stdout; there the lines alone are the record.
+    bar = not cfg.training.disable_tqdm and sys.stderr.isatty()
+    trainer.add_callback(OneLineProgressCallback() if bar else OneLinePrinterCallback())
     trainer.add_callback(SkipStepCallback(trainer, trainer.nonfinite))  # non-finite losses, fp16 overflows
     trainer.add_callback(ResolvedConfigCallback(cfg))
     trainer.add_callback(CheckpointCompleteCallback())  # marks each checkpoint once fully written (resume skips others)
