@@ -86,12 +86,17 @@ def train_variant(variant: str, student_cfg: Path, readers: dict[str, Any], orde
             loss = fused_ce_kd_loss(hidden, model.get_output_embeddings().weight, labels, b["topk_ids"],
                                     b["topk_logprobs"], b["tail_logprob"], kd_mask,
                                     kd_weight=0.0 if variant == "lm_only" else 1.0, config=kd_config).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(model, opt, sched, loss)
     return model
+
+
+def optimizer_step(model: Any, opt: Any, sched: Any, loss: torch.Tensor) -> None:
+    """One update as every ablation variant takes it: backward, clip to 1.0, step, schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
 
 
 def batch_order(windows: list[int], steps: int, batch_size: int, seed: int) -> list[list[int]]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bench.ablation import _paired, batch_order
+from bench.ablation import _paired, batch_order, optimizer_step
 from bench.common import WORK_ROOT, apply_offline_env, build_cache
 from cache_tools.format.cli_args import StrictArgumentParser, parse_command_line
 from cache_tools.format.fsutil import atomic_write_text
@@ -70,11 +70,7 @@ def pretrain_teacher(config: Any, train: torch.Tensor, tokenizer_dir: Path, out:
     for _ in range(steps):
         batch = train[torch.randint(0, len(train), (16,), generator=gen)]
         loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(model, opt, sched, loss)
     model.eval().save_pretrained(out)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     return out
@@ -121,11 +117,7 @@ def train_student(variant: str, student_config: Any, readers: list[Any], order: 
             t = b["teachers"][1 if variant == "teacher2" else 0]
             loss = fused_ce_kd_loss(hidden, head, b["labels"], t.topk_ids, t.topk_logprobs, t.tail_logprob,
                                     t.kd_mask, kd_weight=0.0 if variant == "lm_only" else 1.0, config=cfg).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(model, opt, sched, loss)
     return model
 
 

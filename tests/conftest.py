@@ -79,3 +79,25 @@ def shakespeare() -> Path:
     if not path.is_file():
         pytest.skip("../shared/data/tinyshakespeare.txt not present (optional real-text data)")
     return path
+
+
+@pytest.fixture(scope="session")
+def other_student(tmp_path_factory, corpus) -> Path:
+    """A student with a different vocabulary size AND pre-tokenisation rule (digits split) than the teacher's
+    tokenizer: the cross-tokenizer path. Read-only, so one serves every module."""
+    from examples.tiny_models import save_random_model, tiny_llama_config, train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(corpus[:200], 384, split_digits=True)
+    return save_random_model(tiny_llama_config(len(tok)), tmp_path_factory.mktemp("other_student"), tok, seed=3)
+
+
+@pytest.fixture(scope="module")
+def small_topk_cache(tmp_path_factory, teacher_dir, text_file) -> Path:
+    """A real top-16 cache built from the tiny teacher (12 documents, 64-token windows); one per module, since tests
+    write beside it (e.g. a precomputed cross-tokenizer store)."""
+    from cache_tools.builder import BuildOptions, build_cache
+
+    out = tmp_path_factory.mktemp("small_topk_cache") / "cache"
+    build_cache(BuildOptions(teacher=str(teacher_dir), dataset=str(text_file), output=str(out), max_length=64,
+                             top_k=16, batch_size=4, shard_size=8, max_samples=12, progress=False))
+    return out

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-NON_LIBRARY = {"examples", "bench", "tests", "conftest", "cache_fixtures", "cache_testing", "xtok_fixtures"}
+NON_LIBRARY = {"examples", "bench", "tests", "conftest", "cache_fixtures", "cache_testing", "chat_fixtures",
+               "xtok_fixtures", "loss_testing"}
 
 
 def imported_modules(path: Path) -> set[str]:

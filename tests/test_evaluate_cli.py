@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from cache_fixtures import write_synthetic_cache
 
-from cache_tools.builder import BuildOptions, build_cache
 from distill import evaluate
 from distill.train import main as train_main
 
@@ -26,22 +25,6 @@ def _cli(*argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-m", "distill.evaluate", *argv], cwd=ROOT, env=env, capture_output=True,
                           text=True)
-
-
-@pytest.fixture(scope="module")
-def teacher_cache(tmp_path_factory, teacher_dir, text_file):
-    out = tmp_path_factory.mktemp("eval_xtok_cache") / "cache"
-    build_cache(BuildOptions(teacher=str(teacher_dir), dataset=str(text_file), output=str(out), max_length=64,
-                             top_k=16, batch_size=4, shard_size=8, max_samples=12, progress=False))
-    return out
-
-
-@pytest.fixture(scope="module")
-def other_student(tmp_path_factory, corpus):
-    from examples.tiny_models import save_random_model, tiny_llama_config, train_bpe_tokenizer
-
-    tok = train_bpe_tokenizer(corpus[:200], 384, split_digits=True)
-    return save_random_model(tiny_llama_config(len(tok)), tmp_path_factory.mktemp("eval_other_student"), tok, seed=3)
 
 
 def test_direct_run_table_and_json(tmp_path, student_dir, tokenizer, corpus):
@@ -61,12 +44,12 @@ def test_direct_run_table_and_json(tmp_path, student_dir, tokenizer, corpus):
     assert float(perplexity) == pytest.approx(as_json["perplexity"], rel=1e-3)
 
 
-def test_cross_tokenizer_run_on_the_fly_and_from_the_store(tmp_path, teacher_cache, other_student, capsys):
+def test_cross_tokenizer_run_on_the_fly_and_from_the_store(tmp_path, small_topk_cache, other_student, capsys):
     from distill.prepare_xtok import main as prepare_main
 
     out = tmp_path / "run"
-    assert train_main(["--student", str(other_student), "--cache", str(teacher_cache), "--eval_cache",
-                       str(teacher_cache), "--output_dir", str(out), *TRAIN_FLAGS]) == 0
+    assert train_main(["--student", str(other_student), "--cache", str(small_topk_cache), "--eval_cache",
+                       str(small_topk_cache), "--output_dir", str(out), *TRAIN_FLAGS]) == 0
     capsys.readouterr()
     on_the_fly = _cli("--student", str(out), "--json")
     assert on_the_fly.returncode == 0, on_the_fly.stderr  # was: forward() got an unexpected keyword 'xtok_stats'
@@ -75,7 +58,7 @@ def test_cross_tokenizer_run_on_the_fly_and_from_the_store(tmp_path, teacher_cac
     assert metrics["sequences"] == 48 and 0.3 < metrics["xtok_aligned_fraction"] <= 1.0
     assert 0.3 < metrics["xtok_mapped_mass_fraction"] <= 1.0 + 1e-6 and metrics["kd"] > 0
 
-    assert prepare_main([str(teacher_cache), "--student-tokenizer", str(other_student), "--workers", "1"]) == 0
+    assert prepare_main([str(small_topk_cache), "--student-tokenizer", str(other_student), "--workers", "1"]) == 0
     stored = _cli("--student", str(out), "--json")
     assert stored.returncode == 0, stored.stderr
     assert "on the fly" not in stored.stderr
@@ -83,6 +66,6 @@ def test_cross_tokenizer_run_on_the_fly_and_from_the_store(tmp_path, teacher_cac
     for key in ("ce", "kd", "top1_agreement", "xtok_aligned_fraction", "xtok_mapped_mass_fraction"):
         assert from_store[key] == pytest.approx(metrics[key], rel=1e-5), key
 
-    assert evaluate.main(["--student", str(out / "student"), "--cache", str(teacher_cache)]) == 0  # exported folder
+    assert evaluate.main(["--student", str(out / "student"), "--cache", str(small_topk_cache)]) == 0  # exported folder
     table = capsys.readouterr().out
     assert "student tokens aligned to teacher positions" in table and "teacher mass mapped" in table

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from loss_testing import loss_and_grads as _grads
 
 from distill.losses import (
     IGNORE_INDEX,
@@ -62,14 +63,6 @@ def _dense(t: TeacherTargets, temperature: float, tempers: bool) -> torch.Tensor
     slots = torch.where(t.topk_ids >= 0, t.topk_ids, V)
     lp = torch.full((N, V + 1), -float("inf")).scatter(1, slots, t.topk_logprobs.float())[:, :V]
     return torch.softmax(lp / temperature if tempers else lp, -1)
-
-
-def _grads(fn, hidden, weight, *args, **kwargs):
-    hidden = hidden.detach().clone().requires_grad_(True)
-    weight = weight.detach().clone().requires_grad_(True)
-    out = fn(hidden, weight, *args, **kwargs)
-    out.loss.backward()
-    return out, hidden.grad, weight.grad
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])

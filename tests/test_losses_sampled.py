@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from loss_testing import loss_and_grads as _grads
 
 from distill.losses import IGNORE_INDEX, KDConfig, check_kd_for_targets, fused_ce_kd_loss, naive_ce_kd_loss
 
@@ -38,14 +39,6 @@ def _batch(seed: int, n_rows: int = 19, h: int = 10, v: int = 37, n: int = 16, t
     labels[::3] = IGNORE_INDEX
     kd_mask = torch.rand(n_rows, generator=gen) > 0.2
     return hidden, weight, labels, ids, logprobs, tail, kd_mask, counts
-
-
-def _grads(fn, hidden, weight, *args, **kwargs):
-    hidden = hidden.detach().clone().requires_grad_(True)
-    weight = weight.detach().clone().requires_grad_(True)
-    out = fn(hidden, weight, *args, **kwargs)
-    out.loss.backward()
-    return out, hidden.grad, weight.grad
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 64])

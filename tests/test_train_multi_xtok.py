@@ -23,14 +23,6 @@ def two_caches(tmp_path_factory, teacher_dir, text_file):
     return root / "topk", root / "sampled"
 
 
-@pytest.fixture(scope="module")
-def other_student(tmp_path_factory, corpus):
-    from examples.tiny_models import save_random_model, tiny_llama_config, train_bpe_tokenizer
-
-    tok = train_bpe_tokenizer(corpus[:200], 384, split_digits=True)
-    return save_random_model(tiny_llama_config(len(tok)), tmp_path_factory.mktemp("other_student"), tok, seed=3)
-
-
 def test_the_builder_records_equal_digests_for_the_same_windows(two_caches):
     manifests = [schema.load_manifest(c) for c in two_caches]
     assert manifests[0].format_version == 3

@@ -5,33 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from cache_tools.builder import BuildOptions, build_cache
 from distill.train import main
 
 
-@pytest.fixture(scope="module")
-def real_cache(tmp_path_factory, teacher_dir, text_file):
-    out = tmp_path_factory.mktemp("xtok_cache") / "cache"
-    build_cache(BuildOptions(teacher=str(teacher_dir), dataset=str(text_file), output=str(out), max_length=64,
-                             top_k=16, batch_size=4, shard_size=8, max_samples=12, progress=False))
-    return out
-
-
-@pytest.fixture(scope="module")
-def other_student(tmp_path_factory, corpus):
-    """Different vocabulary size AND pre-tokenisation rule (digits split) than the teacher's tokenizer."""
-    from examples.tiny_models import save_random_model, tiny_llama_config, train_bpe_tokenizer
-
-    tok = train_bpe_tokenizer(corpus[:200], 384, split_digits=True)
-    return save_random_model(tiny_llama_config(len(tok)), tmp_path_factory.mktemp("other_student"), tok, seed=3)
-
-
-def test_student_with_other_tokenizer_trains_from_cache(tmp_path, real_cache, other_student, capsys):
+def test_student_with_other_tokenizer_trains_from_cache(tmp_path, small_topk_cache, other_student, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    argv = ["--student", str(other_student), "--cache", str(real_cache), "--output_dir", str(out), "--use_cpu",
+    argv = ["--student", str(other_student), "--cache", str(small_topk_cache), "--output_dir", str(out), "--use_cpu",
             "--per_device_train_batch_size", "2", "--max_steps", "3", "--logging_steps", "1", "--report_to",
             "tensorboard", "--disable_tqdm", "true", "--save_strategy", "no", "--learning_rate", "1e-3"]
     assert main(argv) == 0, capsys.readouterr().err
@@ -44,23 +26,23 @@ def test_student_with_other_tokenizer_trains_from_cache(tmp_path, real_cache, ot
     assert all(k > 0 for k in kd)  # KD really applied at aligned positions
     assert AutoModelForCausalLM.from_pretrained(out / "student").config.vocab_size == 384
     # The vocabulary map was saved beside the cache, keyed by both tokenizer hashes, for the next run.
-    assert len(list((real_cache / "vocab_maps").glob("*-first_token.npz"))) == 1
+    assert len(list((small_topk_cache / "vocab_maps").glob("*-first_token.npz"))) == 1
 
 
-def test_tail_rule_selectable(tmp_path, real_cache, other_student):
+def test_tail_rule_selectable(tmp_path, small_topk_cache, other_student):
     out = tmp_path / "out"
-    argv = ["--student", str(other_student), "--cache", str(real_cache), "--output_dir", str(out), "--use_cpu",
+    argv = ["--student", str(other_student), "--cache", str(small_topk_cache), "--output_dir", str(out), "--use_cpu",
             "--per_device_train_batch_size", "2", "--max_steps", "1", "--report_to", "none", "--disable_tqdm", "true",
             "--save_strategy", "no", "--xtok_rule", "tail"]
     assert main(argv) == 0
-    assert len(list((real_cache / "vocab_maps").glob("*-tail.npz"))) == 1
+    assert len(list((small_topk_cache / "vocab_maps").glob("*-tail.npz"))) == 1
 
 
-def _final_weights_and_losses(tmp_path, real_cache, other_student, name, batch, accumulation):
+def _final_weights_and_losses(tmp_path, small_topk_cache, other_student, name, batch, accumulation):
     from distill.train import build_trainer
     from distill.training.config import parse_config, validate
 
-    argv = ["--student", str(other_student), "--cache", str(real_cache), "--output_dir", str(tmp_path / name),
+    argv = ["--student", str(other_student), "--cache", str(small_topk_cache), "--output_dir", str(tmp_path / name),
             "--use_cpu", "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps",
             str(accumulation), "--max_steps", "2", "--logging_steps", "1", "--report_to", "none", "--disable_tqdm",
             "true", "--save_strategy", "no", "--learning_rate", "1e-2", "--seed", "0"]
@@ -73,11 +55,11 @@ def _final_weights_and_losses(tmp_path, real_cache, other_student, name, batch, 
     return losses, params
 
 
-def test_gradient_accumulation_weighs_every_token_equally(tmp_path, real_cache, other_student):
+def test_gradient_accumulation_weighs_every_token_equally(tmp_path, small_topk_cache, other_student):
     """Student windows differ in length on the cross-tokenizer path: per-micro-batch means would weigh a short
     window's tokens more. With global normalisers, 1 x 4 sequences and 2 x 2 (accumulated) give the same step."""
-    losses_a, params_a = _final_weights_and_losses(tmp_path, real_cache, other_student, "a", 4, 1)
-    losses_b, params_b = _final_weights_and_losses(tmp_path, real_cache, other_student, "b", 2, 2)
+    losses_a, params_a = _final_weights_and_losses(tmp_path, small_topk_cache, other_student, "a", 4, 1)
+    losses_b, params_b = _final_weights_and_losses(tmp_path, small_topk_cache, other_student, "b", 2, 2)
     assert losses_a == pytest.approx(losses_b, rel=1e-5, abs=1e-6)
     worst = max(float((params_a[k] - params_b[k]).abs().max()) for k in params_a)
     assert worst < 1e-5, worst

@@ -11,7 +11,7 @@ import numpy as np
 
 from distill.data.xtok.align import char_to_byte_table, consumed_ends
 from distill.data.xtok.chat import content_codes, teacher_spans
-from distill.data.xtok.store import STAT_KEYS
+from distill.data.xtok.documents import blank_example
 
 
 def match_codes(student_codes: np.ndarray, teacher_codes: np.ndarray) -> np.ndarray:
@@ -44,18 +44,9 @@ def chat_example(builder: Any, seq: Any) -> dict[str, Any]:
     window = builder.renderer.window(conversation)
     full = window.ids.shape[0]
     n = full if builder.max_length is None else min(full, builder.max_length)
-    K = seq.topk_ids.shape[1]
-    stats = dict.fromkeys(STAT_KEYS, 0)
-    stats.update(student_tokens=n, truncated=full - n)
-    out = {
-        "input_ids": window.ids[:n],
-        "topk_ids": np.full((n, K), -1, dtype=np.int64),
-        "topk_logprobs": np.zeros((n, K), dtype=np.float32),
-        "tail_logprob": np.zeros(n, dtype=np.float32),
-        "kd_mask": np.zeros(n, dtype=np.bool_),
-        "pooled_hidden": seq.pooled_hidden.astype(np.float32),
-        "stats": stats,
-    }
+    out = blank_example(window.ids[:n], seq.topk_ids.shape[1], seq.pooled_hidden)
+    stats = out["stats"]
+    stats["truncated"] = full - n
     if builder.isolated:
         lengths = np.minimum(window.segment_lengths, np.maximum(n - np.concatenate(
             [[0], np.cumsum(window.segment_lengths)[:-1]]), 0))

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from distill.data.packing import segment_lengths_of
+from distill.data.xtok.store import STAT_KEYS
 
 
 def document_starts(seq: Any, text_len: int) -> np.ndarray | None:
@@ -70,3 +71,20 @@ def next_is_assistant(seq: Any, student_offsets: np.ndarray) -> np.ndarray:
     out = np.zeros_like(is_assistant)
     out[:-1] = is_assistant[1:]
     return out
+
+
+def blank_example(input_ids: np.ndarray, K: int, pooled_hidden: np.ndarray) -> dict[str, Any]:
+    """A student example of n = len(input_ids) tokens with no KD target yet (empty top-k rows, kd_mask False) and
+    zeroed alignment stats; the cross-tokenizer builders fill in the positions they align."""
+    n = int(input_ids.shape[0])
+    stats = dict.fromkeys(STAT_KEYS, 0)
+    stats["student_tokens"] = n
+    return {
+        "input_ids": input_ids.astype(np.int64),
+        "topk_ids": np.full((n, K), -1, dtype=np.int64),
+        "topk_logprobs": np.zeros((n, K), dtype=np.float32),
+        "tail_logprob": np.zeros(n, dtype=np.float32),
+        "kd_mask": np.zeros(n, dtype=np.bool_),
+        "pooled_hidden": pooled_hidden.astype(np.float32),
+        "stats": stats,
+    }

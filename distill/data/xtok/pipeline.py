@@ -27,7 +27,7 @@ from distill.data.xtok.align import (
     split_segments,
     student_consumed,
 )
-from distill.data.xtok.documents import cut_pieces, document_starts, next_is_assistant, student_segments
+from distill.data.xtok.documents import blank_example, cut_pieces, document_starts, next_is_assistant, student_segments
 from distill.data.xtok.store import STAT_KEYS, TargetStore, open_store, store_key
 from distill.data.xtok.token_bytes import plain_backend, token_bytes_table, tokenizer_label
 from distill.data.xtok.topk_map import TopKMapper
@@ -211,19 +211,9 @@ class CrossTokenizerTargets:
         t_cons = consumed_ends(seq.input_ids, seq.offsets, text, text_bytes, c2b, self.teacher_bytes,
                                self._teacher_norm)
         n = window.ids.shape[0] if self.max_length is None else min(window.ids.shape[0], self.max_length)
-        K = seq.topk_ids.shape[1]
-        stats = dict.fromkeys(STAT_KEYS, 0)
-        stats["student_tokens"] = n
+        out = blank_example(window.ids[:n], seq.topk_ids.shape[1], seq.pooled_hidden)
+        stats = out["stats"]
         stats["truncated"] = int(window.ids.shape[0] - n)
-        out = {
-            "input_ids": window.ids[:n].astype(np.int64),
-            "topk_ids": np.full((n, K), -1, dtype=np.int64),
-            "topk_logprobs": np.zeros((n, K), dtype=np.float32),
-            "tail_logprob": np.zeros(n, dtype=np.float32),
-            "kd_mask": np.zeros(n, dtype=np.bool_),
-            "pooled_hidden": seq.pooled_hidden.astype(np.float32),
-            "stats": stats,
-        }
         if self.isolated:
             out["segment_lengths"] = (student_segments(window.offsets[:n, 0], doc_starts) if doc_starts is not None
                                       else np.array([n], dtype=np.int32))
