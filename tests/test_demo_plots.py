@@ -31,18 +31,33 @@ def test_figures_from_logged_runs(tmp_path):
     assert "matplotlib" in markdown({})[0]
 
 
-@pytest.mark.parametrize(("cores", "load", "threads"), [(2, 0.0, "2"), (2, 1.2, "1"), (16, 3.0, "2"), (2, 9.0, "1")])
-def test_demo_never_pins_more_threads_than_are_free(monkeypatch, cores, load, threads):
+@pytest.mark.parametrize(("cores", "busy", "threads"), [(2, 0, "2"), (2, 1, "1"), (16, 3, "2"), (2, 9, "1")])
+def test_demo_never_pins_more_threads_than_are_free(monkeypatch, cores, busy, threads):
     from examples.demo import common
 
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: set(range(cores)))
-    monkeypatch.setattr(common.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(common, "busy_cores", lambda first, second, n: busy)
+    monkeypatch.setattr(common.time, "sleep", lambda seconds: None)
     env = common.reproducible_cpu_env()
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == threads
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting wins
     assert "OMP_NUM_THREADS" not in common.reproducible_cpu_env()
+
+
+def test_busy_cores_counts_what_ran_between_two_snapshots():
+    """Busy = the non-idle share of the jiffies between two /proc/stat snapshots (iowait counts as idle), not the
+    lagging load average: a machine that just went idle reads as idle."""
+    from examples.demo.common import busy_cores
+
+    first = "cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 50 0 50 400 0 0 0 0 0 0\n"
+    half = "cpu  200 0 200 1000 0 0 0 0 0 0\n"  # 200 busy + 200 idle jiffies
+    assert busy_cores(first, half, 2) == 1
+    assert busy_cores(first, "cpu  100 0 100 1200 0 0 0 0 0 0\n", 2) == 0
+    assert busy_cores(first, "cpu  300 0 300 800 0 0 0 0 0 0\n", 4) == 4
+    assert busy_cores(first, "cpu  100 0 100 900 100 0 0 0 0 0\n", 2) == 0  # iowait is idle
+    assert busy_cores(first, first, 2) == 0  # no time passed
 
 
 def test_kept_teacher_is_keyed_by_its_inputs_and_restored_whole(tmp_path, monkeypatch):

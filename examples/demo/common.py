@@ -57,10 +57,31 @@ QUICK = dict(max_docs=240, min_chars=200, vocab_size=512, student_vocab_size=384
 # Never more threads than are free, though: threads beyond the idle cores wait on each other at every barrier, so
 # on a busy machine the demo takes 1 thread, and its numbers are then those of the 1-thread path (the report records
 # which).
-def free_cores() -> int:
-    """Cores this process may use (affinity) minus the ones the 1-minute load average says are busy; at least 1."""
+def _cpu_times(stat: str) -> tuple[int, int]:
+    """(idle, total) jiffies of the aggregate `cpu` line of /proc/stat (idle includes iowait)."""
+    fields = [int(v) for v in stat.splitlines()[0].split()[1:]]
+    return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields)
+
+
+def busy_cores(first: str, second: str, cores: int) -> int:
+    """Cores kept busy between two /proc/stat snapshots, rounded."""
+    idle0, total0 = _cpu_times(first)
+    idle1, total1 = _cpu_times(second)
+    span = total1 - total0
+    return round(cores * (1 - (idle1 - idle0) / span)) if span > 0 else 0
+
+
+def free_cores(window_s: float = 0.5) -> int:
+    """Cores this process may use (affinity) minus the ones busy right now; at least 1. Busy is measured over
+    `window_s` from /proc/stat: the 1-minute load average lags, so right after another job it still counts that
+    job's cores and would pin an idle machine to one thread (a different, slower path)."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    try:
+        first = Path("/proc/stat").read_text()
+        time.sleep(window_s)
+        busy = busy_cores(first, Path("/proc/stat").read_text(), os.cpu_count() or usable)
+    except (OSError, ValueError, IndexError):
+        busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
     return max(1, usable - busy)
 
 
