@@ -17,7 +17,7 @@ import numpy as np
 from cache_tools.format import conversations
 from cache_tools.format.errors import DatasetInputError
 from cache_tools.format.packing import Piece, eos_of, require_fast
-from cache_tools.format.text_data import describe_load_error, open_dataset, row_place, warn
+from cache_tools.format.text_data import dataset_rows, open_dataset, row_place, warn
 
 ROW_FORMATS = ("auto", "text", *conversations.ROW_FORMATS)  # --dataset-format
 
@@ -100,15 +100,7 @@ def conversation_pieces(tokenizer: Any, spec: str, *, split: str, row_format: st
     require_fast(tokenizer)
     _, eos_text = eos_of(tokenizer)
     ds = open_dataset(spec, split, streaming)
-    rows = iter(ds)
-    index = 0
-    while max_samples is None or index < max_samples:
-        try:
-            row = next(rows)
-        except StopIteration:
-            break
-        except Exception as err:  # streaming datasets fail here, not at load
-            raise describe_load_error(spec, Path(spec).expanduser(), err) from err
+    for index, row in dataset_rows(ds, spec, max_samples):
         stats.rows += 1
         try:
             messages, plain = conversations.row_messages(row, row_format)
@@ -127,7 +119,6 @@ def conversation_pieces(tokenizer: Any, spec: str, *, split: str, row_format: st
             stats.assistant_tokens += int(piece.assistant.sum())
             stats.tokens += len(piece.ids)
             yield piece
-        index += 1
 
 
 def _piece(tokenizer: Any, index: int, rendered: conversations.Rendered) -> Piece:

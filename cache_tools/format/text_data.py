@@ -134,6 +134,24 @@ def describe_load_error(spec: str, path: Path, err: BaseException) -> DatasetInp
                              "name[:config]")
 
 
+def dataset_rows(ds: Any, spec: str, max_samples: int | None) -> Iterator[tuple[int, Any]]:
+    """(row index, row) of an opened dataset, at most `max_samples` rows. Streaming datasets fail while iterating,
+    not at load: such an error becomes the same one line as at load."""
+    records = iter(ds)
+    index = 0
+    while max_samples is None or index < max_samples:
+        try:
+            row = next(records)
+        except StopIteration:
+            return
+        except DatasetInputError:
+            raise
+        except Exception as err:
+            raise describe_load_error(spec, Path(spec).expanduser(), err) from err
+        yield index, row
+        index += 1
+
+
 def load_documents(
     spec: str,
     *,
@@ -153,18 +171,8 @@ def load_documents(
     if columns is not None and text_column not in columns:
         raise DatasetInputError(f"--text-column {text_column!r}: not in dataset {spec} (columns: {columns}); pass the "
                                 "right --text-column")
-    missing, first_missing = 0, -1
-    records = iter(ds)
-    index = 0
-    while max_samples is None or index < max_samples:
-        try:
-            row = next(records)
-        except StopIteration:
-            break
-        except DatasetInputError:
-            raise
-        except Exception as err:  # streaming datasets fail here, not at load: the same one line as at load
-            raise describe_load_error(spec, Path(spec).expanduser(), err) from err
+    missing, first_missing, read = 0, -1, 0
+    for index, row in dataset_rows(ds, spec, max_samples):
         if text_column not in row and columns is not None:
             raise DatasetInputError(f"--text-column {text_column!r}: not in dataset {spec} (columns: {sorted(row)})")
         # A streamed JSON row lists only its own fields: one without the text field is a row without text.
@@ -177,15 +185,15 @@ def load_documents(
             raise DatasetInputError(f"--dataset {spec}: row {index + 1}: column {text_column!r} holds "
                                     f"{type(text).__name__}, not text; pass the right --text-column")
         yield index, text  # NUL and every other character pass through unchanged (the shard stores text losslessly)
-        index += 1
-    if columns is None and index and missing == index:  # streamed: no row at all has the field
+        read = index + 1
+    if columns is None and read and missing == read:  # streamed: no row at all has the field
         raise DatasetInputError(f"--text-column {text_column!r}: no row of dataset {spec} has it (missing or null); "
                                 "pass the right --text-column")
     place = row_place(spec, first_missing) if missing else ""
     if rows is not None:
-        rows.read, rows.without_text, rows.first_without_text = index, missing, place
+        rows.read, rows.without_text, rows.first_without_text = read, missing, place
     if missing:
-        warn(f"--dataset {spec}: {missing} of {index} rows have no {text_column!r} (field missing or null; first at "
+        warn(f"--dataset {spec}: {missing} of {read} rows have no {text_column!r} (field missing or null; first at "
              f"{place}); they were skipped")
 
 
