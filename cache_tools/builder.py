@@ -22,8 +22,9 @@ import torch
 import cache_tools
 from cache_tools import build_input, dist, output_dir, teacher
 from cache_tools.build_options import BuildOptions, check_options, check_top_k
-from cache_tools.format import packing, schema
+from cache_tools.format import packing, schema, text_data
 from cache_tools.format.errors import BuildError
+from cache_tools.progress import BuildProgress
 from cache_tools.tokenizer_check import check_tokenizer
 from cache_tools.writer_thread import BackgroundShardWriter, to_host
 
@@ -104,7 +105,7 @@ class _ShardRun:
     writer: BackgroundShardWriter
     pool_layers: list[int]  # non-negative hidden_states indices
     device: torch.device
-    bar: Any  # tqdm progress bar (tokens)
+    progress: BuildProgress
     stats: dict[str, float]  # teacher_s, tokens, sequences, kept_shards
 
 
@@ -135,7 +136,7 @@ def _build_shard(run: _ShardRun, shard_windows: list[packing.Window], first_sequ
         tokens = int(host[schema.VALID_LENGTH].sum())
         run.stats["tokens"] += tokens
         run.stats["sequences"] += len(batch_windows)
-        run.bar.update(tokens)
+        run.progress.advance(batch_windows, tokens)
 
 
 def _device_dtype(m: schema.CacheManifest, name: str, dtype: torch.dtype) -> torch.dtype:
@@ -203,11 +204,9 @@ def _build(opts: BuildOptions, targets: schema.TargetsInfo, info: dist.DistInfo,
         return {"num_sequences": done.num_sequences, "num_tokens": done.num_tokens, "skipped": True}
     load_s = time.perf_counter() - wall_start
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(unit="tok", unit_scale=True, desc=f"teacher cache (rank {info.rank})",
-               disable=not (opts.progress and info.is_main), dynamic_ncols=True)
-    run = _ShardRun(opts, manifest, loaded, BackgroundShardWriter(out_dir, manifest), pool_layers, device, bar,
+    total_rows = text_data.row_count(opts.dataset, opts.split, opts.streaming, opts.max_samples)
+    progress = BuildProgress(total_rows, enabled=opts.progress and info.is_main, rank=info.rank)
+    run = _ShardRun(opts, manifest, loaded, BackgroundShardWriter(out_dir, manifest), pool_layers, device, progress,
                     {"teacher_s": 0.0, "tokens": 0, "sequences": 0, "kept_shards": 0})
     build_start = time.perf_counter()
     total_windows = _build_shards(run, windows, out_dir, info)
@@ -252,8 +251,7 @@ def _build_shards(run: _ShardRun, windows: Iterator[packing.Window], out_dir: Pa
             kept = output_dir.finished_shard(out_dir, shard_index, run.manifest.build_id)
             if kept is not None:  # an interrupted build's finished shard: counted, so the bar resumes where it was
                 run.stats["kept_shards"] += 1
-                run.bar.update(kept.num_tokens)
-                run.bar.set_postfix_str(f"kept {run.stats['kept_shards']} finished shard(s)", refresh=False)
+                run.progress.keep(shard_windows, kept.num_tokens)
                 continue
             run.writer.open_shard(shard_index, shard_index * shard_size, shard_size)
             _build_shard(run, shard_windows, shard_index * shard_size)
@@ -263,7 +261,7 @@ def _build_shards(run: _ShardRun, windows: Iterator[packing.Window], out_dir: Pa
         run.writer.abort()
         raise
     finally:
-        run.bar.close()
+        run.progress.close()
     return total_windows
 
 

@@ -20,27 +20,36 @@ if TYPE_CHECKING:
 PROG = "cache_tools"
 
 
-def _parser() -> argparse.ArgumentParser:
-    from transformers import HfArgumentParser
-
-    from cache_tools.build_options import BuildOptions, add_build_arguments
-
+def _parser(command: str) -> argparse.ArgumentParser:
+    """The command line. Only build-cache needs `HfArgumentParser` (its options are a dataclass), and importing
+    transformers costs seconds of CPU: every other command, and `cache_tools --help`, is parsed without it."""
     parser = StrictArgumentParser(prog=PROG, description="Build, inspect and verify teacher caches.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
-    # allow_abbrev=False: a prefix of a flag is refused (with the closest flag), never silently taken for it.
-    b = sub.add_parser("build-cache", dataclass_types=[BuildOptions], allow_abbrev=False,
-                       help="run the teacher over a dataset and write the sparse targets cache")
-    add_build_arguments(b)
+    full = command == "build-cache"
+    if full:
+        from transformers import HfArgumentParser
 
-    i = sub.add_parser("inspect", dataclass_types=[], allow_abbrev=False, help="summarise a cache")
+        from cache_tools.build_options import BuildOptions, add_build_arguments
+
+        sub = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
+        no_dataclass: dict = {"dataclass_types": []}
+    else:
+        sub = parser.add_subparsers(dest="command", required=True, parser_class=StrictArgumentParser)
+        no_dataclass = {}
+    # allow_abbrev=False: a prefix of a flag is refused (with the closest flag), never silently taken for it.
+    b = sub.add_parser("build-cache", allow_abbrev=False, **({"dataclass_types": [BuildOptions]} if full else {}),
+                       help="run the teacher over a dataset and write the sparse targets cache")
+    if full:
+        add_build_arguments(b)
+
+    i = sub.add_parser("inspect", allow_abbrev=False, **no_dataclass, help="summarise a cache")
     i.add_argument("cache_dir")
     i.add_argument("--json", action="store_true", help="machine-readable output")
 
-    v = sub.add_parser("verify", dataclass_types=[], allow_abbrev=False,
+    v = sub.add_parser("verify", allow_abbrev=False, **no_dataclass,
                        help="check a cache's checksums, layout and numbers")
     v.add_argument("cache_dir")
 
-    c = sub.add_parser("convert", dataclass_types=[], allow_abbrev=False,
+    c = sub.add_parser("convert", allow_abbrev=False, **no_dataclass,
                        help="rewrite a cache in another target encoding (no teacher); "
                        "rerun to resume")
     c.add_argument("source", metavar="SRC")
@@ -102,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"build-cache": _build, "inspect": _inspect, "verify": _verify, "convert": _convert}
 
     def body() -> int:
-        args = _parser().parse_args(argv)  # inside the boundary: a bad build-cache value is a one-line error
+        args = _parser(command).parse_args(argv)  # inside the boundary: a bad build-cache value is a one-line error
         return handlers[args.command](args)
 
     return errors.run_cli(f"{PROG} {command}".strip(), body, interrupted_hint="rerun with --resume to continue")

@@ -182,3 +182,24 @@ def test_tail_exact_when_top_k_holds_almost_all_mass(scale):
     assert (ids < 900).all()
     _, _, full_tail = topk_targets(hidden, head, 900, 900)  # k = vocabulary: empty tail, stored as the floor
     assert (full_tail == schema.TAIL_LOGPROB_FLOOR).all()
+
+
+def test_progress_bar_counts_rows_with_a_total(built, boosted_teacher, text_file, tmp_path, capsys):
+    """A dataset with a length gets a bar with a total (so tqdm shows an ETA) in rows, the tokens beside it; a resumed
+    build's bar starts from the finished shards it keeps, and says so."""
+    from cache_tools.format import text_data
+
+    total = text_data.row_count(str(text_file), "train", False, 25)
+    assert total is not None and 0 < total <= 25
+    assert text_data.row_count(str(text_file), "train", True, 25) is None  # streaming: no length
+    out, _ = built
+    copy = tmp_path / "resumed"
+    shutil.copytree(out, copy)
+    _break_build(copy)
+    capsys.readouterr()
+    stats = build_cache(_options(boosted_teacher, text_file, copy, resume=True, progress=True))
+    err = capsys.readouterr().err
+    final = err.replace("\r", "\n").strip().splitlines()
+    bar = [line for line in final if "teacher cache" in line][-1]
+    assert f"{total}/{total}" in bar and "row" in bar and "tokens" in bar
+    assert f"kept {int(stats['kept_shards'])} finished shard(s)" in bar

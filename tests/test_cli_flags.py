@@ -88,3 +88,19 @@ def test_train_help_shows_our_flags_first_and_groups_the_rest(capsys):
     assert main(["--help-all"]) == 0
     full = capsys.readouterr().out
     assert "--adam_beta1 ADAM_BETA1" in full and len(full.splitlines()) > len(text.splitlines())
+
+
+
+@pytest.mark.parametrize(("argv", "imports_transformers"), [
+    (["--help"], False), (["inspect", "--help"], False), (["verify", "--help"], False),
+    (["build-cache", "--help"], True)])
+def test_only_build_cache_imports_transformers(argv, imports_transformers):
+    """`cache_tools --help` and the commands other than build-cache must not import transformers (seconds of CPU
+    before a help text appears); build-cache needs it for its dataclass options."""
+    import subprocess
+    import sys
+
+    probe = (f"import sys\nfrom cache_tools.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+             "print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == str(imports_transformers)

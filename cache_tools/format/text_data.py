@@ -91,6 +91,17 @@ def open_dataset(spec: str, split: str, streaming: bool) -> Any:
         raise describe_load_error(spec, path, err) from err
 
 
+def row_count(spec: str, split: str, streaming: bool, max_samples: int | None) -> int | None:
+    """How many rows a build will read (for a progress total), or None when unknown (streaming, or a dataset
+    without a length). Opening a local dataset a second time reads the datasets library's cache."""
+    if streaming:
+        return None
+    try:
+        total = len(open_dataset(spec, split, streaming=False))
+    except TypeError:
+        return None
+    return total if max_samples is None else min(total, max_samples)
+
 
 def _root_cause(err: BaseException) -> BaseException:
     """The innermost cause: `datasets` wraps the real problem in "An error occurred while generating the dataset"."""
