@@ -1,7 +1,8 @@
 """Faults of the cross-tokenizer store (`CACHE/xtok/<key>/shard-*.h5`, `python -m distill.prepare_xtok`): a store
-damaged after it was written is never used silently (the loader warns, names the file and sequence, and computes
-those targets on the fly; a rerun of prepare_xtok rebuilds exactly the damaged shard); an older store format is
-named with what it lacks; a killed prepare_xtok leaves no traceback and its rerun removes its temp files."""
+damaged after it was written (a changed value, a compressed chunk HDF5 cannot inflate) is never used silently (the
+loader warns in one line naming the file, the sequence and the fix, and computes those targets on the fly; a rerun
+of prepare_xtok rebuilds exactly the damaged shard); an older store format is named with what it lacks; a killed
+prepare_xtok leaves no traceback and its rerun removes its temp files."""
 
 from __future__ import annotations
 
@@ -64,7 +65,28 @@ def _shift_offsets(f: h5py.File) -> int:
     return 16
 
 
-DAMAGES = {"nudged_logprob": _nudge_logprob, "swapped_rows": _swap_pooled, "shifted_offsets": _shift_offsets}
+def _damage_compressed_chunk(path: Path) -> int:
+    """Bytes in the middle of the first compressed chunk of topk_logprobs overwritten on disk (HDF5 cannot inflate
+    it, or inflates it wrong): the window reading it first is sequence 16."""
+    with h5py.File(path, "r") as f:
+        ds = f["topk_logprobs"]
+        assert ds.compression == "gzip", "the store is expected to be compressed"
+        info = ds.id.get_chunk_info(0)
+    with open(path, "r+b") as raw:
+        raw.seek(info.byte_offset + info.size // 2)
+        raw.write(bytes(16))
+    return 16
+
+
+def _in_file(damage):
+    def apply(path: Path) -> int:
+        with h5py.File(path, "r+") as f:
+            return damage(f)
+    return apply
+
+
+DAMAGES = {"nudged_logprob": _in_file(_nudge_logprob), "swapped_rows": _in_file(_swap_pooled),
+           "shifted_offsets": _in_file(_shift_offsets), "compressed_chunk": _damage_compressed_chunk}
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
@@ -72,8 +94,7 @@ def test_damaged_store_is_never_used_silently(damage, cache, tokenizer, student,
     fresh = CrossTokenizerTargets(cache, tokenizer, student, use_store=False)
     path = Path(prepare_store(fresh, cache, workers=1)["path"])
     shard = path / "shard-00001.h5"
-    with h5py.File(shard, "r+") as f:
-        DAMAGES[damage](f)
+    DAMAGES[damage](shard)
     with caplog.at_level(logging.WARNING):
         stored = CrossTokenizerTargets(cache, tokenizer, student)
         assert stored.store is not None  # the other two shards are used
@@ -83,7 +104,7 @@ def test_damaged_store_is_never_used_silently(damage, cache, tokenizer, student,
                 assert np.array_equal(got[key], want[key]), (i, key)  # damaged bytes never reach a batch
     said = [r.getMessage() for r in caplog.records if str(shard) in r.getMessage()]
     assert said and all("prepare_xtok" in m for m in said), caplog.text
-    assert "damaged" in said[0], said[0]
+    assert "damaged" in said[0] and "\n" not in said[0], said[0]
     # A rerun of prepare_xtok rebuilds the damaged shard (and only it); afterwards nothing is reported.
     done = prepare_store(fresh, cache, workers=1)
     assert done["shards_written"] == 1 and done["shards_kept"] == 2
@@ -108,8 +129,9 @@ def test_older_store_format_is_named_and_rebuilt(cache, tokenizer, student, capl
     (old / "meta.json").write_text(json.dumps({**meta, "format": 3}))
     with caplog.at_level(logging.WARNING):
         assert CrossTokenizerTargets(cache, tokenizer, student).store is None
-    assert str(old) in caplog.text and "format 3" in caplog.text and "checksums" in caplog.text, caplog.text
-    assert store.STORE_FORMAT == 4
+    assert str(old) in caplog.text and "format 3" in caplog.text, caplog.text
+    assert "lacks per-window checksums and compressed arrays" in caplog.text, caplog.text
+    assert store.STORE_FORMAT == 5
     assert prepare_store(fresh, cache, workers=1)["shards_written"] == 3
     assert CrossTokenizerTargets(cache, tokenizer, student).store is not None
 

@@ -22,7 +22,7 @@ import numpy as np
 from cache_tools.format.fsutil import TMP_SUFFIX, atomic_path, atomic_write_text
 from cache_tools.format.reader import TeacherCacheReader
 from distill.data.xtok.pipeline import CrossTokenizerTargets
-from distill.data.xtok.store import ARRAYS, TargetStore, compact, shard_attrs, store_path
+from distill.data.xtok.store import ARRAYS, COMPRESSION, TargetStore, compact, shard_attrs, store_path
 from distill.data.xtok.store_check import CRC_FIELDS, DIGEST_ATTR, INDEX, alive, index_digest, pid_of_temp, sequence_crc
 
 
@@ -37,7 +37,9 @@ def _worker_init() -> None:
 
 
 _JOB: dict[str, Any] = {}  # the builder and reader, inherited by forked workers (never pickled)
-CHUNK_ROWS = 128  # HDF5 chunk rows: a 512-token window's slice touches ~5 chunks of 128 KB (K = 256, float32)
+# HDF5 chunk rows (compressed chunks are inflated whole): a 512-token window's slice touches ~5 chunks of 128 rows
+# (K = 256) and one or two of the per-token arrays' chunks (CHUNK_ROWS * 32 tokens, a few windows).
+CHUNK_ROWS = 128
 
 
 def _compute(task: tuple[int, int, int]) -> tuple[int, list[dict[str, np.ndarray]]]:
@@ -65,8 +67,8 @@ class _ShardFile:
             block = np.concatenate([p[name] for p in parts])
             if name not in self.f:
                 self.f.create_dataset(name, shape=(0, *block.shape[1:]), maxshape=(None, *block.shape[1:]),
-                                      dtype=block.dtype, chunks=(max(1, CHUNK_ROWS * (256 if block.ndim == 1 else 1)),
-                                                                 *block.shape[1:]))
+                                      dtype=block.dtype, chunks=(max(1, CHUNK_ROWS * (32 if block.ndim == 1 else 1)),
+                                                                 *block.shape[1:]), **COMPRESSION)
             ds = self.f[name]
             ds.resize(ds.shape[0] + block.shape[0], axis=0)
             ds[ds.shape[0] - block.shape[0]:] = block

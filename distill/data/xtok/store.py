@@ -14,6 +14,8 @@ One HDF5 file per cache shard (S sequences, T student tokens, A aligned position
     label_mask [T] bool (all True unless the key is assistant-only), doc_offsets [S+1] int64 + doc_lengths [D] int32
     (student tokens per packed document: one per window unless the key is isolated)
     seq_crc [S] uint32 (CRC-32 of each window's stored bytes and global index: `store_check`)
+The per-token and per-row arrays are chunked and compressed by HDF5 (`COMPRESSION`: byte shuffle + gzip, read by any
+h5py); a chunk HDF5 cannot inflate is a damaged window like one failing its CRC.
 Attributes name the key and the cache shard (file, sha256, counts) it was computed from; `index_sha256` covers the
 offsets and CRCs. Files are written to a temp name and renamed, so a file is whole or absent; a file whose key,
 source shard, sizes or index checksum do not match is never read, and a window whose bytes fail its CRC is never
@@ -34,24 +36,27 @@ import numpy as np
 
 from cache_tools.format import schema
 from cache_tools.format.fsutil import file_sha256
-from distill.data.xtok.store_check import (
+from distill.data.xtok.store_check import (  # noqa: F401 - the stats keys are re-exported: part of the format
+    COUNT_KEYS,
     CRC_FIELDS,
+    MASS_KEYS,
+    STAT_KEYS,
     content_problem,
+    format_gap,
     index_problem,
     older_stores,
+    one_line,
     read_window,
     sequence_crc,
+    stats_from,
 )
 
 log = logging.getLogger(__name__)
 
 STORE_DIR = schema.XTOK_STORE_DIR
-# 4: per-window CRCs and an index checksum (3 added documents and label masks).
-STORE_FORMAT = 4
-STAT_KEYS = ("student_tokens", "aligned", "teacher_mass", "mapped_mass", "exact_mass", "skipped", "truncated",
-             "assistant_tokens", "assistant_aligned")
-COUNT_KEYS = ("student_tokens", "aligned", "skipped", "truncated", "assistant_tokens", "assistant_aligned")
-MASS_KEYS = ("teacher_mass", "mapped_mass", "exact_mass")
+STORE_FORMAT = 5  # what each format adds: store_check.FORMAT_ADDS
+# HDF5's own filters (readable without a plugin); level 4: higher levels cost the writing parent far more CPU.
+COMPRESSION = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 ARRAYS = ("input_ids", "kd_mask", "topk_ids", "topk_logprobs", "tail_logprob", "counts", "masses", "pooled_hidden",
           "label_mask", "doc_lengths")
 _CODE = ("pipeline.py", "align.py", "topk_map.py", "vocab_map.py", "token_bytes.py", "store.py", "documents.py",
@@ -225,7 +230,10 @@ class TargetStore:
             return None
         f, data, stored_index = entry
         i = index - self.shards[pos].first_sequence
-        raw = dict(zip(CRC_FIELDS, read_window(data, i, stored_index), strict=True))
+        try:
+            raw = dict(zip(CRC_FIELDS, read_window(data, i, stored_index), strict=True))
+        except OSError as err:  # HDF5 could not inflate a compressed chunk of this window
+            return self._drop(pos, index, f"a compressed chunk cannot be inflated ({one_line(err)})")
         problem = None
         if self.checksums and sequence_crc(index, list(raw.values())) != int(stored_index[3][i]):
             problem = "its stored bytes do not match their checksum"
@@ -250,12 +258,7 @@ class TargetStore:
             out["tail_logprob"][aligned] = raw["tail_logprob"]
         problem = problem or (self.check(out) if self.check is not None else None)
         if problem is not None:
-            log.warning("%s: sequence %d: %s: the stored file is damaged; computing this shard's cross-tokenizer "
-                        "targets on the fly (rerun `python -m distill.prepare_xtok`: it rebuilds damaged shards)",
-                        self.file_for(pos), index, problem)
-            f.close()
-            self._open[pos] = None
-            return None
+            return self._drop(pos, index, problem)
         if self.meta.get("assistant_only"):
             out["label_mask"] = raw["label_mask"]
         if self.meta.get("isolated"):
@@ -263,14 +266,13 @@ class TargetStore:
         out["stats"] = stats_from(raw["counts"], raw["masses"])
         return out
 
-
-def stats_from(counts: np.ndarray, masses: np.ndarray) -> dict[str, Any]:
-    """The stats dict of `CrossTokenizerTargets.__call__`, same key order and Python types."""
-    values: dict[str, Any] = {key: int(v) for key, v in zip(COUNT_KEYS, counts.tolist(), strict=True)}
-    # A skipped window never ran the mapper: its masses stay the int 0 of the on-the-fly stats.
-    values.update({key: (0 if values["skipped"] else float(v)) for key, v in zip(MASS_KEYS, masses.tolist(),
-                                                                                 strict=True)})
-    return {key: values[key] for key in STAT_KEYS}
+    def _drop(self, pos: int, index: int, problem: str) -> None:
+        """Window `index` of shard `pos` is damaged: say so once, stop using the shard (computed on the fly)."""
+        log.warning("%s: sequence %d: %s: the stored file is damaged; computing this shard's cross-tokenizer targets "
+                    "on the fly (rerun `python -m distill.prepare_xtok`: it rebuilds damaged shards)",
+                    self.file_for(pos), index, problem)
+        self._open[pos][0].close()
+        self._open[pos] = None
 
 
 def open_store(cache_dir: str | os.PathLike, manifest: schema.CacheManifest, meta: dict[str, Any], check: Any,
@@ -281,9 +283,9 @@ def open_store(cache_dir: str | os.PathLike, manifest: schema.CacheManifest, met
     if not path.is_dir():
         older = older_stores(path.parent, meta, STORE_FORMAT)
         if older:
-            log.warning("%s: a store of format %d for these tokenizers has no per-window checksums (format %d adds "
-                        "them), so it is not used; computing on the fly; rebuild it with `%s`", older[0][0],
-                        older[0][1], STORE_FORMAT, hint)
+            log.warning("%s: a store of format %d for these tokenizers lacks %s (format %d), so it is not used; "
+                        "computing on the fly; rebuild it with `%s`", older[0][0], older[0][1],
+                        format_gap(older[0][1], STORE_FORMAT), STORE_FORMAT, hint)
         else:
             log.warning("cross-tokenizer targets are computed on the fly (~20 ms of CPU per window); precompute them "
                         "once with `%s`", hint)

@@ -20,10 +20,16 @@ import numpy as np
 
 from cache_tools.format import schema
 
+STAT_KEYS = ("student_tokens", "aligned", "teacher_mass", "mapped_mass", "exact_mass", "skipped", "truncated",
+             "assistant_tokens", "assistant_aligned")
+COUNT_KEYS = ("student_tokens", "aligned", "skipped", "truncated", "assistant_tokens", "assistant_aligned")
+MASS_KEYS = ("teacher_mass", "mapped_mass", "exact_mass")
 # What a window's CRC covers, in order: every array stored for it (per-token, per-aligned-row and per-window).
 CRC_FIELDS = ("input_ids", "kd_mask", "label_mask", "topk_ids", "topk_logprobs", "tail_logprob", "doc_lengths",
               "pooled_hidden", "counts", "masses")
 INDEX = ("seq_offsets", "row_offsets", "doc_offsets", "seq_crc")
+# What each store format added over the one before (a store of an older format is named with what it lacks).
+FORMAT_ADDS = {4: "per-window checksums", 5: "compressed arrays"}
 DIGEST_ATTR = "index_sha256"
 
 
@@ -93,6 +99,26 @@ def older_stores(store_dir: Path, meta: dict[str, Any], current: int) -> list[tu
                                                                                   for k in same):
             found.append((other.parent, int(old.get("format", 0))))
     return found
+
+
+def stats_from(counts: np.ndarray, masses: np.ndarray) -> dict[str, Any]:
+    """The stats dict of `CrossTokenizerTargets.__call__`, same key order and Python types."""
+    values: dict[str, Any] = {key: int(v) for key, v in zip(COUNT_KEYS, counts.tolist(), strict=True)}
+    # A skipped window never ran the mapper: its masses stay the int 0 of the on-the-fly stats.
+    values.update({key: (0 if values["skipped"] else float(v)) for key, v in zip(MASS_KEYS, masses.tolist(),
+                                                                                 strict=True)})
+    return {key: values[key] for key in STAT_KEYS}
+
+
+def format_gap(old: int, current: int) -> str:
+    """What a store of format `old` lacks against format `current`, e.g. "per-window checksums and compressed
+    arrays"."""
+    return " and ".join(FORMAT_ADDS[v] for v in range(old + 1, current + 1) if v in FORMAT_ADDS) or "nothing"
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (HDF5 errors can span several)."""
+    return " ".join(str(err).split())
 
 
 def pid_of_temp(name: str, suffix: str) -> int | None:
