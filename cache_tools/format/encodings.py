@@ -200,6 +200,18 @@ def sampled_targets(ids: np.ndarray, counts: np.ndarray, num_samples: int) -> Ta
                    tail=np.full(counts.shape[0], -np.inf, dtype=np.float32), counts=counts)
 
 
+# What `decode_targets` and the loss masks of a window read (beside its valid length, which trims them): a reader
+# that already holds the window (another cache over the same windows) reads only these.
+_TARGET_DATASETS = frozenset((*schema.TARGET_FIELDS, schema.TOPK_BLOB, schema.SAMPLE_BLOB, schema.TARGET_MASK,
+                              schema.ASSISTANT_MASK))
+
+
+def target_datasets(m: CacheManifest) -> tuple[schema.DatasetSpec, ...]:
+    """The stored datasets holding this cache's targets and the masks that place them (see `decode_targets`,
+    `decode_masks`), in table order."""
+    return tuple(spec for spec in schema.datasets_for(m) if spec.name in _TARGET_DATASETS)
+
+
 def target_mask(m: CacheManifest, raw: dict[str, Any], n: int) -> np.ndarray:
     """bool [n]: the positions of this sequence that store teacher targets (all of them unless assistant-only)."""
     if not m.targets.assistant_only:
@@ -258,12 +270,18 @@ def decode_packing(m: CacheManifest, raw: dict[str, Any], n: int) -> dict[str, A
     """One sequence's format 3 fields as `CachedSequence` takes them (older caches: one segment, every position with
     targets, no conversation). Damaged JSON raises ValueError; callers name the shard and sequence."""
     segments = raw.get(schema.SEGMENT_LENGTHS)
-    assistant = raw.get(schema.ASSISTANT_MASK)
     conversation = raw.get(schema.CONVERSATION)
     return {
         "segment_lengths": (np.array([n], dtype=np.int32) if segments is None
                             else np.asarray(segments, dtype=np.int32)),
-        "assistant_mask": None if assistant is None else np.asarray(assistant[:n]).astype(bool),
-        "target_mask": target_mask(m, raw, n),
+        **decode_masks(m, raw, n),
         "conversation": None if conversation is None else json.loads(decode_text(conversation)),
     }
+
+
+def decode_masks(m: CacheManifest, raw: dict[str, Any], n: int) -> dict[str, np.ndarray | None]:
+    """One sequence's `assistant_mask` (None for plain-text caches) and `target_mask` (all True unless
+    assistant-only) as `CachedSequence` takes them."""
+    assistant = raw.get(schema.ASSISTANT_MASK)
+    return {"assistant_mask": None if assistant is None else np.asarray(assistant[:n]).astype(bool),
+            "target_mask": target_mask(m, raw, n)}

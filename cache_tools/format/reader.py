@@ -16,6 +16,11 @@ import numpy as np
 
 from cache_tools.format import encodings, schema, shard_check, shard_io
 
+# HDF5 chunk cache per open dataset. The reader keeps every shard's datasets open, so the default (1 MiB each) would
+# grow with the shards read; this holds a chunk of per-sequence scalars or blob references (1024 rows, read by
+# neighbouring sequences), while a per-window array chunk, read once per epoch, bypasses it.
+READ_CHUNK_CACHE = 64 * 1024
+
 
 @dataclass
 class CachedSequence:
@@ -53,6 +58,23 @@ class CachedSequence:
         return int(self.input_ids.shape[0])
 
 
+@dataclass
+class CachedTargets:
+    """One window's teacher targets and the masks that place them, without the window itself (`read_targets`): what
+    a second cache over the same windows adds. Fields as in `CachedSequence`."""
+
+    index: int
+    topk_ids: np.ndarray  # [n, K] int64
+    topk_logprobs: np.ndarray  # [n, K] float32
+    tail_logprob: np.ndarray  # [n] float32
+    target_mask: np.ndarray  # [n] bool
+    assistant_mask: np.ndarray | None = None  # [n] bool
+
+    @property
+    def length(self) -> int:
+        return int(self.topk_ids.shape[0])
+
+
 class TeacherCacheReader:
     """Read-only view of a cache directory. `len(reader)` sequences, indexed 0..len-1 across all shards.
 
@@ -80,34 +102,52 @@ class TeacherCacheReader:
                 raise CacheError(f"{self.cache_dir / shard.file}: shard listed in the manifest is missing; rebuild "
                                  "with `cache_tools build-cache --resume`")
         self._starts = [s.first_sequence for s in self.shards]
+        self._specs = schema.datasets_for(self.manifest)
+        self._target_specs = encodings.target_datasets(self.manifest)
         self._handles: dict[int, h5py.File] = {}
+        # Per open shard: its datasets, opened once (each h5py lookup costs about as much as a small read), and
+        # every row's valid length, read once.
+        self._datasets: dict[int, dict[str, h5py.Dataset]] = {}
+        self._lengths: dict[int, np.ndarray] = {}
         self._pid = os.getpid()
         self._checksums = shard_check.ShardChecksums(self.cache_dir) if verify_shards else None
 
     # -- pickling / fork safety -------------------------------------------------------------------------------
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_handles"] = {}
+        state["_handles"], state["_datasets"], state["_lengths"] = {}, {}, {}
         return state
 
     def _file(self, shard_pos: int) -> h5py.File:
         if self._pid != os.getpid():
             # Inherited through fork: never touch the parent's handles, just forget them.
-            self._handles = {}
+            self._handles, self._datasets, self._lengths = {}, {}, {}
             self._pid = os.getpid()
         if self._checksums is not None:  # a stat per read once verified; a shard changed since is hashed again
             self._checksums.check(self.shards[shard_pos])
         handle = self._handles.get(shard_pos)
         if handle is None:
-            handle = shard_io.open_shard(self.cache_dir / self.shards[shard_pos].file)
+            handle = shard_io.open_shard(self.cache_dir / self.shards[shard_pos].file, READ_CHUNK_CACHE)
             self._handles[shard_pos] = handle
+            self._datasets.pop(shard_pos, None)
+            self._lengths.pop(shard_pos, None)
         return handle
+
+    def _row(self, pos: int, row: int, specs: tuple[schema.DatasetSpec, ...]) -> tuple[dict, int]:
+        """(the datasets `specs` of row `row` of shard `pos`, as `shard_io.read_row` gives them; its valid length)."""
+        handle = self._file(pos)
+        datasets = self._datasets.get(pos)
+        if datasets is None:
+            datasets = self._datasets[pos] = {spec.name: handle[spec.name] for spec in self._specs}
+            self._lengths[pos] = datasets[schema.VALID_LENGTH][:]
+        n = int(self._lengths[pos][row])
+        return shard_io.read_row(datasets, self.manifest, row, specs, valid_length=n), n
 
     def close(self) -> None:
         if self._pid == os.getpid():
             for handle in self._handles.values():
                 handle.close()
-        self._handles = {}
+        self._handles, self._datasets, self._lengths = {}, {}, {}
 
     # -- access ----------------------------------------------------------------------------------------------
     @property
@@ -140,8 +180,7 @@ class TeacherCacheReader:
         pos, row = self.locate(int(index))
         shard_file = self.shards[pos].file
         try:
-            raw = shard_io.read_row(self._file(pos), self.manifest, row)
-            n = int(raw[schema.VALID_LENGTH])
+            raw, n = self._row(pos, row, self._specs)
             targets = encodings.decode_targets(self.manifest, raw, n, int(index))
             offsets = encodings.decode_offsets(self.manifest, raw, n, int(index))
             extra = encodings.decode_packing(self.manifest, raw, n)
@@ -164,6 +203,24 @@ class TeacherCacheReader:
             self._check_finite(seq, shard_file, row, sampled=self.manifest.targets.kind == "sampled")
         return seq
 
+    def read_targets(self, index: int) -> CachedTargets:
+        """Sequence `index`'s targets and masks only (`encodings.target_datasets`): for a cache whose windows
+        the caller already has from another cache over the same windows (`windows.check_same_windows`). Checked for
+        NaN/Inf like `reader[i]` when `check_finite`."""
+        pos, row = self.locate(int(index))
+        shard_file = self.shards[pos].file
+        try:
+            raw, n = self._row(pos, row, self._target_specs)
+            targets = encodings.decode_targets(self.manifest, raw, n, int(index))
+            masks = encodings.decode_masks(self.manifest, raw, n)
+        except (OSError, ValueError, KeyError) as err:
+            raise CacheError(f"{self.cache_dir / shard_file}: sequence {index} (row {row}) unreadable ({err}); run "
+                             "`cache_tools verify` and rebuild that shard") from err
+        out = CachedTargets(int(index), targets.ids, targets.logprobs, targets.tail, **masks)
+        if self.check_finite:
+            self._check_finite(out, shard_file, row, sampled=self.manifest.targets.kind == "sampled")
+        return out
+
     def read_slice(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Contiguous run [start, stop) of every STORED dataset (padded, leading dim stop-start; text as str),
         reading whole chunks per shard. Compact caches give their blobs here (targets and offsets); `reader[i]`
@@ -184,14 +241,14 @@ class TeacherCacheReader:
         return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
     @staticmethod
-    def _check_finite(seq: CachedSequence, shard_file: str, row: int, *, sampled: bool) -> None:
+    def _check_finite(seq: CachedSequence | CachedTargets, shard_file: str, row: int, *, sampled: bool) -> None:
         tail_ok = sampled or np.isfinite(seq.tail_logprob).all()  # a sampled tail is -inf by definition
         if not np.isfinite(seq.topk_logprobs).all() or not tail_ok:
             raise CacheError(
                 f"{shard_file}: sequence {seq.index} (row {row}) holds NaN/Inf teacher log-probs; "
                 "run `cache_tools verify` and rebuild that shard"
             )
-        if not np.isfinite(seq.pooled_hidden).all():
+        if isinstance(seq, CachedSequence) and not np.isfinite(seq.pooled_hidden).all():
             raise CacheError(
                 f"{shard_file}: sequence {seq.index} (row {row}) holds NaN/Inf pooled hidden states "
                 "(fp16 overflow in the teacher?); rebuild with --dtype fp32 or bf16"

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,10 +146,11 @@ def write_sidecar(cache_dir: str | os.PathLike, info: schema.ShardInfo, build_id
 
 
 # -- reading -------------------------------------------------------------------------------------------------------
-def open_shard(path: str | os.PathLike) -> h5py.File:
-    """Open a finished shard read-only; a damaged or missing file is a CacheError naming it."""
+def open_shard(path: str | os.PathLike, chunk_cache_bytes: int | None = None) -> h5py.File:
+    """Open a finished shard read-only; a damaged or missing file is a CacheError naming it. `chunk_cache_bytes`:
+    HDF5's chunk cache per open dataset (default 1 MiB)."""
     try:
-        return h5py.File(path, "r")
+        return h5py.File(path, "r", rdcc_nbytes=chunk_cache_bytes)
     except OSError as err:
         raise schema.CacheError(f"{path}: cannot open shard ({err}); run `cache_tools verify`") from err
 
@@ -159,11 +161,17 @@ def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
         return {key: (value.tolist() if isinstance(value, np.ndarray) else value) for key, value in f.attrs.items()}
 
 
-def read_row(f: h5py.File, m: schema.CacheManifest, row: int) -> dict[str, Any]:
-    """Every stored dataset of one sequence, per-token ones trimmed to its valid length (text decoded to str)."""
-    n = int(f[schema.VALID_LENGTH][row])
-    out: dict[str, Any] = {}
-    for spec in schema.datasets_for(m):
+def read_row(f: h5py.File | Mapping[str, h5py.Dataset], m: schema.CacheManifest, row: int,
+             specs: Sequence[schema.DatasetSpec] | None = None, valid_length: int | None = None) -> dict[str, Any]:
+    """Every stored dataset of one sequence (or only those of `specs`, a subset of `schema.datasets_for(m)`; the
+    valid length is always given), per-token ones trimmed to its valid length (text decoded to str). `f`: the open
+    shard, or its datasets by name, opened once (an h5py lookup costs about as much as reading a small row);
+    `valid_length`: the row's, when the caller has it already."""
+    n = int(f[schema.VALID_LENGTH][row]) if valid_length is None else int(valid_length)
+    out: dict[str, Any] = {schema.VALID_LENGTH: np.int32(n)}
+    for spec in schema.datasets_for(m) if specs is None else specs:
+        if spec.name == schema.VALID_LENGTH:
+            continue
         value = f[spec.name][row, :n] if spec.per_token else f[spec.name][row]
         out[spec.name] = encodings.decode_text(value) if spec.name == schema.TEXT else value
     return out

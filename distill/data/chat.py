@@ -50,8 +50,9 @@ def resolve_assistant_only(requested: bool | None, caches: list[tuple[str, Any]]
 
 
 def loss_masks(seq: Any, assistant_only: bool) -> tuple[np.ndarray | None, np.ndarray]:
-    """(label_mask bool [n] or None = every label counts, kd_mask bool [n]) of a cached window."""
-    n = int(seq.input_ids.shape[0])
+    """(label_mask bool [n] or None = every label counts, kd_mask bool [n]) of a cached window (`CachedSequence`, or
+    `CachedTargets`: its masks alone decide)."""
+    n = seq.length
     target = getattr(seq, "target_mask", None)
     target = np.ones(n, dtype=np.bool_) if target is None else np.asarray(target, dtype=np.bool_)
     assistant = getattr(seq, "assistant_mask", None)

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from cache_tools.format import schema
 from cache_tools.format.errors import ConfigError
-from cache_tools.format.reader import CachedSequence, TeacherCacheReader
+from cache_tools.format.reader import CachedSequence, CachedTargets, TeacherCacheReader
 from distill.data.chat import loss_masks, resolve_assistant_only
 
 # The batch keys and the collator live in collator.py; importable from here as before.
@@ -61,10 +61,7 @@ class DirectTargets:
         label_mask, kd_mask = loss_masks(seq, self.assistant_only)
         out = {
             "input_ids": seq.input_ids.astype(np.int64),
-            "topk_ids": seq.topk_ids.astype(np.int64),
-            "topk_logprobs": seq.topk_logprobs.astype(np.float32),
-            "tail_logprob": seq.tail_logprob.astype(np.float32),
-            "kd_mask": kd_mask,
+            **self._targets(seq, kd_mask),
             "pooled_hidden": seq.pooled_hidden.astype(np.float32),
         }
         if label_mask is not None:
@@ -72,6 +69,21 @@ class DirectTargets:
         if self.isolated:
             out["segment_lengths"] = segment_lengths_of(seq)
         return out
+
+
+    def teacher_fields(self, targets: CachedTargets) -> dict[str, Any]:
+        """`TEACHER_KEYS` alone, from a window's targets read without the window (`reader.read_targets`; another
+        cache over the same windows supplies the rest): the same values as `self(seq)` gives for them."""
+        if self.validate is not None:
+            self.validate(targets)
+        return self._targets(targets, loss_masks(targets, self.assistant_only)[1])
+
+    @staticmethod
+    def _targets(seq: CachedSequence | CachedTargets, kd_mask: np.ndarray) -> dict[str, Any]:
+        # The reader's arrays are this window's own, already in these dtypes: no copy
+        return {"topk_ids": seq.topk_ids.astype(np.int64, copy=False),
+                "topk_logprobs": seq.topk_logprobs.astype(np.float32, copy=False),
+                "tail_logprob": seq.tail_logprob.astype(np.float32, copy=False), "kd_mask": kd_mask}
 
 
 def check_student_compatible(reader: TeacherCacheReader, tokenizer: Any, student_vocab_rows: int) -> None:

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from cache_tools.format.errors import CacheMismatchError
 from cache_tools.format.windows import check_same_windows
-from distill.data.dataset import TEACHER_KEYS, BuiltData, CacheDataset, build_cache_data, teacher_key
+from distill.data.dataset import TEACHER_KEYS, BuiltData, CacheDataset, DirectTargets, build_cache_data, teacher_key
 
 
 def num_teachers(batch: dict[str, Any]) -> int:
@@ -36,8 +36,13 @@ def num_teachers(batch: dict[str, Any]) -> int:
 
 class MultiCacheDataset(Dataset):
     """Zips one `CacheDataset` per teacher (same indices, same windows): teacher 0's example plus every other
-    teacher's `TEACHER_KEYS` under `teacher_key`. Refuses (CacheMismatchError) a window whose student ids differ
-    between teachers, which the window check makes impossible unless a cache changed under the run."""
+    teacher's `TEACHER_KEYS` under `teacher_key`.
+
+    On the direct path teachers t >= 1 read only their targets and masks (`reader.read_targets`): the windows are
+    teacher 0's, proven the same by the windows check, and every dataset read costs an HDF5 call whatever its size.
+    The cross-tokenizer path reads each cache whole (its builder aligns from the window's text and offsets) and
+    refuses (CacheMismatchError) a window whose student ids differ; the direct path refuses one whose length
+    differs. The window check makes both impossible unless a cache changed under the run."""
 
     def __init__(self, datasets: Sequence[CacheDataset]):
         self.datasets = list(datasets)
@@ -47,9 +52,16 @@ class MultiCacheDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         example = self.datasets[0][i]
+        n = len(example["input_ids"])
         for t, dataset in enumerate(self.datasets[1:], start=1):
-            other = dataset[i]
-            if not np.array_equal(other["input_ids"], example["input_ids"]):
+            builder = dataset.target_builder
+            if isinstance(builder, DirectTargets):
+                other = builder.teacher_fields(dataset.reader.read_targets(int(dataset.indices[i])))
+                same = len(other["kd_mask"]) == n
+            else:
+                other = dataset[i]
+                same = np.array_equal(other["input_ids"], example["input_ids"])
+            if not same:
                 raise CacheMismatchError(
                     f"{self.datasets[0].reader.cache_dir} and {dataset.reader.cache_dir}: sequence "
                     f"{int(dataset.indices[i])} holds other tokens; run `cache_tools verify` on both caches")

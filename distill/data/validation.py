@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from cache_tools.format import schema
-from cache_tools.format.reader import CachedSequence, TeacherCacheReader
+from cache_tools.format.reader import CachedSequence, CachedTargets, TeacherCacheReader
 
 
 def is_sampled(manifest: schema.CacheManifest) -> bool:
@@ -41,8 +41,11 @@ class SequenceValidator:
         self._starts = [s.first_sequence for s in shards]
         self._files = [s.file for s in shards]
 
-    def __call__(self, seq: CachedSequence) -> None:
-        problem = sequence_problem(seq, self.vocab_size, self.sampled)
+    def __call__(self, seq: CachedSequence | CachedTargets) -> None:
+        if isinstance(seq, CachedTargets):  # targets read without their window (another cache holds it)
+            problem = targets_problem(seq, self.vocab_size, self.sampled) or masks_problem(seq)
+        else:
+            problem = sequence_problem(seq, self.vocab_size, self.sampled)
         if problem:
             self.fail(seq.index, problem)
 
@@ -63,19 +66,27 @@ def sequence_problem(seq: CachedSequence, vocab_size: int, sampled: bool) -> str
         return None
     if not _in_range(seq.input_ids, 0, vocab_size):
         return f"holds input ids outside [0, {vocab_size})"
-    if not _in_range(seq.topk_ids, -1, vocab_size):
-        return f"holds teacher ids outside [0, {vocab_size})"
-    if not _logprobs_ok(seq.topk_logprobs, finite=True):
-        return "holds NaN/Inf or positive teacher log-probs"
-    if not _logprobs_ok(seq.tail_logprob, finite=not sampled):
-        return "holds a NaN/Inf or positive tail log-prob" if not sampled else "holds a NaN or positive tail"
+    problem = targets_problem(seq, vocab_size, sampled)
+    if problem:
+        return problem
     pooled = seq.pooled_hidden.astype(np.float32, copy=False)
     if pooled.size and not np.isfinite(pooled.max() - pooled.min()):
         return "holds NaN/Inf pooled hidden states"
     return masks_problem(seq)
 
 
-def masks_problem(seq: CachedSequence) -> str | None:
+def targets_problem(seq: CachedSequence | CachedTargets, vocab_size: int, sampled: bool) -> str | None:
+    """The teacher targets' part of `sequence_problem`: ids in [-1, V), log-probs finite and <= 0, tail <= 0."""
+    if not _in_range(seq.topk_ids, -1, vocab_size):
+        return f"holds teacher ids outside [0, {vocab_size})"
+    if not _logprobs_ok(seq.topk_logprobs, finite=True):
+        return "holds NaN/Inf or positive teacher log-probs"
+    if not _logprobs_ok(seq.tail_logprob, finite=not sampled):
+        return "holds a NaN/Inf or positive tail log-prob" if not sampled else "holds a NaN or positive tail"
+    return None
+
+
+def masks_problem(seq: CachedSequence | CachedTargets) -> str | None:
     """Format 3 per-token records: document pieces tiling the window, masks of the window's length."""
     n = seq.length
     lengths = getattr(seq, "segment_lengths", None)
