@@ -9,9 +9,11 @@ import shutil
 import pytest
 from cache_fixtures import write_synthetic_cache
 
+from cache_tools.cli import main as cache_main
+from cache_tools.convert import convert_cache
 from cache_tools.format import schema
 from cache_tools.format.errors import CacheMismatchError
-from cache_tools.format.verify import verify_cache
+from cache_tools.format.verify import format_notes, verify_cache
 from cache_tools.format.windows import check_same_windows, compute_shard_digest, shard_digests
 
 
@@ -98,3 +100,17 @@ def test_verify_checks_the_recorded_digest(tmp_path, tokenizer, corpus):
     path.write_text(json.dumps(data))
     faults = verify_cache(cache)
     assert len(faults) == 1 and "windows digest" in faults[0], faults
+
+
+def test_verify_notes_what_a_cache_without_digests_lacks(tmp_path, tokenizer, corpus, capsys):
+    old = write_synthetic_cache(tmp_path / "old", tokenizer, corpus, num_sequences=8, shard_size=4, format_version=2)
+    _strip_digests(old)  # a format 2 build: verify finds nothing wrong, and says what the cache lacks
+    assert verify_cache(old) == []
+    assert cache_main(["verify", str(old)]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "windows digest" in line]
+    assert len(notes) == 1 and "note: 2 of 2 shards record no windows digest" in notes[0], notes
+    assert "--encoding fp16" in notes[0] and "--cache A --cache B" in notes[0]
+    convert_cache(old, tmp_path / "new", "fp16")
+    assert not any("windows digest" in note for note in format_notes(tmp_path / "new"))
+    assert not any("windows digest" in note for note in format_notes(write_synthetic_cache(
+        tmp_path / "v3", tokenizer, corpus, num_sequences=4, shard_size=4)))

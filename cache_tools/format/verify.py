@@ -292,4 +292,9 @@ def format_notes(cache_dir: str | Path) -> list[str]:
         notes.append(f"format {m.format_version} windows record no document pieces (read as one segment each, "
                      "packed cross-document: the teacher attended across documents) and no conversation masks; "
                      "rebuild with build-cache for isolated packing or conversations")
+    undigested = sum(not shard.windows_digest for shard in m.shards)
+    if undigested:
+        notes.append(f"{undigested} of {len(m.shards)} shards record no windows digest: training from several caches "
+                     "(--cache A --cache B) computes it by reading every window's ids and text before it starts; "
+                     f"`cache_tools convert SRC DST --encoding {m.targets.encoding}` or a rebuild records it")
     return notes
