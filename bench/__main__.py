@@ -23,7 +23,7 @@ from typing import Any
 from bench.common import REPO_ROOT, apply_offline_env, device_info, resolve_device, versions
 from cache_tools.format.cli_args import StrictArgumentParser, parse_command_line
 
-BENCHMARKS = ("step", "loss", "build", "loader", "storage", "codec", "chat_loader", "chat", "multi")
+BENCHMARKS = ("step", "loss", "build", "loader", "storage", "codec", "chat_loader", "chat", "multi", "distillkit")
 DEFAULT_OUT = REPO_ROOT / "bench" / "results.json"
 
 

@@ -1,13 +1,17 @@
 """Quality ablation on the demo's real text: the same student (same config, initial weights, batches, steps, seed)
-trained as LM-only; KD from cached top-k targets (k in {8, 32, 256}, tail bucket on; `_notail` variants drop it);
-KD from cached SAMPLED targets (RS-KD, N in {16, 64}); online full-logit KD. Several seeds; prints a markdown table of
-held-out loss (mean +- std and standard error over seeds) with each cache's bytes/token, and writes it as JSON.
+trained as LM-only; KD from cached top-k targets (k in {8, 32, 64, 256}, tail bucket on; `_notail` variants drop
+it); KD from cached SAMPLED targets (RS-KD, N in {16, 64}); online full-logit KD; with `DISTILLKIT_SRC` set
+(`bench.bench_distillkit`), KD from the top-k cache passed through DistillKit's own compress -> decompress
+(`kd_distillkit_*`: its README's recommended and budget configurations, as given and with `normalize_t`). Several
+seeds; prints a markdown table of held-out loss (mean +- std and standard error over seeds) with each cache's
+bytes/token, and writes it as JSON.
 
     python -m bench.ablation --demo-dir demo_out [--seeds 0 1 2] [--steps 300] [--out bench/.work/ablation.json]
+    python -m bench.ablation --merge a.json b.json [--out all.json]   # one table from runs split by seed/variant
 
 Needs a finished demo folder made with ONE shared tokenizer (`--student-vocab-size 0`): its teacher, student config
 and text. The k = 256 cache and the sampled caches are built from the demo's teacher with `cache_tools build-cache`;
-k = 8 and 32 are the k = 256 cache's first k columns with the dropped mass added to the tail (what a top-k build
+k = 8, 32 and 64 are the k = 256 cache's first k columns with the dropped mass added to the tail (what a top-k build
 would store, up to fp16 rounding). The training loop is in-process so that every variant sees bit-identical batches;
 the loss is the product's `distill.losses.fused_ce_kd_loss`.
 """
@@ -29,9 +33,14 @@ from bench.online_kd import full_logit_kd_loss
 from cache_tools.format.cli_args import StrictArgumentParser, parse_command_line
 from cache_tools.format.fsutil import atomic_write_text
 
-TOPK_VARIANTS = [f"kd_k{k}_{t}" for k in (8, 32, 256) for t in ("tail", "notail")]
+TOPK_VARIANTS = [f"kd_k{k}_{t}" for k in (8, 32, 64, 256) for t in ("tail", "notail")]
 SAMPLED_VARIANTS = ["kd_sampled16", "kd_sampled64"]
-VARIANTS = ["lm_only", *TOPK_VARIANTS, *SAMPLED_VARIANTS, "online_full_kd"]
+# variant -> key of bench.bench_distillkit.DISTILLKIT_CONFIGS
+DISTILLKIT_VARIANTS = {"kd_distillkit_recommended": "DistillKit recommended k=128 exact 16",
+                       "kd_distillkit_recommended_norm": "DistillKit recommended k=128 exact 16 normalize_t",
+                       "kd_distillkit_budget": "DistillKit budget k=50 exact 1",
+                       "kd_distillkit_budget_norm": "DistillKit budget k=50 exact 1 normalize_t"}
+VARIANTS = ["lm_only", *TOPK_VARIANTS, *SAMPLED_VARIANTS, *DISTILLKIT_VARIANTS, "online_full_kd"]
 DEFAULT_VARIANTS = ["lm_only", "kd_k8_tail", "kd_k32_tail", "kd_k256_tail", *SAMPLED_VARIANTS, "online_full_kd"]
 
 
@@ -72,8 +81,11 @@ def train_variant(variant: str, student_cfg: Path, readers: dict[str, Any], orde
         reader = readers[variant]
     kd_config = KDConfig(use_tail=not variant.endswith("_notail"), temperature=args.temperature,
                          targets="sampled" if variant in SAMPLED_VARIANTS else "topk")
+    distillkit = distillkit_codec(variant, args.teacher_vocab)
     for step in range(args.steps):
         b = batch_targets(reader, order[step], top_k)
+        if distillkit is not None:
+            b["topk_ids"], b["topk_logprobs"], b["tail_logprob"] = distillkit(b["topk_ids"], b["topk_logprobs"])
         if variant == "online_full_kd":
             with torch.no_grad():
                 teacher_logits = teacher(input_ids=b["input_ids"]).logits
@@ -88,6 +100,21 @@ def train_variant(variant: str, student_cfg: Path, readers: dict[str, Any], orde
                                     kd_weight=0.0 if variant == "lm_only" else 1.0, config=kd_config).loss
         optimizer_step(model, opt, sched, loss)
     return model
+
+
+def distillkit_codec(variant: str, vocab: int) -> Any:
+    """For a `kd_distillkit_*` variant: (ids, log-probs) of a batch -> DistillKit's encode -> decode at vocabulary
+    `vocab`, as our (ids, log-probs, tail); None for every other variant. Exits with the reason when DistillKit
+    cannot be imported."""
+    if variant not in DISTILLKIT_VARIANTS:
+        return None
+    from bench.bench_distillkit import DISTILLKIT_CONFIGS, distillkit_roundtrip, load_distillkit
+
+    compression, why = load_distillkit()
+    if compression is None:
+        raise SystemExit(f"--variants {variant}: {why}")
+    config = DISTILLKIT_CONFIGS[DISTILLKIT_VARIANTS[variant]]
+    return lambda ids, lp: distillkit_roundtrip(compression, config, ids, lp, vocab=vocab)
 
 
 def optimizer_step(model: Any, opt: Any, sched: Any, loss: torch.Tensor) -> None:
@@ -111,18 +138,22 @@ def batch_order(windows: list[int], steps: int, batch_size: int, seed: int) -> l
     return order
 
 
-def build_caches(demo: Path, variants: list[str], max_length: int, sample_seed: int,
-                 temperature: float) -> dict[str, Path]:
+def build_caches(demo: Path, variants: list[str], max_length: int, sample_seed: int, temperature: float,
+                 reuse: bool = False) -> dict[str, Path]:
     """The k = 256 cache (always: it fixes the windows and serves every top-k variant) and one cache per sampled
     variant, all from the same text and windows, through the real `cache_tools build-cache`. Samples are drawn at
-    the KD `temperature` (counts/N estimate the teacher at the temperature they were drawn at)."""
+    the KD `temperature` (counts/N estimate the teacher at the temperature they were drawn at). `reuse` keeps a cache
+    that is already there (a run split into several commands over the same demo)."""
     text, teacher_dir = demo / "data" / "train.jsonl", demo / "teacher" / "student"
     caches = {"topk": WORK_ROOT / "ablation_cache_k256"}
-    build_cache(teacher_dir, text, caches["topk"], top_k=256, max_length=max_length, extra=["--no-progress"])
+    if not (reuse and (caches["topk"] / "manifest.json").is_file()):
+        build_cache(teacher_dir, text, caches["topk"], top_k=256, max_length=max_length, extra=["--no-progress"])
     for variant in variants:
         if variant in SAMPLED_VARIANTS:
             n = variant.removeprefix("kd_sampled")
             caches[variant] = WORK_ROOT / f"ablation_cache_sampled{n}_T{temperature:g}"
+            if reuse and (caches[variant] / "manifest.json").is_file():
+                continue
             build_cache(teacher_dir, text, caches[variant], top_k=None, max_length=max_length,
                         extra=["--no-progress", "--targets", "sampled", "--samples", n, "--seed", str(sample_seed),
                                "--sample-temperature", str(temperature)])
@@ -176,6 +207,28 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{size} |")
 
 
+def merge_runs(paths: list[Path], out: Path) -> int:
+    """Runs split by variant (and seed): each variant's losses in seed order, the teacher's once, then the table."""
+    losses: dict[str, dict[str, float]] = {}
+    cache_bytes: dict[str, float] = {}
+    for path in paths:
+        record = json.loads(path.read_text())
+        seeds = record["args"]["seeds"].strip("[]").split(", ")
+        for row in record["rows"]:
+            per_seed = ["teacher"] if row["variant"] == "teacher" else seeds
+            losses.setdefault(row["variant"], {}).update(zip(per_seed, row["losses"], strict=True))
+            if row["bytes_per_token"] is not None:
+                cache_bytes[row["variant"]] = row["bytes_per_token"]
+    def seed_order(seed: str) -> int:
+        return int(seed) if seed.isdigit() else -1
+
+    ordered = {name: [by_seed[s] for s in sorted(by_seed, key=seed_order)] for name, by_seed in losses.items()}
+    rows = summarise(ordered, cache_bytes)
+    print_table(rows)
+    atomic_write_text(out, json.dumps({"merged": [str(p) for p in paths], "rows": rows}, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = StrictArgumentParser(prog="python -m bench.ablation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo-dir", type=Path, default=Path("demo_out"))
@@ -188,7 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=VARIANTS)
     parser.add_argument("--out", type=Path, default=WORK_ROOT / "ablation.json")
+    parser.add_argument("--reuse-caches", action="store_true",
+                        help="keep the caches an earlier run over the same demo built")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="print one table from earlier runs' JSON files (same seeds per variant) and exit")
     args = parse_command_line(parser, argv)
+    if args.merge:
+        return merge_runs(args.merge, args.out)
     apply_offline_env()
     from transformers import AutoModelForCausalLM
 
@@ -204,13 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     if (demo / "student_tokenizer").exists():
         raise SystemExit(f"--demo-dir {demo}: made with --student-vocab-size (two tokenizers); the ablation compares "
                          "losses on the teacher's tokens, so run it on a demo with --student-vocab-size 0")
+    for variant in args.variants:
+        distillkit_codec(variant, 2)  # a missing DistillKit stops the run before any cache is built
     max_length = json.loads((demo / "report.json").read_text())["info"]["settings"]["max_length"]
-    caches = build_caches(demo, args.variants, max_length, args.sample_seed, args.temperature)
+    caches = build_caches(demo, args.variants, max_length, args.sample_seed, args.temperature, args.reuse_caches)
     readers = {name: TeacherCacheReader(path) for name, path in caches.items()}
     cache_bytes = {v: bytes_per_token(caches[v]) for v in args.variants if v in caches}
     cache_bytes.update({v: bytes_per_token(caches["topk"]) for v in args.variants if v.startswith("kd_k")})
     full = [i for i in range(len(readers["topk"])) if readers["topk"][i].length == max_length]  # equal lengths
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    args.teacher_vocab = teacher.config.vocab_size
     windows = held_out_windows(demo / "tokenizer", demo / "data" / "eval.jsonl", max_length, args.eval_windows)
     losses: dict[str, list[float]] = {"teacher": [evaluate_model(teacher, windows)[0]]}
     for seed in args.seeds:
