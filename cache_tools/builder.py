@@ -53,6 +53,7 @@ def _manifest(opts: BuildOptions, loaded: teacher.LoadedTeacher, pool_layers: li
         batch_size=opts.batch_size,
         shard_size=opts.shard_size,
         compression=opts.compression,
+        window_encoding=schema.window_encoding_for(targets),
         packing=plan.packing,
     )
 

@@ -28,6 +28,7 @@ from cache_tools.format.errors import BuildError, CacheError
 _ROWS_PER_APPEND = 64  # bounds memory on big shards
 # Fields handed to the writer as lists (variable length).
 _LISTS = (schema.TEXT, schema.TOPK_BLOB, schema.SEGMENT_LENGTHS, schema.CONVERSATION)
+_BLOBS = (schema.TOPK_BLOB, schema.SAMPLE_BLOB, schema.OFFSETS_BLOB, schema.WINDOW_BLOB)  # re-encoded, never copied
 
 
 def _say(message: str) -> None:
@@ -46,6 +47,7 @@ def target_manifest(src: schema.CacheManifest, encoding: str) -> schema.CacheMan
     data.update(format_version=schema.FORMAT_VERSION, complete=False, shards=[], num_sequences=0, num_tokens=0,
                 build_id="")
     data["targets"]["encoding"] = encoding
+    data["window_encoding"] = schema.window_encoding_for(schema.TargetsInfo(**data["targets"]))
     return schema.CacheManifest.from_dict(data, "converted manifest")
 
 
@@ -53,10 +55,12 @@ def _row_fields(src: schema.CacheManifest, dst: schema.CacheManifest, raw: dict[
                 sequence: int) -> dict[str, Any]:
     """One source row (as `shard_io.read_row` gives it) -> the fields `ShardWriter.append` takes, padded to L."""
     n, L = int(raw[schema.VALID_LENGTH]), dst.max_length
+    raw = encodings.with_window(src, raw, n, sequence)
     targets = encodings.decode_targets(src, raw, n, sequence)
     fields: dict[str, Any] = {
         schema.OFFSETS: _padded(encodings.decode_offsets(src, raw, n, sequence), L),
         schema.TEXT: raw[schema.TEXT],
+        schema.INPUT_IDS: _padded(np.asarray(raw[schema.INPUT_IDS])[:n], L),
     }
     if src.targets.kind == "topk":  # expanded like the other targets (assistant-only caches store fewer positions)
         fields[schema.TAIL_LOGPROB] = _padded(targets.tail, L)
@@ -70,7 +74,7 @@ def _row_fields(src: schema.CacheManifest, dst: schema.CacheManifest, raw: dict[
         fields[schema.SAMPLE_IDS] = _padded(targets.ids, L, -1)
         fields[schema.SAMPLE_COUNTS] = _padded(targets.counts, L)
     for spec in schema.datasets_for(dst):  # every other dataset is copied as stored
-        if spec.name not in fields and spec.name not in (schema.TOPK_BLOB, schema.SAMPLE_BLOB, schema.OFFSETS_BLOB) \
+        if spec.name not in fields and spec.name not in _BLOBS \
                 and spec.name in raw:  # an older source lacks the format 3 datasets (encode_batch defaults them)
             value = np.asarray(raw[spec.name])
             fields[spec.name] = _padded(value, L) if spec.per_token else value

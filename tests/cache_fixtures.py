@@ -98,10 +98,13 @@ def write_synthetic_cache(
     seed: int = 0,
     targets: schema.TargetsInfo | None = None,
     format_version: int = schema.FORMAT_VERSION,
+    window_encoding: str | None = None,
 ) -> Path:
     """Write a finished (or, with complete=False, unfinished) cache of full-length windows to `cache_dir`.
     `targets` picks kind and encoding (default: top-`top_k`, fp16). format_version=2 writes a format 2 cache (its
-    compact blobs from the format 2 bit coder, not bound to their rows) as the version 2 builder did."""
+    compact blobs from the format 2 bit coder, not bound to their rows) as the version 2 builder did.
+    `window_encoding`: default as a build records it ("arrays" writes a compact cache's ids and text as datasets, as
+    format 3 builds did before window blobs)."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     V = vocab_size or len(tokenizer)
@@ -116,6 +119,7 @@ def write_synthetic_cache(
                                   pool_layers=pool_layers, teacher_hidden=teacher_hidden, teacher_layers=teacher_layers,
                                   shard_size=shard_size, tokenizer_hash=tokenizer_hash, complete=complete)
     manifest.format_version = format_version
+    manifest.window_encoding = schema.window_encoding_for(targets) if window_encoding is None else window_encoding
     for shard_index, first in enumerate(range(0, num_sequences, shard_size)):
         chunk = windows[first : first + shard_size]
         writer = ShardWriter(cache_dir, shard_index, first, len(chunk), manifest)

@@ -112,3 +112,18 @@ def test_bad_source_and_output_are_one_line(tmp_path, tokenizer, corpus, capsys)
     assert "shard-00001.h5: sequence 5 (row 1) unreadable" in err and "Traceback" not in err
     assert not (tmp_path / "o2" / schema.MANIFEST_NAME).is_file() or \
         not schema.load_manifest(tmp_path / "o2").complete
+
+
+def test_compact_cache_with_window_arrays_converts_to_window_blobs(tmp_path, tokenizer, corpus):
+    """A compact cache as format 3 builds wrote it before window blobs (input_ids + text datasets) -> convert
+    --encoding compact stores its windows as blobs and reads the same (targets carried over exactly)."""
+    targets = schema.TargetsInfo(kind="topk", encoding="compact", top_k=K)
+    src = write_synthetic_cache(tmp_path / "arrays", tokenizer, corpus, num_sequences=10, shard_size=4,
+                                max_length=16, top_k=K, targets=targets, window_encoding="arrays")
+    tokenizer.save_pretrained(src / schema.TOKENIZER_DIR)  # as build-cache saves it
+    out = tmp_path / "blobs"
+    assert main(["convert", str(src), str(out), "--encoding", "compact"]) == 0
+    assert schema.load_manifest(out).window_encoding == "compact" and verify_cache(out) == []
+    with h5py.File(out / schema.shard_name(0), "r") as f:
+        assert schema.WINDOW_BLOB in f and schema.INPUT_IDS not in f
+    _same_reads(src, out)

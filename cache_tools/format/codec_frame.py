@@ -26,7 +26,7 @@ MAGIC = b"DK"
 FRAME_VERSION = 2  # the format-2 bit coder (`codec_bits`) wrote 1
 HEADER = struct.Struct("<2sccBI")  # magic, kind, version, kind-specific parameter, crc32
 ZSTD_LEVEL = 9  # lower levels cost bytes, higher ones much encoding time for little gain (docs/RESULTS.md)
-KIND_NAMES = {b"T": "top-k", b"S": "sampled", b"O": "token-offsets"}
+KIND_NAMES = {b"T": "top-k", b"S": "sampled", b"O": "token-offsets", b"W": "window"}
 
 
 def _zstd():  # noqa: ANN202 - the module; imported lazily: only compact caches need it
@@ -41,17 +41,29 @@ def _crc(head: bytes, sequence: int, body: np.ndarray | bytes) -> int:
     return zlib.crc32(body, zlib.crc32(struct.pack("<Q", sequence), zlib.crc32(head)))
 
 
-def seal(kind: bytes, payload: bytes, sequence: int, param: int = 0) -> np.ndarray:
-    """Compress `payload` and frame it as a blob of `kind` bound to global sequence index `sequence`."""
-    body = _zstd().ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True, write_checksum=False).compress(payload)
+def _compress(payload: bytes) -> bytes:
+    return _zstd().ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True, write_checksum=False).compress(payload)
+
+
+def _framed(kind: bytes, body: bytes, sequence: int, param: int) -> np.ndarray:
     head = HEADER.pack(MAGIC, kind, bytes([FRAME_VERSION]), param, 0)[:-4]
     return np.frombuffer(head + struct.pack("<I", _crc(head, sequence, body)) + body, np.uint8)
 
 
-def open_blob(blob: np.ndarray, kind: bytes, sequence: int, max_payload: int) -> tuple[int, bytes]:
-    """Check a blob's header and checksum for row `sequence`, then decompress it: -> (parameter byte, payload).
-    `max_payload` bounds the decompressed size (what the caller's shape can need), so a forged size is refused
-    before any allocation."""
+def seal(kind: bytes, payload: bytes, sequence: int, param: int = 0) -> np.ndarray:
+    """Compress `payload` and frame it as a blob of `kind` bound to global sequence index `sequence`."""
+    return _framed(kind, _compress(payload), sequence, param)
+
+
+def seal_parts(kind: bytes, payloads: list[bytes], sequence: int, param: int = 0) -> np.ndarray:
+    """Like `seal`, one zstd frame per payload (data of different statistics compress better apart); every frame but
+    the last is preceded by its size (uint32). All frames are under the one checksum."""
+    frames = [_compress(p) for p in payloads]
+    return _framed(kind, b"".join(struct.pack("<I", len(f)) + f for f in frames[:-1]) + frames[-1], sequence, param)
+
+
+def _checked(blob: np.ndarray, kind: bytes, sequence: int) -> tuple[int, bytes]:
+    """A blob's header and checksum checked for row `sequence` -> (parameter byte, compressed body)."""
     what = KIND_NAMES[kind]
     blob = np.asarray(blob)
     if blob.dtype != np.uint8 or blob.ndim != 1:
@@ -69,15 +81,41 @@ def open_blob(blob: np.ndarray, kind: bytes, sequence: int, max_payload: int) ->
     if _crc(raw[: HEADER.size - 4], sequence, body) != crc:
         raise CodecError(f"{what} blob fails its checksum for sequence {sequence}: corrupt, truncated, or another "
                          "row's blob")
+    return param, body
+
+
+def _inflate(body: bytes, what: str, max_payload: int) -> bytes:
     zstandard = _zstd()
     try:
         size = zstandard.frame_content_size(body)
         if not 0 <= size <= max_payload:
             raise CodecError(f"{what} blob claims {size} payload bytes (at most {max_payload} fit its shape): corrupt")
-        payload = zstandard.ZstdDecompressor().decompress(body, max_output_size=max_payload)
+        return zstandard.ZstdDecompressor().decompress(body, max_output_size=max_payload)
     except zstandard.ZstdError as err:
         raise CodecError(f"{what} blob is not a valid zstd frame ({err}): corrupt") from err
-    return param, payload
+
+
+def open_blob(blob: np.ndarray, kind: bytes, sequence: int, max_payload: int) -> tuple[int, bytes]:
+    """Check a blob's header and checksum for row `sequence`, then decompress it: -> (parameter byte, payload).
+    `max_payload` bounds the decompressed size (what the caller's shape can need), so a forged size is refused
+    before any allocation."""
+    param, body = _checked(blob, kind, sequence)
+    return param, _inflate(body, KIND_NAMES[kind], max_payload)
+
+
+def open_parts(blob: np.ndarray, kind: bytes, sequence: int, max_payloads: list[int]) -> tuple[int, list[bytes]]:
+    """`open_blob` for a blob written by `seal_parts` with len(max_payloads) payloads."""
+    param, body = _checked(blob, kind, sequence)
+    what, parts, pos = KIND_NAMES[kind], [], 0
+    for i, bound in enumerate(max_payloads):
+        end = len(body)
+        if i < len(max_payloads) - 1:
+            if pos + 4 > len(body) or pos + 4 + struct.unpack_from("<I", body, pos)[0] > len(body):
+                raise CodecError(f"{what} blob's frame sizes exceed the blob: corrupt")
+            pos, end = pos + 4, pos + 4 + struct.unpack_from("<I", body, pos)[0]
+        parts.append(_inflate(body[pos:end], what, bound))
+        pos = end
+    return param, parts
 
 
 class Payload:

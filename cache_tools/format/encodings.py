@@ -150,6 +150,13 @@ def _offsets_blob(m: CacheManifest, batch: dict[str, Any], first: int) -> np.nda
                    for row, o in enumerate(_valid_rows(batch, schema.OFFSETS))])
 
 
+def _window_blob(m: CacheManifest, batch: dict[str, Any], first: int) -> np.ndarray:
+    from cache_tools.format import codec_window
+
+    return _blobs([codec_window.encode_window(ids, text, m.vocab_size, sequence=first + row) for row, (ids, text)
+                   in enumerate(zip(_valid_rows(batch, schema.INPUT_IDS), batch[schema.TEXT], strict=True))])
+
+
 def _sample_ids(m: CacheManifest, batch: dict[str, Any], first: int) -> np.ndarray:
     counts = np.asarray(batch[schema.SAMPLE_COUNTS])
     return np.where(counts > 0, np.asarray(batch[schema.SAMPLE_IDS]), 0)  # unsigned on disk: count 0 marks padding
@@ -161,13 +168,14 @@ _ENCODERS = {
     schema.TOPK_BLOB: _topk_blob,
     schema.SAMPLE_BLOB: _sample_blob,
     schema.OFFSETS_BLOB: _offsets_blob,
+    schema.WINDOW_BLOB: _window_blob,
     schema.SAMPLE_IDS: _sample_ids,
     schema.SEGMENT_LENGTHS: _segment_lengths,
     schema.CONVERSATION: _conversation,
 }
 
 
-_BLOBS = (schema.TOPK_BLOB, schema.SAMPLE_BLOB, schema.OFFSETS_BLOB)
+_BLOBS = (schema.TOPK_BLOB, schema.SAMPLE_BLOB, schema.OFFSETS_BLOB, schema.WINDOW_BLOB)
 
 
 def encode_batch(m: CacheManifest, batch: dict[str, Any], first_sequence: int) -> dict[str, Any]:
@@ -264,6 +272,18 @@ def decode_offsets(m: CacheManifest, raw: dict[str, Any], n: int, sequence: int)
     if m.targets.encoding == "compact":
         return _codec(m).decode_offsets(raw[schema.OFFSETS_BLOB], n, **_seq(m, sequence))
     return np.ascontiguousarray(raw[schema.OFFSETS], dtype=schema.OFFSET_DTYPE)
+
+
+def with_window(m: CacheManifest, raw: dict[str, Any], n: int, sequence: int) -> dict[str, Any]:
+    """A row as `shard_io.read_row` gives it, with its input ids ([n], as stored or int64) and text (str) whatever
+    the cache's window_encoding (a compact one decodes its window blob). A damaged or another row's blob raises
+    CodecError; callers name the shard and sequence."""
+    if not schema.compact_windows(m):
+        return raw
+    from cache_tools.format import codec_window
+
+    ids, text = codec_window.decode_window(raw[schema.WINDOW_BLOB], n, m.vocab_size, sequence=sequence)
+    return {**raw, schema.INPUT_IDS: ids, schema.TEXT: text}
 
 
 def decode_packing(m: CacheManifest, raw: dict[str, Any], n: int) -> dict[str, Any]:

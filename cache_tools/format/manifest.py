@@ -26,6 +26,9 @@ MANIFEST_NAME = "manifest.json"
 
 TARGET_KINDS = ("topk", "sampled")
 ENCODINGS = ("fp16", "compact")
+# How a shard stores what its windows are: "arrays" (input_ids + text datasets) or "compact" (one codec_window blob
+# per sequence; compact caches from format 3 on). Caches whose manifest does not say are "arrays".
+WINDOW_ENCODINGS = ("arrays", "compact")
 # Precision names a manifest records (`teacher.dtype`) and both command lines take, with their torch dtype names.
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # isolated: no token attends across the documents packed in a window (per-document positions, block-diagonal mask).
@@ -142,6 +145,7 @@ class CacheManifest:
     batch_size: int = 0
     shard_size: int = 1024
     compression: str = "none"
+    window_encoding: str = "arrays"  # one of WINDOW_ENCODINGS
     packing: str = "cross_document"  # one of PACKING_MODES
     num_sequences: int = 0
     num_tokens: int = 0
@@ -203,7 +207,7 @@ class CacheManifest:
 
 
 _SETTINGS_KEYS = ("format_version", "teacher", "tokenizer", "targets", "max_length", "pooling", "dataset",
-                  "compute_dtype", "batch_size", "shard_size", "compression", "packing")
+                  "compute_dtype", "batch_size", "shard_size", "compression", "packing", "window_encoding")
 
 
 def stable_hash(obj: Any) -> str:
@@ -260,13 +264,14 @@ def _upgrade_v2(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-# Added within version 2 (build_id, rows) or in version 3 (windows_digest); absent from caches written before.
-_OPTIONAL_KEYS = ("build_id", "rows", "windows_digest")
+# Added within version 2 (build_id, rows) or in version 3 (windows_digest, window_encoding); absent from caches
+# written before.
+_OPTIONAL_KEYS = ("build_id", "rows", "windows_digest", "window_encoding")
 
 
 _CHOICES: dict[type, tuple[tuple[str, tuple[str, ...]], ...]] = {
     TargetsInfo: (("kind", TARGET_KINDS), ("encoding", ENCODINGS)),
-    CacheManifest: (("packing", PACKING_MODES),),
+    CacheManifest: (("packing", PACKING_MODES), ("window_encoding", WINDOW_ENCODINGS)),
     DatasetInfo: (("row_format", ROW_FORMATS), ("long_conversations", ("split", "skip"))),
 }
 

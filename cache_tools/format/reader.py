@@ -181,6 +181,7 @@ class TeacherCacheReader:
         shard_file = self.shards[pos].file
         try:
             raw, n = self._row(pos, row, self._specs)
+            raw = encodings.with_window(self.manifest, raw, n, int(index))
             targets = encodings.decode_targets(self.manifest, raw, n, int(index))
             offsets = encodings.decode_offsets(self.manifest, raw, n, int(index))
             extra = encodings.decode_packing(self.manifest, raw, n)

@@ -40,13 +40,15 @@ plain text, targets at every position):
   window text [start, end) equals ``messages[message][field][offset : offset + end - start]`` (field = "content" or
   "reasoning_content"; reasoning written inline as ``<think>...</think>`` at the start of an assistant content is
   "reasoning_content" with offsets into the content), clipped to the window (`format.conversations` finds them).
+* ``window_blob`` (manifest ``window_encoding`` = ``compact``: compact caches written since it exists): the valid
+  input ids and the text of each window as one `codec_window` blob bound to its row, instead of the ``input_ids``
+  and ``text`` datasets (format 3 compact caches written before store those datasets and read as before).
 Manifest (v3): ``packing``, ``dataset.row_format`` / ``chat_template_hash`` / ``chat_template_kwargs`` (JSON) /
-``long_conversations``, ``targets.assistant_only``.
+``long_conversations``, ``targets.assistant_only``, ``window_encoding``.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +67,7 @@ from cache_tools.format.manifest import (  # noqa: F401 - the manifest is part o
     READABLE_VERSIONS,
     ROW_FORMATS,
     TARGET_KINDS,
+    WINDOW_ENCODINGS,
     CacheManifest,
     DatasetInfo,
     PoolingInfo,
@@ -76,6 +79,7 @@ from cache_tools.format.manifest import (  # noqa: F401 - the manifest is part o
     load_manifest,
     stable_hash,
 )
+from cache_tools.format.tokenizer_id import tokenizer_hash  # noqa: F401 - part of this contract; import it from here
 
 SHARD_PREFIX = "shard-"
 VOCAB_MAP_DIR = "vocab_maps"  # cross-tokenizer maps saved beside the cache, keyed by both tokenizer hashes
@@ -97,6 +101,7 @@ SAMPLE_COUNTS = "sample_counts"
 TOPK_BLOB = "topk_blob"
 SAMPLE_BLOB = "sample_blob"
 OFFSETS_BLOB = "offsets_blob"
+WINDOW_BLOB = "window_blob"
 SEGMENT_LENGTHS = "segment_lengths"
 ASSISTANT_MASK = "assistant_mask"
 TARGET_MASK = "target_mask"
@@ -189,12 +194,15 @@ class DatasetSpec:
 
 DATASETS: tuple[DatasetSpec, ...] = (
     DatasetSpec(INPUT_IDS, lambda m: (m.max_length,), _ids, True, "teacher token ids; 0 past valid_length",
-                checks=("ids_below_vocab",)),
+                checks=("ids_below_vocab",), when=lambda m: not compact_windows(m)),
     DatasetSpec(VALID_LENGTH, lambda m: (), _fixed(np.int32), False, "real tokens in the window (1..L)",
                 checks=("length_range", "token_count")),
     DatasetSpec(DOC_INDEX, lambda m: (), _fixed(np.int64), False, "source document of the window's first token"),
     DatasetSpec(TEXT, lambda m: (), _text_dtype, False, "the window's text as UTF-8 bytes (NUL-safe); offsets index "
-                "its characters", checks=("utf8",)),
+                "its characters", checks=("utf8",), when=lambda m: not compact_windows(m)),
+    DatasetSpec(WINDOW_BLOB, lambda m: (), lambda m: VLEN_BYTES, False,
+                "codec_window.encode_window of the valid input ids and the text (instead of input_ids and text)",
+                encodings=("compact",), checks=("ids_below_vocab", "utf8"), when=lambda m: compact_windows(m)),
     DatasetSpec(OFFSETS, lambda m: (m.max_length, 2), _fixed(OFFSET_DTYPE), True,
                 "(start, end) character offsets of each teacher token in text; 0 past valid_length",
                 encodings=("fp16",), checks=("offsets_in_text",)),
@@ -239,6 +247,16 @@ DATASETS: tuple[DatasetSpec, ...] = (
 )
 
 
+def compact_windows(m: CacheManifest) -> bool:
+    """Input ids and text stored as one `codec_window` blob per sequence (manifest window_encoding "compact")."""
+    return m.format_version >= 3 and m.window_encoding == "compact"
+
+
+def window_encoding_for(targets: TargetsInfo) -> str:
+    """What a build of the current format records as its window_encoding: compact caches store windows compactly."""
+    return "compact" if targets.encoding == "compact" else "arrays"
+
+
 def is_conversational(m: CacheManifest) -> bool:
     return m.format_version >= 3 and m.dataset.row_format != "text"
 
@@ -279,21 +297,3 @@ def id_dtype_for(vocab_size: int) -> np.dtype:
     if vocab_size <= 0:
         raise ValueError(f"vocab_size must be positive, got {vocab_size}")
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
-
-
-def tokenizer_hash(tokenizer: Any) -> str:
-    """Content hash of a HF tokenizer: vocabulary, merges/normaliser/pre-tokeniser (fast tokenizers) and special
-    tokens. Two tokenizers with the same hash split every text identically; loading the same files twice, or from a
-    hub id vs a local copy, gives the same hash."""
-    payload: dict[str, Any] = {
-        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
-        "special": sorted(str(t) for t in getattr(tokenizer, "all_special_tokens", [])),
-    }
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        spec = json.loads(backend.to_str())
-        # Runtime settings, not content: they change with how the tokenizer is called, not how it splits text.
-        for key in ("truncation", "padding"):
-            spec.pop(key, None)
-        payload["backend"] = spec
-    return stable_hash(payload)

@@ -73,7 +73,7 @@ def load_dataclass(cls: type, data: Any, where: str, prefix: str = "", *, option
             raise CacheError(f"{where}: key {key} is {data[f.name]!r} ({type(data[f.name]).__name__}), expected "
                              f"{_type_name(hints[f.name])}; rebuild the cache with --overwrite") from None
     for name, allowed in (choices or {}).get(cls, ()):
-        if values[name] not in allowed:
+        if name in values and values[name] not in allowed:  # an optional key left out keeps its default
             raise CacheError(f"{where}: key {prefix + '.' if prefix else ''}{name} is {values[name]!r}, expected one "
                              f"of {', '.join(allowed)}; upgrade cache_tools or rebuild the cache")
     return cls(**values)

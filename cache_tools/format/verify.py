@@ -92,13 +92,15 @@ def _read_block(f: h5py.File, lo: int, hi: int, m: schema.CacheManifest, first: 
         n = int(f[schema.VALID_LENGTH][row])
         if not 1 <= n <= m.max_length:  # checked first: every per-token read and decode is cut at n
             return f"valid_length outside 1..{m.max_length}"
+        what = "input ids / text"  # what is being decoded, for the fault line
         try:
-            values = shard_io.read_row(f, m, row)
+            values = encodings.with_window(m, shard_io.read_row(f, m, row), n, sequence)
+            what = "targets"
             decoded.append(encodings.decode_targets(m, values, n, sequence, expand=False))  # stored positions only
         except UnicodeDecodeError:
             return f"row {row}: text is not valid UTF-8"
         except (ValueError, KeyError, IndexError) as err:  # codec.CodecError is a ValueError
-            return f"row {row} (sequence {sequence}): targets not decodable ({err})"
+            return f"row {row} (sequence {sequence}): {what} not decodable ({err})"
         try:
             offsets.append(encodings.decode_offsets(m, values, n, sequence))
         except (ValueError, KeyError) as err:
@@ -224,8 +226,6 @@ def verify_shard(cache_dir: Path, m: schema.CacheManifest, shard: schema.ShardIn
                 return faults
             if int(f[schema.VALID_LENGTH][:].sum()) != shard.num_tokens:
                 faults.append(f"{shard.file}: token count disagrees with the manifest")
-            if shard.windows_digest and compute_shard_digest(path) != shard.windows_digest:
-                faults.append(f"{shard.file}: windows digest disagrees with the manifest")
             for lo in range(0, shard.num_sequences, _ROWS_PER_READ):
                 hi = min(shard.num_sequences, lo + _ROWS_PER_READ)
                 fault = _check_rows(f, lo, hi, m, shard.first_sequence)
@@ -233,6 +233,9 @@ def verify_shard(cache_dir: Path, m: schema.CacheManifest, shard: schema.ShardIn
                     first = shard.first_sequence
                     faults.append(f"{shard.file}: sequences {first + lo}..{first + hi - 1}: {fault}")
                     break
+            # After the rows: a damaged row is named as such, not only as a digest that disagrees.
+            if not faults and shard.windows_digest and compute_shard_digest(path) != shard.windows_digest:
+                faults.append(f"{shard.file}: windows digest disagrees with the manifest")
     except (OSError, schema.CacheError) as err:
         return [f"{shard.file}: unreadable HDF5 ({err})"]
     return faults
@@ -288,6 +291,9 @@ def format_notes(cache_dir: str | Path) -> list[str]:
         notes.append(f"format {m.format_version} compact blobs are not bound to their rows (a blob moved to another "
                      "row is not detected) and decode slower than format 3; `cache_tools convert SRC DST "
                      "--encoding compact` rewrites them")
+    if m.format_version >= 3 and m.targets.encoding == "compact" and not schema.compact_windows(m):
+        notes.append("input ids and text are plain arrays, not window blobs; `cache_tools convert SRC DST --encoding "
+                     "compact` rewrites them smaller")
     if m.format_version < 3:
         notes.append(f"format {m.format_version} windows record no document pieces (read as one segment each, "
                      "packed cross-document: the teacher attended across documents) and no conversation masks; "

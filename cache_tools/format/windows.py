@@ -4,7 +4,7 @@ caches (several teachers) cover the same windows.
 The digest of a shard is sha256 over, for each window in row order: its valid length n, its n input ids and its text
 (UTF-8, length-prefixed), all little-endian int64 framed. The builder records it in each shard's sidecar and manifest
 entry (`ShardInfo.windows_digest`, format version 3); for caches without it (versions 1 and 2) `shard_digests`
-computes the same value by reading `input_ids`, `valid_length` and `text` (never the targets).
+computes the same value by reading `input_ids`, `valid_length` and `text` (or the window blobs; never the targets).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache_tools.format import encodings, schema
+from cache_tools.format import codec_window, encodings, schema
 from cache_tools.format.errors import CacheError, CacheMismatchError
 
 _TAG = b"distill-cache windows digest v1\n"
@@ -52,9 +52,16 @@ def compute_shard_digest(path: str | os.PathLike) -> str:
             total = int(f[schema.VALID_LENGTH].shape[0])
             for lo in range(0, total, _ROWS_PER_READ):
                 hi = min(total, lo + _ROWS_PER_READ)
-                texts = [encodings.decode_text(v) for v in f[schema.TEXT][lo:hi]]
-                digest.update(f[schema.INPUT_IDS][lo:hi], f[schema.VALID_LENGTH][lo:hi], texts)
-    except (OSError, KeyError) as err:
+                lengths = f[schema.VALID_LENGTH][lo:hi]
+                if schema.WINDOW_BLOB in f:  # a compact window encoding: decoded (and checked) row by row
+                    first, V = int(f.attrs[schema.ATTR_FIRST_SEQUENCE]) + lo, int(f.attrs[schema.ATTR_VOCAB_SIZE])
+                    rows = [codec_window.decode_window(blob, int(n), V, sequence=first + i) for i, (blob, n)
+                            in enumerate(zip(f[schema.WINDOW_BLOB][lo:hi], lengths, strict=True))]
+                    ids, texts = [r[0] for r in rows], [r[1] for r in rows]
+                else:
+                    ids, texts = f[schema.INPUT_IDS][lo:hi], [encodings.decode_text(v) for v in f[schema.TEXT][lo:hi]]
+                digest.update(ids, lengths, texts)
+    except (OSError, KeyError, ValueError) as err:  # a damaged window blob is a CodecError (a ValueError)
         raise CacheError(f"{path}: cannot read its windows ({err}); run `cache_tools verify`") from err
     return digest.hexdigest()
 

@@ -210,11 +210,14 @@ def edit_shard_consistently(cache: Path, index: int, dataset: str, edit: Callabl
     size, sha = path.stat().st_size, file_sha256(path)
     from cache_tools.format.windows import compute_shard_digest
 
-    digest = compute_shard_digest(path)  # what a faulty builder would have recorded for the windows it wrote
+    try:
+        digest = compute_shard_digest(path)  # what a faulty builder would have recorded for the windows it wrote
+    except schema.CacheError:
+        digest = None  # a damaged window blob: the builder recorded the digest of the windows it meant to write
 
     def fix(record: dict) -> None:
         record["bytes"], record["sha256"] = size, sha
-        if "windows_digest" in record:
+        if "windows_digest" in record and digest is not None:
             record["windows_digest"] = digest
 
     edit_manifest(cache, lambda m: [fix(s) for s in m["shards"] if s["index"] == index])

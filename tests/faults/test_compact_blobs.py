@@ -1,8 +1,8 @@
 """Damage to format 3 compact blobs with the shard checksums kept valid (a faulty writer, or a deliberate edit), so
 only the blobs' own checks can tell: a flipped bit inside a blob, a truncated blob, a wrong codec id, blobs swapped
-between rows, a format 2 blob in a format 3 cache. Each: `verify` exits 2 naming the shard, the sequence and a fix,
-the reader raises one CacheError line naming shard and sequence (never wrong numbers), `--resume` rebuilds the shard
-byte for byte."""
+between rows, a format 2 blob in a format 3 cache; the same for the window blobs (input ids + text). Each: `verify`
+exits 2 naming the shard, the sequence and a fix, the reader raises one CacheError line naming shard and sequence
+(never wrong numbers), `--resume` rebuilds the shard byte for byte."""
 
 from __future__ import annotations
 
@@ -55,6 +55,9 @@ CASES: dict[str, tuple[str, Callable[[np.ndarray], None], str]] = {
     "topk_blob_of_format_2": (schema.TOPK_BLOB, _format_2_blob, "codec version 1"),
     "offsets_blob_bit_flip": (schema.OFFSETS_BLOB, _flip_bit, "fails its checksum"),
     "offsets_blobs_swapped": (schema.OFFSETS_BLOB, _swap, "another row's blob"),
+    "window_blob_bit_flip": (schema.WINDOW_BLOB, _flip_bit, "fails its checksum"),
+    "window_blob_truncated": (schema.WINDOW_BLOB, _truncate, "fails its checksum"),
+    "window_blobs_swapped": (schema.WINDOW_BLOB, _swap, "another row's blob"),
 }
 
 
