@@ -105,7 +105,7 @@ def conversation_pieces(tokenizer: Any, spec: str, *, split: str, row_format: st
         try:
             messages, plain = conversations.row_messages(row, row_format)
             rendered = conversations.render(tokenizer, messages, template=template, kwargs=kwargs, plain=plain,
-                                            eos_text=eos_text)
+                                            eos_text=eos_text, tools=conversations.row_tools(row))
             piece = _piece(tokenizer, index, rendered)
         except (conversations.BadRow, conversations.RenderError) as err:
             stats.bad += 1
@@ -133,4 +133,4 @@ def _piece(tokenizer: Any, index: int, rendered: conversations.Rendered) -> Piec
     if rendered.plain:
         record_messages = [{**m, "plain": True} for m in record_messages]
     return Piece(index, rendered.text, ids, offsets, assistant=assistant, targets=targets,
-                 messages=record_messages, spans=rendered.spans)
+                 messages=record_messages, spans=rendered.spans, tools=rendered.tools)

@@ -2,9 +2,10 @@
 content and the assistant regions, found WITHOUT `{% generation %}` markers: the teacher side builds its cache with
 this module and a student with another template re-renders the same messages with it.
 
-Row formats: ``messages`` (a list of {role, content[, reasoning_content]}), ``prompt_completion`` (``prompt`` +
-``completion``, each a string or a list of messages: plain strings are concatenated without a template, as TRL's
-standard format; lists are rendered as one conversation) and ``text`` (plain documents, not handled here).
+Row formats (`format.chat_rows`): ``messages``, ``prompt_completion`` (``prompt`` + ``completion``, each a string or
+a list of messages: plain strings are concatenated without a template, as TRL's standard format; lists are rendered
+as one conversation), with an optional ``tools`` column passed to the template, and ``text`` (plain documents, not
+handled here).
 
 How spans are found: render the whole conversation once; then, message by message in order, search the rendered text
 (from where the previous message's content ended) for each piece of the message's content, verbatim, or, failing
@@ -15,7 +16,9 @@ turns (then it has no span). An assistant message whose answer cannot be found i
 given a mask that might be shifted. An assistant region starts where the template's generation prompt for that turn
 ends (when rendering the preceding messages with ``add_generation_prompt=True`` gives a prefix of the full text: it
 then includes template text the model generates, such as Qwen3's think block) or else at its first content span, and
-ends at its last content span; the token after a region (the end-of-turn token) is assistant content too."""
+ends at its last content span; the token after a region (the end-of-turn token) is assistant content too. What the
+template renders for an assistant message's ``tool_calls`` is assistant output as well (the model generates it):
+found as the one block by which the text differs from a rendering without them, it extends that message's region."""
 
 from __future__ import annotations
 
@@ -26,13 +29,22 @@ from typing import Any
 
 import numpy as np
 
-ROLES = ("system", "user", "assistant", "tool")
-CONTENT, REASONING = "content", "reasoning_content"
+from cache_tools.format.chat_rows import (  # noqa: F401 - the row checks are part of this module's interface
+    CONTENT,
+    REASONING,
+    ROLES,
+    ROW_FORMATS,
+    TOOL_CALLS,
+    TOOLS,
+    BadRow,
+    RowFormat,
+    check_messages,
+    detect_row_format,
+    row_messages,
+    row_tools,
+)
+
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
-
-
-class BadRow(ValueError):
-    """A dataset row that cannot be a conversation (the message names what is wrong; the caller adds file/row)."""
 
 
 class RenderError(ValueError):
@@ -49,81 +61,7 @@ class Rendered:
     spans: list[tuple[int, str, int, int, int]]
     regions: list[tuple[int, int]]
     plain: bool = False  # prompt/completion strings concatenated without a template
-
-
-def detect_row_format(columns: list[str]) -> str:
-    """TRL's naming: the first of `ROW_FORMATS` whose columns are all there (`messages`, or `prompt` + `completion`),
-    else plain text."""
-    return next((name for name, fmt in ROW_FORMATS.items() if all(c in columns for c in fmt.columns)), "text")
-
-
-def check_messages(value: Any, what: str = "messages") -> list[dict[str, Any]]:
-    """The messages of a row, each {role, content[, reasoning_content]} with string values; raises BadRow."""
-    if not isinstance(value, list) or not value:
-        raise BadRow(f"{what} is {type(value).__name__ if value is not None else 'missing'}, not a non-empty list of "
-                     "{role, content} messages")
-    out = []
-    for i, msg in enumerate(value):
-        if not isinstance(msg, dict):
-            raise BadRow(f"{what}[{i}] is {type(msg).__name__}, not a {{role, content}} object")
-        role, content = msg.get("role"), msg.get(CONTENT)
-        if role is None:
-            raise BadRow(f"{what}[{i}] has no role")
-        if role not in ROLES:
-            raise BadRow(f"{what}[{i}] has unknown role {role!r} (known: {', '.join(ROLES)})")
-        if content is None:
-            raise BadRow(f"{what}[{i}] ({role}) has no content")
-        if not isinstance(content, str):
-            raise BadRow(f"{what}[{i}] ({role}) content is {type(content).__name__}, not a string")
-        clean = {"role": role, CONTENT: content}
-        reasoning = msg.get(REASONING)
-        if reasoning is not None:
-            if not isinstance(reasoning, str):
-                raise BadRow(f"{what}[{i}] ({role}) reasoning_content is {type(reasoning).__name__}, not a string")
-            clean[REASONING] = reasoning
-        out.append(clean)
-    return out
-
-
-def _messages_row(row: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
-    return check_messages(row.get("messages")), False
-
-
-def _prompt_completion_row(row: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
-    prompt, completion = row.get("prompt"), row.get("completion")
-    if isinstance(prompt, str) and isinstance(completion, str):
-        return [{"role": "user", CONTENT: prompt}, {"role": "assistant", CONTENT: completion}], True
-    if isinstance(prompt, list) and isinstance(completion, list):
-        if not any(m["role"] == "assistant" for m in check_messages(completion, "completion")):
-            raise BadRow("completion holds no assistant message")
-        return check_messages(prompt, "prompt") + check_messages(completion, "completion"), False
-    raise BadRow(f"prompt/completion are {type(prompt).__name__}/{type(completion).__name__}; both must be strings "
-                 "or both lists of messages")
-
-
-@dataclass(frozen=True)
-class RowFormat:
-    """A conversational row format: the columns that identify it (all present) and how one row becomes
-    (messages, plain), plain = strings concatenated without a template. Raises BadRow."""
-
-    columns: tuple[str, ...]
-    messages: Callable[[dict[str, Any]], tuple[list[dict[str, Any]], bool]]
-
-
-# The conversational row formats, in detection order (`text` is the plain-document format, not listed). The manifest,
-# `--dataset-format` and both sides' checks take their names from here.
-ROW_FORMATS: dict[str, RowFormat] = {
-    "messages": RowFormat(("messages",), _messages_row),
-    "prompt_completion": RowFormat(("prompt", "completion"), _prompt_completion_row),
-}
-
-
-def row_messages(row: dict[str, Any], row_format: str) -> tuple[list[dict[str, Any]], bool]:
-    """(messages, plain) of one dataset row of a `ROW_FORMATS` format. Raises BadRow."""
-    messages, plain = ROW_FORMATS[row_format].messages(row)
-    if not any(m["role"] == "assistant" for m in messages):
-        raise BadRow("no assistant message (nothing to learn from)")
-    return messages, plain
+    tools: list[Any] | None = None  # the row's tool schemas, rendered by the template
 
 
 def template_hash(template: str) -> str:
@@ -164,15 +102,17 @@ def _find(text: str, piece: str, cursor: int) -> tuple[int, int, int] | None:
 
 
 def render(tokenizer: Any, messages: list[dict[str, Any]], *, template: str | None = None,
-           kwargs: dict[str, Any] | None = None, plain: bool = False, eos_text: str = "") -> Rendered:
-    """Render `messages` and locate their content; raises RenderError (the template raised, or an assistant
-    answer is not in the rendered text). `plain`: prompt + completion + `eos_text`, no template."""
+           kwargs: dict[str, Any] | None = None, plain: bool = False, eos_text: str = "",
+           tools: list[Any] | None = None) -> Rendered:
+    """Render `messages` (with `tools`, when given) and locate their content; raises RenderError (the template
+    raised, or an assistant answer or tool call is not in the rendered text). `plain`: prompt + completion +
+    `eos_text`, no template."""
     if plain:
         prompt, completion = messages[0][CONTENT], messages[1][CONTENT]
         end = len(prompt) + len(completion)
         spans = [s for s in ((0, CONTENT, 0, len(prompt), 0), (1, CONTENT, len(prompt), end, 0)) if s[2] < s[3]]
         return Rendered(prompt + completion + eos_text, messages, spans, [(len(prompt), end)], plain=True)
-    kwargs = kwargs or {}
+    kwargs = {**(kwargs or {}), **({TOOLS: tools} if tools else {})}
 
     def apply(msgs: list[dict[str, Any]], generation: bool) -> str:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation,
@@ -207,12 +147,49 @@ def render(tokenizer: Any, messages: list[dict[str, Any]], *, template: str | No
             found.append((index, field, start, end, offset + inner))
             search_from = end
         spans.extend(found)
+        calls = _tool_call_text(apply, text, messages, index, search_from)
         if found:
             cursor = found[-1][3]
-        if msg["role"] == "assistant" and found:
-            start = found[0][2] if header_end is None else min(header_end, found[0][2])
-            regions.append((start, found[-1][3]))
-    return Rendered(text, messages, spans, regions)
+        if calls is not None:
+            cursor = max(cursor, calls[1])
+        if msg["role"] == "assistant" and (found or calls):
+            bounds = [b for b in ([found[0][2], found[-1][3]] if found else []) + list(calls or ())]
+            start = min(bounds) if header_end is None else min(header_end, *bounds)
+            regions.append((start, max(bounds)))
+    return Rendered(text, messages, spans, regions, tools=tools)
+
+
+def _tool_call_text(apply: Callable[[list[dict[str, Any]], bool], str], text: str, messages: list[dict[str, Any]],
+                    index: int, anchor: int) -> tuple[int, int] | None:
+    """(start, end) in `text` of what the template renders for message `index`'s tool calls (assistant output, so
+    inside its region), found by rendering the conversation once more without them: the difference must be one
+    inserted block. Where that block could sit at several places (its first characters repeat the ones after it),
+    the one nearest after `anchor` (the end of the message's content, or its header) is taken, as templates put
+    tool calls after the content. None: no tool calls, or a template that does not render them."""
+    msg = messages[index]
+    if not msg.get(TOOL_CALLS):
+        return None
+    without = [m if i != index else {k: v for k, v in m.items() if k != TOOL_CALLS} for i, m in enumerate(messages)]
+    try:
+        other = apply(without, False)
+    except Exception as err:  # noqa: BLE001 - reported as the row's render error
+        raise RenderError(f"the chat template raised {type(err).__name__} without message {index}'s tool calls: "
+                          f"{err}") from err
+    size = len(text) - len(other)
+    if size == 0 and text == other:
+        return None
+    prefix = next((i for i, (a, b) in enumerate(zip(text, other, strict=False)) if a != b), len(other))
+    suffix = next((i for i, (a, b) in enumerate(zip(reversed(text), reversed(other), strict=False)) if a != b),
+                  len(other))
+    latest, earliest = min(prefix, len(other)), max(len(other) - suffix, 0)
+    if size <= 0 or earliest > latest:
+        raise RenderError(f"message {index} (assistant): the chat template renders its tool calls by changing other "
+                          "text, so their tokens cannot be masked exactly")
+    at = max(earliest, anchor) if latest >= anchor else latest
+    if latest < anchor and earliest != latest:
+        raise RenderError(f"message {index} (assistant): its tool calls render before its content at an ambiguous "
+                          "place, so their tokens cannot be masked exactly")
+    return at, at + size
 
 
 def token_masks(offsets: np.ndarray, regions: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -46,6 +46,7 @@ class Piece:
     targets: np.ndarray | None = None
     messages: list[dict[str, Any]] | None = None
     spans: list[tuple[int, str, int, int, int]] | None = None
+    tools: list[Any] | None = None  # the row's tool schemas (a student's template renders them too)
 
 
 def eos_of(tokenizer: Any) -> tuple[int, str]:
@@ -128,7 +129,8 @@ class _WindowBuilder:
                 s, e = max(start, lo), min(end, hi)
                 if s < e:  # clipped to the part of the conversation this window holds
                     spans.append([msg, name, s + base, e + base, offset + s - start])
-            self.records.append({"row": piece.doc_index, "messages": piece.messages, "spans": spans})
+            record = {"row": piece.doc_index, "messages": piece.messages, "spans": spans}
+            self.records.append({**record, "tools": piece.tools} if piece.tools else record)
 
     def add_eos(self, doc_index: int, eos_id: int, eos_text: str) -> None:
         if self.doc_index < 0:

@@ -36,7 +36,8 @@ plain text, targets at every position):
   (compact); `encodings.decode_targets` expands them (ids -1, log-probs 0, tail 0 (top-k) / -inf (sampled)).
 * ``conversation`` (conversational caches): UTF-8 JSON per window, what a student with another chat template needs
   to re-render each conversation: a list with one entry per piece, ``{"row": dataset row, "messages": [{role,
-  content[, reasoning_content]}...], "spans": [[message, field, start, end, offset], ...]}``; each span says that
+  content[, reasoning_content, tool_calls, name, tool_call_id]}...], "spans": [[message, field, start, end, offset],
+  ...][, "tools": the row's tool schemas]}``; each span says that
   window text [start, end) equals ``messages[message][field][offset : offset + end - start]`` (field = "content" or
   "reasoning_content"; reasoning written inline as ``<think>...</think>`` at the start of an assistant content is
   "reasoning_content" with offsets into the content), clipped to the window (`format.conversations` finds them).

@@ -113,7 +113,8 @@ class StudentRenderer:
             # prompt/completion strings were concatenated without a template: the student does the same
             plain = bool(record["messages"]) and bool(record["messages"][0].get("plain"))
             rendered = conversations.render(self.tokenizer, record["messages"], template=self.template,
-                                            kwargs=self.kwargs, plain=plain, eos_text=self.tokenizer.eos_token or "")
+                                            kwargs=self.kwargs, plain=plain, eos_text=self.tokenizer.eos_token or "",
+                                            tools=record.get("tools"))
         except conversations.RenderError:
             return None
         begin, end = _student_range(rendered.spans, record["spans"], len(rendered.text))
