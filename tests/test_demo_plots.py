@@ -92,3 +92,56 @@ def test_kept_teacher_is_keyed_by_its_inputs_and_restored_whole(tmp_path, monkey
     assert (again_model / "model.safetensors").read_bytes() == b"weights"
     assert (again_run / "events.out.tfevents.1").read_bytes() == b"events"
     assert not list((tmp_path / "kept").glob("*.tmp"))
+
+
+class _FakeProc:
+    """A stand-in for subprocess.Popen: finishes (with `code`) once every job of the stage has been started."""
+
+    started: list[_FakeProc] = []
+    expected = 0
+
+    def __init__(self, cmd, cwd=None, env=None, stdout=None, stderr=None):
+        self.cmd, self.env, self.killed, self.returncode = cmd, env, False, None
+        self.code = int(cmd[1])
+        _FakeProc.started.append(self)
+
+    def poll(self):
+        assert len(_FakeProc.started) == _FakeProc.expected, "a job was waited on before every job had started"
+        if self.code >= 0:
+            self.returncode = self.code
+        return self.returncode
+
+    def kill(self):
+        self.killed = True
+
+    def wait(self):
+        return self.returncode
+
+
+def _jobs(tmp_path, codes):
+    from examples.demo.common import Job
+
+    _FakeProc.started, _FakeProc.expected = [], len(codes)
+    return [Job(f"job{i}", ["prog", str(code)], tmp_path / f"job{i}.log") for i, code in enumerate(codes)]
+
+
+def test_concurrent_stage_starts_every_job_with_one_thread(monkeypatch, tmp_path):
+    from examples.demo import common
+
+    monkeypatch.setattr(common.subprocess, "Popen", _FakeProc)
+    monkeypatch.setattr(common.time, "sleep", lambda seconds: None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    seconds = common.run_concurrently(_jobs(tmp_path, [0, 0, 0]))
+    assert sorted(seconds) == ["job0", "job1", "job2"]
+    assert all(p.env["OMP_NUM_THREADS"] == p.env["MKL_NUM_THREADS"] == "1" for p in _FakeProc.started)
+    assert (tmp_path / "job1.log").read_text().startswith("$ prog 0")
+
+
+def test_concurrent_stage_failure_names_the_job_and_stops_the_others(monkeypatch, tmp_path):
+    from examples.demo import common
+
+    monkeypatch.setattr(common.subprocess, "Popen", _FakeProc)
+    monkeypatch.setattr(common.time, "sleep", lambda seconds: None)
+    with pytest.raises(common.DemoError, match=r"job1 failed \(exit 3\); full log: .*job1\.log"):
+        common.run_concurrently(_jobs(tmp_path, [-1, 3, -1]))  # -1: still running when job1 fails
+    assert [p.killed for p in _FakeProc.started] == [True, False, True]

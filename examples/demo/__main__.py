@@ -8,13 +8,15 @@ Stages (one status line each; every subprocess's output goes to OUT/logs/<stage>
      --student-vocab-size N the student gets its own, smaller tokenizer and learns through the cross-tokenizer path)
   3. teacher: a few-million-parameter Qwen3-MoE pretrained LM-only by `python -m distill.train --dataset ...`
   4. caches: `cache_tools build-cache` with that teacher: top-256 (compact encoding) and sampled N=64 (RS-KD), for
-     the training text and the held-out text (eval curves)
+     the training text and the held-out text (eval curves); the four builds run side by side, one thread each
   5. KD student: `accelerate launch --config_file launch/accelerate/cpu.yaml -m distill.train --cache ...`
   6. RS-KD student: the same command on the sampled cache
-  7. LM-only student: the same command, same steps/seed/data, with --kd_weight 0
+  7. LM-only student: the same command, same steps/seed/data, with --kd_weight 0 (5-7 train side by side, one
+     thread each)
   8. evaluation on the held-out text -> OUT/report.md, OUT/report.json; TensorBoard runs in OUT/runs/
 
-CPU kernels and threads are pinned (see `reproducible_cpu_env`) so a rerun on another machine gives the same numbers.
+CPU kernels and threads are pinned (see `reproducible_cpu_env`; the teacher uses min(2, free cores) threads, the
+builds and students one each) so a rerun takes the same code path.
 """
 
 from __future__ import annotations

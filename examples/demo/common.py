@@ -123,6 +123,56 @@ def accelerate_cmd() -> list[str]:
     return [*launcher, "launch", "--config_file", str(CPU_LAUNCH_CONFIG)]
 
 
+@dataclass
+class Job:
+    """One logged command of a stage that runs beside the others."""
+
+    name: str
+    cmd: list[str]
+    log: Path
+    env: dict[str, str] | None = None
+
+
+def run_concurrently(jobs: list[Job]) -> dict[str, float]:
+    """Run a stage's independent commands at the same time, one CPU thread each; returns wall seconds per job.
+
+    Why: the students are tiny and the builds have long serial stretches (tokenising, packing, encoding), so one
+    process with two threads leaves a core idle most of the time, while one single-threaded process per core keeps
+    both busy. One thread per process also means no thread ever waits at a barrier for a sibling that another
+    process has pushed off its core, so the stage degrades gracefully on a busy machine, and its numbers do not
+    depend on how many cores were free. The first failure stops the others and raises DemoError."""
+    single = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    running: dict[str, tuple[subprocess.Popen, float, object]] = {}
+    seconds: dict[str, float] = {}
+    try:
+        for job in jobs:
+            job.log.parent.mkdir(parents=True, exist_ok=True)
+            log = open(job.log, "w", encoding="utf-8")  # closed when the job ends (below)
+            log.write("$ " + " ".join(job.cmd) + "\n")
+            log.flush()
+            proc = subprocess.Popen(job.cmd, cwd=REPO_ROOT, env={**os.environ, **(job.env or {}), **single},
+                                    stdout=log, stderr=subprocess.STDOUT)
+            running[job.name] = (proc, time.perf_counter(), log)
+        while running:
+            for job in jobs:
+                if job.name not in running or running[job.name][0].poll() is None:
+                    continue
+                proc, start, log = running.pop(job.name)
+                log.close()
+                seconds[job.name] = time.perf_counter() - start
+                if proc.returncode != 0:
+                    tail = job.log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-12:]
+                    raise DemoError(f"{job.name} failed (exit {proc.returncode}); full log: {job.log}\n"
+                                    + "\n".join(tail))
+            time.sleep(0.2)
+    finally:
+        for proc, _, log in running.values():
+            proc.kill()
+            proc.wait()
+            log.close()
+    return seconds
+
+
 def train_args(s: DemoSettings, out: Path, *, steps: int, lr: float) -> list[str]:
     """Flags shared by every training run (TrainingArguments names, see distill/config.py)."""
     return ["--output_dir", str(out), "--max_steps", str(steps), "--per_device_train_batch_size", str(s.batch_size),

@@ -15,8 +15,10 @@ from examples.demo.common import (
     CPU_LAUNCH_CONFIG,
     DemoError,
     DemoSettings,
+    Job,
     accelerate_cmd,
     prepare_out,
+    run_concurrently,
     run_logged,
     status,
     train_args,
@@ -101,12 +103,13 @@ def run_pipeline(args: argparse.Namespace, s: DemoSettings) -> Path:
     target_flags = {"cache": ["--top-k", str(s.top_k)],
                     "sampled_cache": ["--targets", "sampled", "--samples", str(s.samples),
                                       "--sample-temperature", str(s.temperature), "--seed", str(s.seed)]}
-    for kind, flags in target_flags.items():
-        for name, data in ((kind, train_file), (f"eval_{kind}", eval_file)):
-            run_logged([*cache_tools_cmd(), "build-cache", "--teacher", str(teacher_dir), "--dataset", str(data),
-                        "--output", str(out / name), *flags, "--encoding", s.encoding, "--max-length",
-                        str(s.max_length), "--compression", s.compression, "--dtype", "fp32", "--no-progress"],
-                       logs / f"{name}.log")
+    builds = [Job(name, [*cache_tools_cmd(), "build-cache", "--teacher", str(teacher_dir), "--dataset", str(data),
+                         "--output", str(out / name), *flags, "--encoding", s.encoding, "--max-length",
+                         str(s.max_length), "--compression", s.compression, "--dtype", "fp32", "--no-progress"],
+                  logs / f"{name}.log")
+              for kind, flags in target_flags.items()
+              for name, data in ((kind, train_file), (f"eval_{kind}", eval_file))]
+    run_concurrently(builds)  # four independent builds, one thread each (see run_concurrently)
     seconds["cache"] = time.perf_counter() - t0
     bpt = {kind: demo_eval.cache_bytes_per_token(out / kind) for kind in target_flags}
     status(4, TOTAL, "cache", f"top-{s.top_k} {s.encoding}: {bpt['cache']:.1f} bytes/token; sampled N={s.samples}: "
@@ -118,15 +121,22 @@ def run_pipeline(args: argparse.Namespace, s: DemoSettings) -> Path:
     labels = {"kd_student": f"KD student, top-{s.top_k} cache (accelerate, CPU recipe)",
               "rs_student": f"RS-KD student, sampled N={s.samples} cache (same command)",
               "lm_student": "LM-only student (same command, kd 0)"}
-    for index, (name, (cache, kd_weight)) in enumerate(students.items(), start=5):
+    jobs = []
+    for name, (cache, kd_weight) in students.items():
         cmd = [*accelerate_cmd(), "-m", "distill.train", "--student_config", str(student_cfg), "--tokenizer",
                str(student_tok_dir), "--cache", str(out / cache), "--eval_cache", str(out / f"eval_{cache}"),
                "--max_eval_sequences", str(s.eval_windows), "--eval_strategy", "steps",
                "--eval_steps", str(max(1, s.student_steps // 4)), "--ce_weight", str(s.ce_weight),
                "--kd_weight", str(kd_weight), "--temperature", str(s.temperature),
                *train_args(s, out / name, steps=s.student_steps, lr=s.student_lr)]
-        seconds[name] = run_logged(cmd, logs / f"{name}.log", {"TENSORBOARD_LOGGING_DIR": str(runs / name)})
-        status(index, TOTAL, name, f"{labels[name]}, {s.student_steps} steps ({seconds[name]:.1f} s)")
+        jobs.append(Job(name, cmd, logs / f"{name}.log", {"TENSORBOARD_LOGGING_DIR": str(runs / name)}))
+    t0 = time.perf_counter()
+    student_seconds = run_concurrently(jobs)  # the three students train side by side, one thread each
+    seconds["students"] = time.perf_counter() - t0
+    for index, name in enumerate(students, start=5):
+        seconds[name] = student_seconds[name]
+        status(index, TOTAL, name, f"{labels[name]}, {s.student_steps} steps ({seconds[name]:.1f} s, "
+               "concurrently with the other students)")
 
     # 8. evaluation + report
     t0 = time.perf_counter()
