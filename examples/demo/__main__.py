@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from cache_tools.format.cli_args import StrictArgumentParser, parse_command_line
+from cache_tools.format.errors import UserError
 from examples.demo.common import QUICK, DemoError, DemoSettings, reproducible_cpu_env
 
 # Before torch loads (ATen reads ATEN_CPU_CAPABILITY once): this process evaluates models itself.
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         from examples.demo.pipeline import run_pipeline
 
         report = run_pipeline(args, settings_from(args))
-    except (DemoError, ValueError) as err:
+    except (DemoError, UserError, ValueError) as err:  # UserError: a tool's one-line refusal, raised in-process
         print(f"demo: {err}", file=sys.stderr)
         return 1
     print(f"[demo] report: {report}")
