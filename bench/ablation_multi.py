@@ -163,14 +163,14 @@ STAGES = ("teachers", "caches", "students", "report")
 
 
 def prepare_demo(demo: Path, root: Path, *, teacher: bool) -> tuple[Path, Path, Path]:
-    """Copies of a demo's text and tokenizer and, with `teacher`, of its trained teacher, which needs the demo
-    finished (the demo folder is never written to)."""
+    """Copies of a demo's text and tokenizer and, with `teacher`, of its trained teacher (saved once the demo's
+    teacher stage has finished; the demo folder is never written to)."""
     needed = [demo / "data/train.jsonl", demo / "data/eval.jsonl", demo / "tokenizer/tokenizer.json"]
     if teacher:
-        needed += [demo / "report.md", demo / "teacher/student/config.json"]
+        needed += [demo / "teacher/student/config.json", demo / "teacher/student/model.safetensors"]
     if not all(path.is_file() for path in needed):
         raise ConfigError(f"--demo {demo}: {next(p for p in needed if not p.is_file())} missing; run `python -m "
-                          "examples.demo --out DIR` to the end first")
+                          "examples.demo --out DIR` first")
     for name in ("data/train.jsonl", "data/eval.jsonl"):
         if not (root / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)

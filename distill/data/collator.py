@@ -78,6 +78,11 @@ class DistillCollator:
 
 def _pad_teacher(examples: list[dict[str, Any]], lengths: list[int], L: int, prefix: str) -> dict[str, np.ndarray]:
     """One teacher's targets (keys `prefix` + TEACHER_KEYS) padded to [B, L(, K)]: -1 ids and no KD on padding."""
+    keys = [prefix + key for key in TEACHER_KEYS]
+    if all(n == L for n in lengths):  # every window full (packed caches): nothing to pad, one copy instead of two
+        dtypes = (np.int64, np.float32, np.float32, np.bool_)
+        return {key: np.stack([e[key] for e in examples]).astype(dtype, copy=False)
+                for key, dtype in zip(keys, dtypes, strict=True)}
     B, K = len(examples), examples[0][prefix + "topk_ids"].shape[1]
     topk_ids = np.full((B, L, K), -1, dtype=np.int64)
     topk_logprobs = np.zeros((B, L, K), dtype=np.float32)
