@@ -1,5 +1,5 @@
 """Quality ablation on the demo's real text: the same student (same config, initial weights, batches, steps, seed)
-trained as LM-only; KD from cached top-k targets (k in {8, 32, 64, 256}, tail bucket on; `_notail` variants drop
+trained as LM-only; KD from cached top-k targets (k in {8, 32, 64, 128, 256}, tail bucket on; `_notail` variants drop
 it); KD from cached SAMPLED targets (RS-KD, N in {16, 64}); online full-logit KD; with `DISTILLKIT_SRC` set
 (`bench.bench_distillkit`), KD from the top-k cache passed through DistillKit's own compress -> decompress
 (`kd_distillkit_*`: its README's recommended and budget configurations, as given and with `normalize_t`). Several
@@ -11,9 +11,9 @@ bytes/token, and writes it as JSON.
 
 Needs a finished demo folder made with ONE shared tokenizer (`--student-vocab-size 0`): its teacher, student config
 and text. The k = 256 cache and the sampled caches are built from the demo's teacher with `cache_tools build-cache`;
-k = 8, 32 and 64 are the k = 256 cache's first k columns with the dropped mass added to the tail (what a top-k build
-would store, up to fp16 rounding). The training loop is in-process so that every variant sees bit-identical batches;
-the loss is the product's `distill.losses.fused_ce_kd_loss`.
+k = 8, 32, 64 and 128 are the k = 256 cache's first k columns with the dropped mass added to the tail (what a top-k
+build would store, up to fp16 rounding). The training loop is in-process so that every variant sees bit-identical
+batches; the loss is the product's `distill.losses.fused_ce_kd_loss`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from bench.online_kd import full_logit_kd_loss
 from cache_tools.format.cli_args import StrictArgumentParser, parse_command_line
 from cache_tools.format.fsutil import atomic_write_text
 
-TOPK_VARIANTS = [f"kd_k{k}_{t}" for k in (8, 32, 64, 256) for t in ("tail", "notail")]
+TOPK_VARIANTS = [f"kd_k{k}_{t}" for k in (8, 32, 64, 128, 256) for t in ("tail", "notail")]
 SAMPLED_VARIANTS = ["kd_sampled16", "kd_sampled64"]
 # variant -> key of bench.bench_distillkit.DISTILLKIT_CONFIGS
 DISTILLKIT_VARIANTS = {"kd_distillkit_recommended": "DistillKit recommended k=128 exact 16",
