@@ -32,6 +32,9 @@ def parser() -> argparse.ArgumentParser:
                    help="as the training run (default: true on conversational caches)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes computing windows")
     p.add_argument("--overwrite", action="store_true", help="recompute shards that are already valid")
+    p.add_argument("--no-compression", "--no_compression", action="store_true",
+                   help="write the arrays uncompressed: about 3.5x the disk, about 3x cheaper reads for a "
+                        "loader-bound run (shards already valid are kept as they are unless --overwrite)")
     return p
 
 
@@ -59,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                                         max_length=args.max_length, use_store=False,
                                         isolated=cache_packing(reader.manifest) == ISOLATED,
                                         assistant_only=assistant_only, chat_template=args.student_chat_template)
-        done = prepare_store(builder, reader, workers=args.workers, overwrite=args.overwrite)
+        done = prepare_store(builder, reader, workers=args.workers, overwrite=args.overwrite,
+                             compress=not args.no_compression)
         per = 1e3 * done["seconds"] / done["windows"] if done["windows"] else 0.0
         print(f"{done['path']}: {done['shards_written']} shards written ({done['windows']} windows, "
               f"{done['seconds']:.1f} s, {per:.1f} ms/window), {done['shards_kept']} already valid; "

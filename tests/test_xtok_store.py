@@ -75,6 +75,7 @@ def test_stored_targets_are_bit_identical(cache, tokenizer, student, rule, max_l
     assert done["shards_written"] == 3 and done["windows"] == 48
     with h5py.File(Path(done["path"]) / cache.shards[0].file, "r") as f:
         assert f["topk_ids"].dtype == (np.int32 if rule == "tail" else np.uint16)
+        assert f["topk_logprobs"].compression == "gzip" and f["input_ids"].compression == "gzip"
     stored = check_all(cache, tokenizer, student, rule=rule, max_length=max_length)
     stats = [stored.fetch(cache, i)["stats"] for i in range(len(cache))]
     assert stats[5]["skipped"] == 1 and sum(s["skipped"] for s in stats) == 1
@@ -162,6 +163,17 @@ def test_cli(cache, tokenizer_dir, corpus, tmp_path, capsys):
     assert "0 shards written" in capsys.readouterr().out
     stored = CrossTokenizerTargets(cache, None, str(student_dir))
     assert stored.store is not None
+    compressed = [stored.fetch(cache, i) for i in range(len(cache))]
+    stored.store.close()
+    # --no-compression: plain arrays (more disk), read exactly as the compressed ones.
+    assert prepare_main([str(cache.cache_dir), "--student-tokenizer", str(student_dir), "--overwrite",
+                         "--no-compression"]) == 0
+    assert "3 shards written" in capsys.readouterr().out
+    plain = CrossTokenizerTargets(cache, None, str(student_dir))
+    with h5py.File(plain.store.file_for(0), "r") as f:
+        assert f["topk_logprobs"].compression is None
+    for i, want in enumerate(compressed):
+        assert_identical(plain.fetch(cache, i), want)
     assert prepare_main([str(tmp_path / "nowhere"), "--student-tokenizer", str(student_dir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nowhere" in err[0]

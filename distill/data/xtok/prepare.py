@@ -57,8 +57,9 @@ def _compute(task: tuple[int, int, int]) -> tuple[int, list[dict[str, np.ndarray
 class _ShardFile:
     """Appends `compact` parts to resizable chunked datasets; `close()` adds the offsets and attributes."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, compress: bool = True) -> None:
         self.f = h5py.File(path, "w")
+        self.filters = COMPRESSION if compress else {}
         self.lengths: dict[str, list[int]] = {"input_ids": [], "tail_logprob": [], "doc_lengths": []}
         self.crcs: list[np.ndarray] = []
 
@@ -68,7 +69,7 @@ class _ShardFile:
             if name not in self.f:
                 self.f.create_dataset(name, shape=(0, *block.shape[1:]), maxshape=(None, *block.shape[1:]),
                                       dtype=block.dtype, chunks=(max(1, CHUNK_ROWS * (32 if block.ndim == 1 else 1)),
-                                                                 *block.shape[1:]), **COMPRESSION)
+                                                                 *block.shape[1:]), **self.filters)
             ds = self.f[name]
             ds.resize(ds.shape[0] + block.shape[0], axis=0)
             ds[ds.shape[0] - block.shape[0]:] = block
@@ -101,9 +102,10 @@ def remove_dead_temp_files(path: Path) -> list[Path]:
 
 
 def prepare_store(builder: CrossTokenizerTargets, reader: TeacherCacheReader, *, workers: int = 1,
-                  overwrite: bool = False, batch: int = 16) -> dict[str, Any]:
+                  overwrite: bool = False, batch: int = 16, compress: bool = True) -> dict[str, Any]:
     """Write the store for `builder`'s setup (its `store_meta`). Returns {"path", "shards_written",
-    "shards_kept", "windows", "seconds", "bytes"}. Errors (a damaged sequence: CacheError) propagate."""
+    "shards_kept", "windows", "seconds", "bytes"}. Errors (a damaged sequence: CacheError) propagate. `compress`:
+    the shards it writes get `store.COMPRESSION` (False: plain arrays, more disk, cheaper reads; both read alike)."""
     meta = builder.store_meta
     path = store_path(reader.cache_dir, meta)
     path.mkdir(parents=True, exist_ok=True)
@@ -127,7 +129,7 @@ def prepare_store(builder: CrossTokenizerTargets, reader: TeacherCacheReader, *,
             if current is None:
                 target = store.file_for(pos)
                 context = atomic_path(target)
-                current = (pos, context, _ShardFile(context.__enter__()))
+                current = (pos, context, _ShardFile(context.__enter__(), compress))
             current[2].append(parts)
             remaining[pos] -= 1
             if remaining[pos] == 0:  # ordered results: this shard is whole; rename it into place
