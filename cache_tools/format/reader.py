@@ -116,7 +116,13 @@ class TeacherCacheReader:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_handles"], state["_datasets"], state["_lengths"] = {}, {}, {}
+        del state["_specs"], state["_target_specs"]  # the schema's table rows hold lambdas: rebuilt on unpickling
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._specs = schema.datasets_for(self.manifest)
+        self._target_specs = encodings.target_datasets(self.manifest)
 
     def _file(self, shard_pos: int) -> h5py.File:
         if self._pid != os.getpid():
