@@ -20,9 +20,10 @@ if TYPE_CHECKING:
 PROG = "cache_tools"
 
 
-def _parser(command: str) -> argparse.ArgumentParser:
-    """The command line. Only build-cache needs `HfArgumentParser` (its options are a dataclass), and importing
-    transformers costs seconds of CPU: every other command, and `cache_tools --help`, is parsed without it."""
+def _parser(command: str = "build-cache") -> argparse.ArgumentParser:
+    """The command line (every command's options when `command` is build-cache). Only build-cache needs
+    `HfArgumentParser` (its options are a dataclass), and importing transformers costs seconds of CPU: every other
+    command, and `cache_tools --help`, is parsed without it."""
     parser = StrictArgumentParser(prog=PROG, description="Build, inspect and verify teacher caches.")
     full = command == "build-cache"
     if full:
