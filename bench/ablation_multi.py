@@ -105,7 +105,7 @@ def batch(readers: list[Any], indices: list[int]) -> dict[str, Any]:
 
 
 def train_student(variant: str, student_config: Any, readers: list[Any], order: list[list[int]], steps: int,
-                  seed: int) -> torch.nn.Module:
+                  seed: int, both_weights: list[float] | None = None) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     from distill.losses import KDConfig, fused_ce_kd_loss, fused_multi_ce_kd_loss
@@ -116,7 +116,7 @@ def train_student(variant: str, student_config: Any, readers: list[Any], order: 
     warmup = max(1, int(0.05 * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    weights, cfg = VARIANTS[variant], KDConfig()
+    weights, cfg = (both_weights if variant == "both" and both_weights else VARIANTS[variant]), KDConfig()
     for step in range(steps):
         b = batch(readers, order[step])
         hidden = model.model(input_ids=b["input_ids"]).last_hidden_state.flatten(0, 1)
@@ -186,6 +186,12 @@ def prepare_demo(demo: Path, root: Path, *, teacher: bool) -> tuple[Path, Path, 
     return root / "data/train.jsonl", root / "data/eval.jsonl", root / "tokenizer"
 
 
+def result_name(seed: int, variant: str, args: Any) -> str:
+    """The result file of one student; `both` with other weights than 0.5, 0.5 is another student."""
+    weights = "" if variant != "both" or args.both_weights == "0.5,0.5" else f"_w{args.both_weights.replace(',', '-')}"
+    return f"seed{seed}_{variant}{weights}_s{args.steps}.json"
+
+
 def _saved(path: Path) -> float | None:
     return json.loads(path.read_text())["loss"] if path.is_file() else None
 
@@ -210,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher2-layers", type=int, default=3)
     parser.add_argument("--teacher2-seed", type=int, default=22)
     parser.add_argument("--top-k", type=int, default=64, help="top-k of both caches")
+    parser.add_argument("--both-weights", default="0.5,0.5", help="teacher weights of the `both` student")
     parser.add_argument("--work", type=Path, default=None, help="working folder (kept between stages)")
     parser.add_argument("--stage", choices=("all", *STAGES), default="all",
                         help="run one stage (each resumes from what the earlier ones left in --work): teachers, caches "
@@ -256,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                 model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
                 _save(results / f"teacher{i}.json", evaluate_windows(model, held)[0],
                       params=sum(p.numel() for p in model.parameters()), arch=type(model).__name__)
+    both = [float(w) for w in args.both_weights.split(",")]
+    if len(both) != 2:
+        raise ConfigError(f"--both-weights {args.both_weights}: give two weights, e.g. 0.75,0.25")
     if "students" in stages:
         readers = [TeacherCacheReader(c) for c in caches]
         check_same_windows([(c, r.manifest) for c, r in zip(caches, readers, strict=True)])
@@ -264,11 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             order = batch_order(full, args.steps, 16, seed)
             for variant in VARIANTS:
-                path = results / f"seed{seed}_{variant}_s{args.steps}.json"
+                path = results / result_name(seed, variant, args)
                 if _saved(path) is not None:
                     continue
                 t1 = time.perf_counter()
-                model = train_student(variant, student_config, readers, order, args.steps, seed)
+                model = train_student(variant, student_config, readers, order, args.steps, seed, both)
                 _save(path, evaluate_windows(model, held)[0], train_windows=len(full))
                 print(f"[ablation_multi] seed {seed} {variant}: held-out loss {_saved(path):.4f} "
                       f"({time.perf_counter() - t1:.0f} s)", flush=True)
@@ -276,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         losses: dict[str, list[float]] = {f"teacher model {i}": [_saved(results / f"teacher{i}.json")]
                                           for i in (1, 2)}
         for variant in VARIANTS:
-            losses[variant] = [_saved(results / f"seed{seed}_{variant}_s{args.steps}.json") for seed in args.seeds]
+            losses[variant] = [_saved(results / result_name(seed, variant, args)) for seed in args.seeds]
         missing = [k for k, v in losses.items() if None in v]
         if missing:
             raise ConfigError(f"--stage report: no results yet for {', '.join(missing)} in {results}; run the "
