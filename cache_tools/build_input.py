@@ -38,7 +38,8 @@ def plan_input(opts: BuildOptions, tokenizer: Any) -> InputPlan:
         if opts.chat_template or kwargs:
             raise BuildError(f"--chat-template/--chat-template-kwargs: dataset {opts.dataset} is plain text (no "
                              "messages or prompt/completion columns); drop them or pass --dataset-format")
-        mode = "cross_document" if opts.packing == "auto" else opts.packing
+        # Isolated by default: measured better for students than cross-document windows (docs/RESULTS.md).
+        mode = "isolated" if opts.packing == "auto" else opts.packing
         return InputPlan(row_format, None, {}, mode, False, chat_data.ChatStats())
     if opts.packing == "cross_document":
         raise BuildError("--packing cross_document: conversations are always packed isolated (a conversation never "

@@ -49,7 +49,7 @@ class BuildOptions:
                                          "where the next token is assistant content)"})
     packing: Literal["auto", "isolated", "cross_document"] = field(
         default="auto", metadata={"help": "isolated: packed documents never attend to each other in the teacher; "
-                                          "auto = isolated for conversations, cross_document for plain text"})
+                                          "auto = isolated (conversations are always isolated)"})
     long_conversations: Literal["split", "skip"] = field(
         default="split", metadata={"help": "a conversation longer than --max-length: split across windows (masks "
                                            "carried) or skip it; counted either way"})

@@ -118,7 +118,7 @@ def _build_data(cfg: Any, tokenizer: Any, rows: int, target_builder: Any) -> Any
     if d.cache:
         return build_cache_data(caches[0], tokenizer, rows, eval_cache=d.eval_cache, **options)
     return build_text_data(d.dataset, tokenizer, max_length=d.max_length, text_column=d.text_column,
-                           max_samples=d.max_samples, packing=d.packing or "cross_document")
+                           max_samples=d.max_samples, packing=d.packing or "isolated")
 
 
 def _build_model(cfg: Any, tokenizer: Any, student_config: Any, rows: int, data: Any) -> Any:

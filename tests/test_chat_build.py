@@ -146,7 +146,7 @@ def test_plain_text_keeps_its_layout_and_records_segments(tmp_path, teacher_dir,
     assert _build(teacher_dir, text_file, tmp_path / "text", "--max-samples", "12") == 0
     reader = TeacherCacheReader(tmp_path / "text")
     m = reader.manifest
-    assert (m.packing, m.dataset.row_format, m.targets.assistant_only) == ("cross_document", "text", False)
+    assert (m.packing, m.dataset.row_format, m.targets.assistant_only) == ("isolated", "text", False)
     assert schema.ASSISTANT_MASK not in schema.dataset_names(m) and schema.TARGET_MASK not in schema.dataset_names(m)
     eos = tokenizer.eos_token_id
     for i in range(len(reader)):
@@ -154,11 +154,12 @@ def test_plain_text_keeps_its_layout_and_records_segments(tmp_path, teacher_dir,
         assert seq.assistant_mask is None and seq.target_mask.all() and seq.conversation is None
         ends = np.cumsum(seq.segment_lengths) - 1
         assert (seq.input_ids[ends[:-1]] == eos).all()  # a piece ends with the EOS that closes its document
-    assert _build(teacher_dir, text_file, tmp_path / "iso", "--max-samples", "12", "--packing", "isolated") == 0
-    iso = TeacherCacheReader(tmp_path / "iso")
-    assert iso.manifest.packing == "isolated"
+    assert _build(teacher_dir, text_file, tmp_path / "cross", "--max-samples", "12", "--packing",
+                  "cross_document") == 0
+    cross = TeacherCacheReader(tmp_path / "cross")
+    assert cross.manifest.packing == "cross_document"
     multi = next(i for i in range(len(reader)) if len(reader[i].segment_lengths) > 1)
-    a, b = reader[multi], iso[multi]
+    a, b = cross[multi], reader[multi]
     assert np.array_equal(a.input_ids, b.input_ids)
     first = int(a.segment_lengths[0])
     assert np.array_equal(a.topk_logprobs[:first], b.topk_logprobs[:first])  # the first piece sees the same context

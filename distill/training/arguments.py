@@ -94,7 +94,7 @@ class DataArguments:
         metadata={"help": "isolated (no token attends to another document of its window: per-document positions and a "
                           "block-diagonal causal mask) or cross_document. With --cache the student follows the cache's "
                           "recorded packing (this flag may only repeat it); with --dataset the default is "
-                          "cross_document."},
+                          "isolated."},
     )
     assistant_only_loss: bool | None = field(
         default=None,
