@@ -29,6 +29,11 @@ validate(cfg)
 metrics = build_trainer(cfg).trainer.evaluate()
 if int(os.environ.get("RANK", "0")) == 0:
     open(sys.argv[1], "w").write(json.dumps(metrics))
+# As distill.train does: a gloo group still alive at interpreter exit can abort the process ("terminate called
+# without an active exception") after a successful run.
+import torch.distributed
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
 """
 
 
