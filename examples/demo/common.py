@@ -42,6 +42,10 @@ class DemoSettings:
     ce_weight: float = 1.0
     temperature: float = 1.0  # RS-KD samples at T = 1 (at T = 2 sampled KD tracks full-vocabulary KD: see RESULTS)
     eval_windows: int = 64
+    # The demo packs across documents, unlike the tools' default (isolated): with this cross-tokenizer student the KD
+    # margin over LM-only is larger there (docs/RESULTS.md, section 14), while isolated students reach a lower loss
+    # in absolute terms. The held-out judge (evaluation.held_out_windows) reads cross-document windows.
+    packing: str = "cross_document"
     seed: int = 0
 
 

@@ -79,12 +79,13 @@ def run_pipeline(args: argparse.Namespace, s: DemoSettings) -> Path:
     key = teacher_cache.teacher_key(
         [train_file, tok_dir, teacher_cfg],
         {"steps": s.teacher_steps, "lr": s.teacher_lr, "batch_size": s.batch_size, "seed": s.seed,
-         "max_length": s.max_length})
+         "max_length": s.max_length, "packing": s.packing})
     t0 = time.perf_counter()
     reused = not getattr(args, "retrain_teacher", False) and teacher_cache.restore(key, teacher_dir, runs / "teacher")
     if not reused:
         cmd = [sys.executable, "-m", "distill.train", "--student_config", str(teacher_cfg), "--tokenizer",
                str(tok_dir), "--dataset", str(train_file), "--max_length", str(s.max_length), "--kd_weight", "0",
+               "--packing", s.packing,
                *train_args(s, teacher_out, steps=s.teacher_steps, lr=s.teacher_lr)]
         run_logged(cmd, logs / "teacher.log", {"TENSORBOARD_LOGGING_DIR": str(runs / "teacher")})
         if not (teacher_dir / "config.json").is_file():
@@ -105,7 +106,8 @@ def run_pipeline(args: argparse.Namespace, s: DemoSettings) -> Path:
                                       "--sample-temperature", str(s.temperature), "--seed", str(s.seed)]}
     builds = [Job(name, [*cache_tools_cmd(), "build-cache", "--teacher", str(teacher_dir), "--dataset", str(data),
                          "--output", str(out / name), *flags, "--encoding", s.encoding, "--max-length",
-                         str(s.max_length), "--compression", s.compression, "--dtype", "fp32", "--no-progress"],
+                         str(s.max_length), "--compression", s.compression, "--dtype", "fp32", "--no-progress",
+                         "--packing", s.packing],
                   logs / f"{name}.log")
               for kind, flags in target_flags.items()
               for name, data in ((kind, train_file), (f"eval_{kind}", eval_file))]
