@@ -9,10 +9,6 @@ from typing import Any
 from cache_tools.format import packing
 
 
-def _tokens(count: int) -> str:
-    return f"{count / 1e6:.2f}M" if count >= 1_000_000 else f"{count / 1e3:.1f}k" if count >= 1_000 else str(count)
-
-
 class BuildProgress:
     def __init__(self, total_rows: int | None, *, enabled: bool, rank: int) -> None:
         from tqdm.auto import tqdm
@@ -33,7 +29,7 @@ class BuildProgress:
         rows_done = max(w.doc_index for w in windows) + 1
         self._bar.update(max(0, rows_done - self._bar.n))
         kept = f", kept {self.kept_shards} finished shard(s)" if self.kept_shards else ""
-        self._bar.set_postfix_str(f"{_tokens(self.tokens)} tokens{kept}", refresh=False)
+        self._bar.set_postfix_str(f"{self._bar.format_sizeof(self.tokens)} tokens{kept}", refresh=False)
 
     def keep(self, windows: list[packing.Window], tokens: int) -> None:
         """A finished shard of an interrupted build, kept: counted, so a resumed bar starts where the last one was."""

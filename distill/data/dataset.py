@@ -70,7 +70,6 @@ class DirectTargets:
             out["segment_lengths"] = segment_lengths_of(seq)
         return out
 
-
     def teacher_fields(self, targets: CachedTargets) -> dict[str, Any]:
         """`TEACHER_KEYS` alone, from a window's targets read without the window (`reader.read_targets`; another
         cache over the same windows supplies the rest): the same values as `self(seq)` gives for them."""

@@ -43,24 +43,23 @@ def load_tokenizer(spec: Any, role: str) -> Any:
     """A tokenizer object as is, or AutoTokenizer from a path/hub id (remote code never runs here)."""
     if not isinstance(spec, (str, os.PathLike)):
         return spec
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(spec))
-    except (OSError, ValueError) as err:
-        raise TokenizerError(f"{role} tokenizer {str(spec)!r}: cannot load ({str(err).splitlines()[0]}); pass a "
-                             "folder with tokenizer.json or a hub id") from err
+    return _auto_tokenizer(str(spec), f"{role} tokenizer {str(spec)!r}")
 
 
 def tokenizer_from_flag(flag: str, spec: str) -> Any:
     """The tokenizer a command-line flag names; TokenizerError (one line naming the flag) when it cannot load."""
+    return _auto_tokenizer(spec, f"{flag} {spec}")
+
+
+def _auto_tokenizer(spec: str, named: str) -> Any:
+    """AutoTokenizer from a path/hub id; a failure is one TokenizerError line that starts with `named`."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(spec)
     except (OSError, ValueError) as err:
         local = "" if os.path.exists(spec) else "no local folder by that name and "
-        raise TokenizerError(f"{flag} {spec}: cannot load it ({local}{str(err).splitlines()[0]}); pass a folder "
+        raise TokenizerError(f"{named}: cannot load it ({local}{str(err).splitlines()[0]}); pass a folder "
                              "with tokenizer.json or a hub id") from err
 
 
